@@ -1,0 +1,132 @@
+"""`recsys`: the one command-line entry point.
+
+Each subcommand parses its arguments into a config and calls one function; heavy
+imports (torch, feast, kafka) happen inside the command that needs them, so
+``recsys --help`` and ``recsys broker status`` start instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="synthetic", help="ml-1m | synthetic | PATH (ml-1m folder or CSV/Parquet log)")
+    p.add_argument("--events", type=int, default=None, help="synthetic only: number of events")
+    p.add_argument("--seed", type=int, default=0, help="synthetic only: generator seed")
+
+
+def _load(args):
+    from recsys.datasets import load_dataset
+
+    kwargs = {}
+    if args.data == "synthetic":
+        kwargs = {"seed": args.seed} | ({"n_events": args.events} if args.events else {})
+    return load_dataset(args.data, **kwargs)
+
+
+def cmd_broker(args) -> int:
+    from streaming.broker import EmbeddedBroker
+
+    state_dir = Path(args.state_dir)
+    current = EmbeddedBroker.load(state_dir)
+    if args.action == "status":
+        if current and current.is_running():
+            print(f"running: pid {current.pid}, bootstrap servers {current.bootstrap_servers}")
+            return 0
+        print("not running")
+        return 3
+    if args.action == "stop":
+        if current is None:
+            print("not running")
+            return 0
+        current.stop()
+        EmbeddedBroker.forget(state_dir)
+        print(f"stopped broker pid {current.pid}")
+        return 0
+    if current and current.is_running():
+        print(f"already running: {current.bootstrap_servers}")
+        return 0
+    broker = EmbeddedBroker.start(port=args.port, log_dir=state_dir)
+    broker.save(state_dir)
+    print(f"broker ready: bootstrap servers {broker.bootstrap_servers} (pid {broker.pid}, log {broker.log_path})")
+    return 0
+
+
+def cmd_produce(args) -> int:
+    from streaming.producer import ProducerConfig, produce
+
+    ds = _load(args)
+    frame = ds.interactions if args.limit is None else ds.interactions.head(args.limit)
+    summary = produce(frame, ProducerConfig(args.bootstrap_servers, args.topic, rate=args.rate))
+    print(f"produced {summary.sent:,} events to {args.topic!r} in {summary.seconds:.1f}s "
+          f"({summary.events_per_second:,.0f} ev/s)")
+    return 0
+
+
+def cmd_consume(args) -> int:
+    from streaming.consumer import ReaderConfig, read_topic
+
+    s = read_topic(ReaderConfig(args.bootstrap_servers, args.topic, count=args.count,
+                                idle_timeout_s=args.idle_timeout))
+    print(json.dumps({"messages": s.messages, "valid": s.valid, "rejected": dict(s.rejected),
+                      "duplicate_offsets": s.duplicate_offsets, "seconds": round(s.seconds, 2),
+                      "events_per_second": round(s.events_per_second)}, indent=2))
+    return 0 if args.count is None or s.messages >= args.count else 1
+
+
+def cmd_demo(args) -> int:
+    from recsys.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(data=args.data, events=args.events, out=Path(args.out)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the end-to-end demo on the embedded local stack")
+    _data_args(p)
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("broker", help="start/stop/status of the embedded Kafka-protocol broker")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--state-dir", default="runs/broker")
+    p.set_defaults(func=cmd_broker)
+
+    kafka = argparse.ArgumentParser(add_help=False)
+    kafka.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    kafka.add_argument("--topic", default="interactions")
+
+    p = sub.add_parser("produce", parents=[kafka], help="produce a log or the generator to a topic")
+    _data_args(p)
+    p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+    p.add_argument("--limit", type=int, default=None, help="produce only the first N events")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("consume", parents=[kafka], help="read a topic back, validate and count")
+    p.add_argument("--count", type=int, default=None)
+    p.add_argument("--idle-timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_consume)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"recsys {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"recsys {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

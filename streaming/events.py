@@ -1,0 +1,132 @@
+"""The one interaction `Event` schema: producer, consumer, replay and `POST /events` share it.
+
+Wire format: one UTF-8 JSON object per Kafka message, keyed by ``user_id``::
+
+    >>> Event.from_json(b'{"user_id": "42", "item_id": "1193", "ts": 978300760}')
+    Event(user_id='42', item_id='1193', ts=978300760, event_type='view', value=None)
+
+Validation is strict and every rejection carries a reason that says what was wrong
+and with which value, so a dead-letter record explains itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+EVENT_TYPES = ("view", "click", "rating", "cart", "purchase")
+MAX_PAYLOAD_BYTES = 1024
+MAX_ID_CHARS = 128
+# Seconds since the epoch; 1970 .. 2100 covers every real log and rejects ms/us stamps.
+TS_RANGE = (0, 4_102_444_800)
+_FIELDS = {"user_id", "item_id", "ts", "event_type", "value"}
+_REQUIRED = ("user_id", "item_id", "ts")
+
+
+class InvalidEvent(ValueError):
+    """A payload that is not a valid `Event`; ``reason`` is a short machine-usable code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One user-item interaction at time ``ts`` (integer seconds)."""
+
+    user_id: str
+    item_id: str
+    ts: int
+    event_type: str = "view"
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_id("user_id", self.user_id)
+        _check_id("item_id", self.item_id)
+        if type(self.ts) is not int:
+            raise InvalidEvent("wrong_type", f"ts must be an integer number of seconds, got {self.ts!r}")
+        if not TS_RANGE[0] <= self.ts < TS_RANGE[1]:
+            raise InvalidEvent(
+                "ts_out_of_range",
+                f"ts={self.ts} is outside [{TS_RANGE[0]}, {TS_RANGE[1]}): send seconds since the epoch",
+            )
+        if self.event_type not in EVENT_TYPES:
+            raise InvalidEvent("bad_event_type", f"event_type={self.event_type!r}, expected one of {EVENT_TYPES}")
+        if self.value is not None and not (isinstance(self.value, float) and math.isfinite(self.value)):
+            raise InvalidEvent("wrong_type", f"value must be a finite number or null, got {self.value!r}")
+
+    @classmethod
+    def from_dict(cls, obj: object) -> Event:
+        if not isinstance(obj, dict):
+            raise InvalidEvent("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+        missing = [f for f in _REQUIRED if f not in obj]
+        if missing:
+            raise InvalidEvent("missing_field", f"missing {', '.join(missing)}")
+        unknown = sorted(set(obj) - _FIELDS)
+        if unknown:
+            raise InvalidEvent("unknown_field", f"unexpected {', '.join(unknown)}; allowed: {sorted(_FIELDS)}")
+        value = obj.get("value")
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        return cls(
+            user_id=_id_str("user_id", obj["user_id"]),
+            item_id=_id_str("item_id", obj["item_id"]),
+            ts=_ts_int(obj["ts"]),
+            event_type=obj.get("event_type", "view"),
+            value=value,
+        )
+
+    @classmethod
+    def from_json(cls, payload: bytes | str) -> Event:
+        if isinstance(payload, str):
+            payload = payload.encode()
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise InvalidEvent("oversized", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+        try:
+            obj = json.loads(payload.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InvalidEvent("not_utf8", str(e)) from None
+        except json.JSONDecodeError as e:
+            raise InvalidEvent("not_json", str(e)) from None
+        return cls.from_dict(obj)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+
+def decode(payload: bytes) -> Event | InvalidEvent:
+    """Decode one message, returning the rejection instead of raising (for batch loops)."""
+    try:
+        return Event.from_json(payload)
+    except InvalidEvent as e:
+        return e
+
+
+def _id_str(name: str, raw: object) -> str:
+    # Integer ids (MovieLens) are accepted and canonicalised to their decimal string.
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return str(raw)
+    if not isinstance(raw, str):
+        raise InvalidEvent("wrong_type", f"{name} must be a string or integer, got {raw!r}")
+    return raw
+
+
+def _ts_int(raw: object) -> int:
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if not isinstance(raw, int) or isinstance(raw, bool):
+        raise InvalidEvent("wrong_type", f"ts must be an integer number of seconds, got {raw!r}")
+    return raw
+
+
+def _check_id(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise InvalidEvent("wrong_type", f"{name} must be a string, got {value!r}")
+    if not 0 < len(value) <= MAX_ID_CHARS or value.strip() != value:
+        raise InvalidEvent("bad_id", f"{name}={value!r} must be 1..{MAX_ID_CHARS} chars without surrounding spaces")

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from streaming.events import MAX_PAYLOAD_BYTES, Event, InvalidEvent, decode
+
+
+def test_round_trip_through_json():
+    e = Event(user_id="42", item_id="1193", ts=978300760, event_type="rating", value=5.0)
+    assert Event.from_json(e.to_json()) == e
+
+
+def test_integer_ids_become_strings_and_defaults_apply():
+    e = Event.from_json(b'{"user_id": 42, "item_id": 7, "ts": 978300760}')
+    assert (e.user_id, e.item_id, e.event_type, e.value) == ("42", "7", "view", None)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b'{"user_id": "1", "ts": 1000}', "missing_field"),
+    (b'{"user_id": "1", "item_id": "2", "ts": "yesterday"}', "wrong_type"),
+    (b'{"user_id": [1], "item_id": "2", "ts": 1000}', "wrong_type"),
+    (b'{"user_id": "1", "item_id": "2", "ts": true}', "wrong_type"),
+    (b'{"user_id": "1", "item_id": "2", "ts": 1000, "value": "high"}', "wrong_type"),
+    (b'{"user_id": "1", "item_id": "2", "ts": 1700000000000}', "ts_out_of_range"),
+    (b'{"user_id": "1", "item_id": "2", "ts": -5}', "ts_out_of_range"),
+    (b'{"user_id": "", "item_id": "2", "ts": 1000}', "bad_id"),
+    (b'{"user_id": "1", "item_id": "2", "ts": 1000, "event_type": "teleport"}', "bad_event_type"),
+    (b'{"user_id": "1", "item_id": "2", "ts": 1000, "colour": "red"}', "unknown_field"),
+    (b'[1, 2, 3]', "not_an_object"),
+    (b'{"user_id": "1", "item_id": ', "not_json"),
+    (b'\xff\xfe{"user_id"}', "not_utf8"),
+    (b'{"user_id": "' + b"x" * MAX_PAYLOAD_BYTES + b'"}', "oversized"),
+])
+def test_every_rejection_has_its_reason(payload, reason):
+    with pytest.raises(InvalidEvent) as info:
+        Event.from_json(payload)
+    assert info.value.reason == reason
+    assert info.value.detail  # a human-readable explanation travels with the reason
+    assert decode(payload).reason == reason  # the non-raising form used in batch loops
+
+
+def test_wire_encoding_of_a_frame_matches_the_schema():
+    import polars as pl
+
+    from streaming.producer import encode_frame
+
+    frame = pl.DataFrame({"user_id": [1, 2], "item_id": [10, 20], "ts": [1000, 2000]})
+    wire = encode_frame(frame)
+    decoded = [Event.from_json(v.encode()) for v in wire["value"]]
+    assert decoded == [Event("1", "10", 1000), Event("2", "20", 2000)]
+    assert json.loads(wire["value"][0]) == Event("1", "10", 1000).to_dict()
+    assert wire["key"].to_list() == ["1", "2"]
