@@ -78,10 +78,27 @@ def cmd_consume(args) -> int:
     return 0 if args.count is None or s.messages >= args.count else 1
 
 
+def cmd_replay(args) -> int:
+    from offline_eval.protocol import ProtocolConfig
+    from offline_eval.report import ReplayConfig, markdown_table, run_replay
+
+    cfg = ReplayConfig(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+                       protocol=ProtocolConfig(batch_size=args.batch_size, seen_filter=not args.no_seen_filter),
+                       out=Path(args.out))
+    report = run_replay(_load(args), cfg)
+    print(markdown_table(report))
+    print(f"report: {Path(args.out) / 'report.json'} (+ report.md, plots); wall {report['wall_seconds']:.0f}s")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from recsys.demo import DemoConfig, run_demo
 
     return run_demo(DemoConfig(data=args.data, events=args.events, out=Path(args.out)))
+
+
+# Kept here (not imported from offline_eval) so `recsys --help` stays free of torch imports.
+DEFAULT_MODELS_HELP = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "mf_static", "mf_online")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("replay", help="offline replay evaluation (EVAL_PROTOCOL.md) of models side by side")
+    _data_args(p)
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS_HELP), help="comma-separated model names")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-seen-filter", action="store_true", help="rank already-seen items too (re-consumption)")
+    p.add_argument("--out", default="runs/replay")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("broker", help="start/stop/status of the embedded Kafka-protocol broker")
     p.add_argument("action", choices=["start", "stop", "status"])

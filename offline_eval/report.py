@@ -1,0 +1,160 @@
+"""Run the replay for several models side by side and write report.json, report.md and plots.
+
+The JSON shape is the one in EVAL_PROTOCOL.md, so any tool can read it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from offline_eval.metrics import summarize
+from offline_eval.protocol import EncodedLog, ProtocolConfig, encode
+from offline_eval.replay import ReplayResult, replay_model
+from recsys.datasets import Dataset
+
+
+def _registry(log: EncodedLog) -> dict[str, Callable[[], object]]:
+    from recsys.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
+    from recsys.mf import mf_online, mf_static
+
+    return {
+        "pop_static": PopStatic,
+        "pop_online": PopOnline,
+        "pop_online_decay": lambda: pop_online_decay(log.n_history),
+        "itemknn_online": ItemKNNOnline,
+        "mf_static": mf_static,
+        "mf_online": mf_online,
+    }
+
+
+AVAILABLE_MODELS = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "mf_static", "mf_online")
+DEFAULT_MODELS = AVAILABLE_MODELS
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    models: tuple[str, ...] = DEFAULT_MODELS
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    out: Path | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models if m not in AVAILABLE_MODELS]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; available: {', '.join(AVAILABLE_MODELS)}")
+
+
+def model_report(result: ReplayResult, log: EncodedLog, cfg: ProtocolConfig) -> dict:
+    ranks = result.ranks
+    stream_users = log.users[log.n_history:]
+    warm = np.isin(stream_users, np.unique(log.users[: log.n_history]))
+    overall = summarize(ranks, cfg.ks) | {"coverage@10": round(float(result.covered.mean()), 6)}
+    slices = [summarize(part, (10,)) for part in np.array_split(ranks, cfg.slices)]
+    return {
+        "overall": overall,
+        "cold": summarize(ranks[~warm], cfg.ks),
+        "warm": summarize(ranks[warm], cfg.ks),
+        "slices": [{"hr@10": s["hr@10"], "ndcg@10": s["ndcg@10"]} for s in slices],
+        "fit_seconds": round(result.fit_seconds, 3),
+        "replay_seconds": round(result.replay_seconds, 3),
+        "replay_events_per_second": round(len(ranks) / max(result.replay_seconds, 1e-9), 1),
+    }
+
+
+def _versions() -> dict:
+    import polars
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "polars": polars.__version__}
+    try:
+        import torchrec
+
+        versions["torchrec"] = torchrec.__version__
+    except Exception:  # torchrec is optional for the count baselines
+        versions["torchrec"] = "unavailable"
+    return versions
+
+
+def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
+    t0 = time.perf_counter()
+    log = encode(ds, cfg.protocol)
+    factories = _registry(log)
+    report = {
+        "dataset": {"name": ds.name, "sha256": ds.sha256, "events": log.n_events,
+                    "history_events": log.n_history, "stream_events": log.n_events - log.n_history,
+                    "users": int(len(log.user_ids)), "items": int(len(log.item_ids))},
+        "protocol": {"batch_size": cfg.protocol.batch_size, "k": list(cfg.protocol.ks),
+                     "seen_filter": cfg.protocol.seen_filter, "history_fraction": cfg.protocol.history_fraction},
+        "models": {},
+        "versions": _versions(),
+    }
+    for name in cfg.models:
+        result = replay_model(factories[name](), log, cfg.protocol, name, progress=cfg.progress)
+        report["models"][name] = model_report(result, log, cfg.protocol)
+        if cfg.progress:
+            o = report["models"][name]["overall"]
+            print(f"  {name:<18} ndcg@10 {o['ndcg@10']:.4f}  hr@10 {o['hr@10']:.4f}  mrr {o['mrr']:.4f}")
+    report["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    if cfg.out is not None:
+        write_report(report, Path(cfg.out))
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| model | NDCG@10 | HR@10 | MRR | NDCG@10 cold | NDCG@10 warm | coverage@10 | fit s | replay ev/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in report["models"].items():
+        o = m["overall"]
+        lines.append(f"| {name} | {o['ndcg@10']:.4f} | {o['hr@10']:.4f} | {o['mrr']:.4f} | "
+                     f"{m['cold']['ndcg@10']:.4f} | {m['warm']['ndcg@10']:.4f} | {o['coverage@10']:.3f} | "
+                     f"{m['fit_seconds']:.1f} | {m['replay_events_per_second']:,.0f} |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    d, p = report["dataset"], report["protocol"]
+    head = (f"# Replay report: {d['name']}\n\n{d['events']:,} events ({d['history_events']:,} history, "
+            f"{d['stream_events']:,} stream), {d['users']:,} users, {d['items']:,} items; "
+            f"B = {p['batch_size']}, seen filter {'on' if p['seen_filter'] else 'off'}; "
+            f"sha256 `{d['sha256'][:16]}…`.\n\n")
+    plots = "\n\n![NDCG@10 over the stream](ndcg_slices.png)\n![HR@10 over the stream](hr_slices.png)\n" \
+            "![cold vs warm](cold_warm.png)\n"
+    (out / "report.md").write_text(head + markdown_table(report) + plots)
+    _plots(report, out)
+
+
+def _plots(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for metric in ("ndcg@10", "hr@10"):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, m in report["models"].items():
+            ax.plot(range(1, len(m["slices"]) + 1), [s[metric] for s in m["slices"]], marker="o", label=name)
+        ax.set(xlabel="stream slice (time →)", ylabel=metric.upper(), title=f"{metric.upper()} over the stream")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"{metric.split('@')[0]}_slices.png", dpi=110)
+        plt.close(fig)
+    names = list(report["models"])
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(x - 0.2, [report["models"][n]["cold"]["ndcg@10"] for n in names], 0.4, label="cold users")
+    ax.bar(x + 0.2, [report["models"][n]["warm"]["ndcg@10"] for n in names], 0.4, label="warm users")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="NDCG@10", title="Cold vs warm users")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "cold_warm.png", dpi=110)
+    plt.close(fig)

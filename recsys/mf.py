@@ -1,0 +1,104 @@
+"""Matrix factorisation baselines: `mf_static` (trained once on history) and `mf_online`
+(the same, then one SGD step per revealed batch on the batch's users and items).
+
+Objective: next-item softmax over all known items (full softmax is cheap at
+catalogue sizes like ML-1M's and has no sampling bias). A user never seen in
+training has a zero vector, so it is scored by the item bias alone — popularity.
+
+Shapes: ``B`` events, ``U`` users, ``N`` known items, ``D`` embedding dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from recsys.baselines import grow
+
+
+@dataclass(frozen=True)
+class MFConfig:
+    dim: int = 64
+    epochs: int = 4
+    batch_size: int = 2048
+    lr: float = 0.005
+    l2: float = 1e-6  # on the embeddings touched by a step
+    online_lr: float = 0.0  # 0: static; > 0: SGD on every revealed batch
+    seed: int = 0
+    progress: bool = False
+
+
+class MF:
+    def __init__(self, cfg: MFConfig = MFConfig()):
+        self.cfg = cfg
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.user = torch.zeros(0, cfg.dim)
+        self.item = torch.zeros(0, cfg.dim)
+        self.bias = torch.zeros(0)
+
+    def _ensure(self, n_users: int, n_items: int) -> None:
+        self.user = grow(self.user, n_users)
+        if n_items > self.item.shape[0]:
+            old = self.item.shape[0]
+            self.item = grow(self.item, n_items)
+            self.item[old:] = 0.01 * torch.randn(self.item.shape[0] - old, self.cfg.dim, generator=self.gen)
+        self.bias = grow(self.bias, n_items, fill=float(self.bias.min()) if len(self.bias) else 0.0)
+
+    def fit(self, history) -> None:
+        cfg = self.cfg
+        U, N = history.n_users_known, history.n_items_known
+        torch.manual_seed(cfg.seed)
+        user = torch.nn.Parameter(0.01 * torch.randn(U, cfg.dim, generator=self.gen))
+        item = torch.nn.Parameter(0.01 * torch.randn(N, cfg.dim, generator=self.gen))
+        counts = torch.bincount(torch.from_numpy(history.items), minlength=N).float()
+        bias = torch.nn.Parameter(torch.log(counts + 1) - torch.log(counts + 1).mean())
+        opt = torch.optim.Adam([user, item, bias], lr=cfg.lr)
+        users, items = torch.from_numpy(history.users), torch.from_numpy(history.items)
+        steps = range(cfg.epochs)
+        for _ in tqdm(steps, desc="fit mf", disable=not cfg.progress):
+            perm = torch.randperm(len(users), generator=self.gen)
+            for lo in range(0, len(perm), cfg.batch_size):
+                idx = perm[lo:lo + cfg.batch_size]
+                u, i = user[users[idx]], item[items[idx]]
+                logits = u @ item.T + bias  # (B, N)
+                loss = F.cross_entropy(logits, items[idx]) + cfg.l2 * (u.pow(2).sum() + i.pow(2).sum())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        self.user, self.item, self.bias = user.detach().clone(), item.detach().clone(), bias.detach().clone()
+
+    def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
+        self._ensure(int(users.max()) + 1, n_items)
+        return self.user[users] @ self.item[:n_items].T + self.bias[:n_items]  # (B, N)
+
+    def update(self, batch) -> None:
+        if self.cfg.online_lr <= 0:
+            return
+        self._ensure(batch.n_users_known, batch.n_items_known)
+        users, items = torch.from_numpy(batch.users), torch.from_numpy(batch.items)
+        N = int(items.max()) + 1
+        n_known = max(N, batch.n_items_known)
+        with torch.enable_grad():
+            u = self.user[users].clone().requires_grad_()
+            it = self.item[:n_known].clone().requires_grad_()
+            b = self.bias[:n_known].clone().requires_grad_()
+            loss = F.cross_entropy(u @ it.T + b, items, reduction="sum")
+            gu, gi, gb = torch.autograd.grad(loss, (u, it, b))
+        lr = self.cfg.online_lr
+        # Sum the per-event user gradients per user (a user may appear several times).
+        self.user.index_add_(0, users, -lr * gu)
+        self.item[:n_known] -= lr * gi / len(users)
+        self.bias[:n_known] -= lr * gb / len(users)
+
+
+def mf_static(**kw) -> MF:
+    return MF(MFConfig(**kw))
+
+
+def mf_online(**kw) -> MF:
+    return MF(MFConfig(**({"online_lr": 0.05} | kw)))
+
+
