@@ -23,6 +23,7 @@ from recsys.datasets import Dataset
 def _registry(log: EncodedLog) -> dict[str, Callable[[], object]]:
     from recsys.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
     from recsys.mf import mf_online, mf_static
+    from recsys.train import NestedReplay
 
     return {
         "pop_static": PopStatic,
@@ -31,10 +32,13 @@ def _registry(log: EncodedLog) -> dict[str, Callable[[], object]]:
         "itemknn_online": ItemKNNOnline,
         "mf_static": mf_static,
         "mf_online": mf_online,
+        "nested": NestedReplay,
+        "nested_slow_only": lambda: NestedReplay(use_fast=False),
     }
 
 
-AVAILABLE_MODELS = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "mf_static", "mf_online")
+AVAILABLE_MODELS = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "mf_static", "mf_online",
+                    "nested", "nested_slow_only")
 DEFAULT_MODELS = AVAILABLE_MODELS
 
 

@@ -1,0 +1,288 @@
+"""The nested user model: one slow level, three fast levels (HOPE / Nested Learning style).
+
+| level | state | updated |
+| --- | --- | --- |
+| slow | item table (TorchRec), projections, gates — `NestedModel` parameters | offline (`recsys train`) |
+| population-fast | decayed item counts `pop` | every `C_pop` global events |
+| user-mid | taste adapter `mid` + gradient accumulator | every `C_mid` of the user's events |
+| user-fast | matrix memory `M` + momentum `S` (Titans delta rule) | every event |
+
+The fast state is a value (`FastState`), passed in and returned:
+
+    >>> state = model.init_state(n_users=100, n_items=model.n_items)
+    >>> state = model.update(state, users, items, ts)      # a micro-batch, time-ordered
+    >>> scores = model.score(state, users[:4], n_items)    # (4, n_items)
+
+The update rule of the fast levels is the same code in meta-training (with
+gradients), in replay and in the stream worker (without).
+
+Shapes: ``B`` events, ``U`` users in a batch, ``T`` steps per user, ``N`` items,
+``D`` embedding dim, ``m`` memory dim.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NestedConfig:
+    n_items: int = 1000  # items in the slow level's table (known at training time)
+    dim: int = 64  # D
+    mem_dim: int = 32  # m
+    c_mid: int = 8  # user-mid level: update every c_mid of the user's events
+    c_pop: int = 1000  # population level: update every c_pop global events
+    pop_half_life: float = 8000.0  # population counts halve every this many events
+    use_fast: bool = True  # False: the `nested_slow_only` ablation
+
+    def __post_init__(self) -> None:
+        if min(self.n_items, self.dim, self.mem_dim, self.c_mid, self.c_pop) <= 0:
+            raise ValueError(f"NestedConfig sizes must be positive: {self}")
+
+
+@dataclass
+class FastState:
+    """Everything the fast levels know; rows are users (internal index), plus the population."""
+
+    M: torch.Tensor  # (U, m, m) user-fast associative memory
+    S: torch.Tensor  # (U, m, m) its momentum ("surprise")
+    last: torch.Tensor  # (U, D) embedding of the user's latest item (the query context)
+    last_ts: torch.Tensor  # (U,) int64, -1 = no event yet
+    mid: torch.Tensor  # (U, D) user-mid adapter
+    acc: torch.Tensor  # (U, D) user-mid gradient accumulated over the current chunk
+    cnt: torch.Tensor  # (U,) int64 events of the user applied in total
+    pop: torch.Tensor  # (N,) population-fast decayed item counts (at the last chunk end)
+    pop_acc: torch.Tensor  # (N,) counts of the current, unfinished population chunk
+    seen: torch.Tensor  # () int64 global events applied
+
+    def to(self, device) -> FastState:
+        return FastState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class NestedModel(nn.Module):
+    def __init__(self, cfg: NestedConfig):
+        super().__init__()
+        from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+
+        self.cfg = cfg
+        D, m = cfg.dim, cfg.mem_dim
+        # Slow level: item ids in a TorchRec table (shardable under torchrun for big catalogues).
+        self.tables = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+            name="item", embedding_dim=D, num_embeddings=cfg.n_items, feature_names=["item"],
+            pooling=PoolingType.SUM)], device=torch.device("cpu"))
+        nn.init.normal_(self.tables.embedding_bags["item"].weight, std=0.05)
+        self.item_bias = nn.Parameter(torch.zeros(cfg.n_items))
+        self.user0 = nn.Parameter(torch.zeros(D))  # the population's user vector
+        # User-fast: keys, values, queries and the data-dependent gates of the write rule.
+        self.W_k = nn.Linear(D, m, bias=False)
+        self.W_v = nn.Linear(D, m, bias=False)
+        self.W_q = nn.Linear(D, m, bias=False)
+        self.W_o = nn.Linear(m, D, bias=False)
+        self.gates = nn.Linear(D + 1, 3)  # → step θ, decay α, momentum η
+        with torch.no_grad():
+            self.gates.bias.copy_(torch.tensor([0.0, -3.0, -2.0]))
+        # User-mid: value projection and chunk-level rates.
+        self.W_mid = nn.Linear(D, D, bias=False)
+        self.mid_rates = nn.Parameter(torch.tensor([-1.0, -3.0]))  # → step, decay
+        self.pop_weight = nn.Parameter(torch.tensor(1.0))  # starts as a log-popularity prior
+
+    # -- slow level -------------------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        return self.cfg.n_items
+
+    def item_table(self) -> torch.Tensor:
+        return self.tables.embedding_bags["item"].weight  # (N, D)
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """(…,) item ids → (…, D) via the TorchRec table; ids past the table are cold (zeros)."""
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        flat = items.reshape(-1)
+        known = (flat >= 0) & (flat < self.cfg.n_items)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["item"], values=flat[known], lengths=known.to(torch.int64))
+        pooled = self.tables(kjt)["item"]  # (len(flat), D): an empty bag pools to zeros
+        # TorchRec pools in float32; the fast levels run in the model's dtype (float64 in tests).
+        return pooled.to(self.user0.dtype).reshape(*items.shape, self.cfg.dim)
+
+    def all_items(self, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and biases of the first ``n_items`` items; items newer than the table
+        have a zero embedding and the lowest trained bias (cold start: the population
+        level ranks them as they gain events)."""
+        E, b = self.item_table(), self.item_bias
+        if n_items > self.cfg.n_items:
+            extra = n_items - self.cfg.n_items
+            E = torch.cat([E, E.new_zeros(extra, E.shape[1])])
+            b = torch.cat([b, b.detach().min().expand(extra)])
+        return E[:n_items], b[:n_items]
+
+    # -- state ------------------------------------------------------------------------------
+    def init_state(self, n_users: int, n_items: int, device=None) -> FastState:
+        D, m = self.cfg.dim, self.cfg.mem_dim
+        device, dtype = device or self.user0.device, self.user0.dtype
+        z = lambda *s, dtype=dtype: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+        return FastState(M=z(n_users, m, m), S=z(n_users, m, m), last=z(n_users, D),
+                         last_ts=torch.full((n_users,), -1, dtype=torch.int64, device=device),
+                         mid=z(n_users, D), acc=z(n_users, D), cnt=z(n_users, dtype=torch.int64),
+                         pop=z(n_items), pop_acc=z(n_items), seen=z((), dtype=torch.int64))
+
+    @staticmethod
+    def grow_state(state: FastState, n_users: int, n_items: int) -> FastState:
+        """New users and items get empty state rows, online, without a restart."""
+        from recsys.baselines import grow
+
+        out = {}
+        for f in fields(state):
+            t = getattr(state, f.name)
+            if f.name in ("pop", "pop_acc"):
+                out[f.name] = grow(t, n_items)
+            elif f.name == "seen":
+                out[f.name] = t
+            else:
+                out[f.name] = grow(t, n_users, fill=-1 if f.name == "last_ts" else 0)
+        return FastState(**out)
+
+    # -- the fast levels: read and write ------------------------------------------------------
+    def user_vectors(self, M, last, mid) -> torch.Tensor:
+        """Combine the levels into the query vector: population + user-mid + user-fast read."""
+        if not self.cfg.use_fast:
+            return self.user0.expand(len(M), -1)
+        q = F.normalize(self.W_q(last), dim=-1)  # (U, m)
+        read = torch.einsum("uij,uj->ui", M, q)  # (U, m)
+        return self.user0 + mid + self.W_o(read)  # (U, D)
+
+    def pop_term(self, pop: torch.Tensor) -> torch.Tensor:
+        return self.pop_weight * torch.log1p(pop) if self.cfg.use_fast else torch.zeros_like(pop)
+
+    def write(self, M, S, mid, acc, cnt, x, dt):
+        """One event per row: the user-fast delta rule and the user-mid chunk rule.
+
+        x: (U, D) the event's item embedding; dt: (U,) seconds since the user's previous
+        event (0 for the first). Returns the new (M, S, mid, acc, cnt)."""
+        k = F.normalize(self.W_k(x), dim=-1)  # (U, m)
+        v = self.W_v(x)  # (U, m)
+        g = torch.sigmoid(self.gates(torch.cat([x, torch.log1p(dt.float()).unsqueeze(1) / 10], 1)))
+        theta, alpha, eta = g[:, 0, None, None], g[:, 1, None, None], g[:, 2, None, None]
+        err = torch.einsum("uij,uj->ui", M, k) - v  # (U, m) prediction error of the memory
+        grad = err.unsqueeze(2) * k.unsqueeze(1)  # (U, m, m) ∇ ½‖Mk − v‖²
+        S = eta * S - theta * grad
+        M = (1 - alpha) * M + S
+        # User-mid: accumulate ∇ ½‖mid − W_mid x‖² and apply once per chunk of c_mid events.
+        acc = acc + (mid - self.W_mid(x))
+        cnt = cnt + 1
+        boundary = (cnt % self.cfg.c_mid == 0).unsqueeze(1)
+        step, decay = torch.sigmoid(self.mid_rates)
+        mid = torch.where(boundary, (1 - decay) * mid - step * acc / self.cfg.c_mid, mid)
+        acc = torch.where(boundary, torch.zeros_like(acc), acc)
+        return M, S, mid, acc, cnt
+
+    # -- the online API -----------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, state: FastState, users: torch.Tensor, n_items: int) -> torch.Tensor:
+        """(B,) users → (B, n_items) scores from the current state."""
+        E, b = self.all_items(n_items)
+        z = self.user_vectors(state.M[users], state.last[users], state.mid[users])  # (B, D)
+        return z @ E.T + b + self.pop_term(state.pop[:n_items])
+
+    @torch.no_grad()
+    def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor) -> FastState:
+        """Apply a time-ordered micro-batch of events; a user's events apply in their order.
+
+        Batched: the batch's users are gathered into (U, T) padded rows and the write runs
+        T times over all of them at once; padding keeps the old state."""
+        state = self.grow_state(state, int(users.max()) + 1, int(items.max()) + 1)
+        uniq, inv = torch.unique(users, return_inverse=True)  # (U,), (B,)
+        order = torch.argsort(inv, stable=True)
+        counts = torch.bincount(inv, minlength=len(uniq))
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.empty_like(inv)
+        pos[order] = torch.arange(len(inv), device=inv.device) - starts[inv[order]]
+        T = int(counts.max())
+        X = torch.zeros(len(uniq), T, self.cfg.dim, dtype=self.user0.dtype, device=users.device)
+        X[inv, pos] = self.item_vectors(items)
+        TS = torch.zeros(len(uniq), T, dtype=torch.int64, device=users.device)
+        TS[inv, pos] = ts
+        valid = torch.arange(T, device=users.device).unsqueeze(0) < counts.unsqueeze(1)  # (U, T)
+
+        M, S, mid, acc, cnt = state.M[uniq], state.S[uniq], state.mid[uniq], state.acc[uniq], state.cnt[uniq]
+        last, last_ts = state.last[uniq], state.last_ts[uniq]
+        for t in range(T):
+            dt = torch.where(last_ts >= 0, (TS[:, t] - last_ts).clamp(min=0), 0)
+            new = self.write(M, S, mid, acc, cnt, X[:, t], dt)
+            keep = valid[:, t]
+            M, S, mid, acc, cnt = (torch.where(keep.view(-1, *[1] * (o.dim() - 1)), n, o)
+                                   for n, o in zip(new, (M, S, mid, acc, cnt)))
+            last = torch.where(keep.unsqueeze(1), X[:, t], last)
+            last_ts = torch.where(keep, TS[:, t], last_ts)
+        for name, rows in (("M", M), ("S", S), ("mid", mid), ("acc", acc), ("cnt", cnt), ("last", last),
+                           ("last_ts", last_ts)):
+            getattr(state, name).index_copy_(0, uniq, rows)
+        return self._update_population(state, items)
+
+    def _update_population(self, state: FastState, items: torch.Tensor) -> FastState:
+        """Population-fast: counts accumulate per chunk of c_pop global events; at each chunk
+        end the level consolidates: pop ← δ·pop + chunk counts. Cuts of micro-batches do not
+        change the result: chunk boundaries are global event positions."""
+        C = self.cfg.c_pop
+        decay = 0.5 ** (C / self.cfg.pop_half_life)
+        start = int(state.seen)
+        pos = start
+        while pos < start + len(items):
+            end = min((pos // C + 1) * C, start + len(items))
+            part = items[pos - start:end - start]
+            state.pop_acc.index_add_(0, part, torch.ones(len(part), dtype=state.pop_acc.dtype, device=items.device))
+            if end % C == 0:
+                state.pop.mul_(decay).add_(state.pop_acc)
+                state.pop_acc.zero_()
+            pos = end
+        state.seen = state.seen + len(items)
+        return state
+
+    # -- checkpoint (safetensors + JSON config, no pickle) ---------------------------------
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path),
+                  metadata={"config": json.dumps(asdict(self.cfg))})
+
+    @classmethod
+    def load(cls, path, **overrides) -> NestedModel:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            cfg = NestedConfig(**json.loads(f.metadata()["config"]))
+        weights = load_file(str(path))
+        model = cls(replace(cfg, **overrides)).to(weights["user0"].dtype)  # exact: no dtype rounding
+        model.load_state_dict(weights)
+        return model
+
+
+def save_state(state: FastState, path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.tensors().items()}, str(path))
+
+
+def load_state(path) -> FastState:
+    from safetensors.torch import load_file
+
+    return FastState(**load_file(str(path)))
+
+
+def population_defaults(history_events: int) -> dict:
+    """Population-level defaults from the history's size alone (never from the stream): a
+    half-life of 1% of the history, consolidated 8 times per half-life so the level is
+    never staler than an eighth of its own memory."""
+    half_life = float(max(1000, math.ceil(0.01 * history_events)))
+    return {"pop_half_life": half_life, "c_pop": int(min(1000, half_life // 8))}

@@ -1,0 +1,167 @@
+"""Offline training of the slow level, which meta-learns the fast levels' update rule.
+
+Users' history sequences are unrolled through the same `NestedModel.write` the online
+path uses: for each event, predict it from the state before it (softmax over all
+items), then write it. Gradients flow through the writes inside a chunk of
+``unroll`` steps (truncated backprop); the state carries across chunks detached.
+The loss lives here, not in the model, so the exported graph holds no training code.
+
+Shapes: ``U`` users in a training batch, ``L`` padded sequence length, ``N`` items.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from recsys.nested_model import NestedConfig, NestedModel, population_defaults
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 2
+    users_per_batch: int = 64
+    unroll: int = 16  # steps of backprop through the fast writes
+    max_len: int = 128  # train on each user's latest events: bounds the cost of heavy users
+    lr: float = 1e-2
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    absorb_batch: int = 4096  # micro-batch for writing the history into the fast state
+
+
+def population_snapshots(items: np.ndarray, n_items: int, cfg: NestedConfig) -> torch.Tensor:
+    """(chunks + 1, N): the population level as it stands before each chunk of ``c_pop`` events."""
+    decay = 0.5 ** (cfg.c_pop / cfg.pop_half_life)
+    n_chunks = math.ceil(len(items) / cfg.c_pop)
+    snaps = torch.zeros(n_chunks + 1, n_items)
+    for c in range(n_chunks):
+        part = torch.from_numpy(items[c * cfg.c_pop:(c + 1) * cfg.c_pop])
+        snaps[c + 1] = snaps[c] * decay + torch.bincount(part, minlength=n_items).float()
+    return snaps
+
+
+def _user_sequences(history, max_len: int) -> list[np.ndarray]:
+    """Each user's latest ``max_len`` event positions in time order, longest first (less padding)."""
+    order = np.lexsort((np.arange(len(history.users)), history.users))
+    users_sorted = history.users[order]
+    cuts = np.flatnonzero(np.diff(users_sorted)) + 1
+    seqs = [s[-max_len:] for s in np.split(order, cuts)]
+    return sorted(seqs, key=len, reverse=True)
+
+
+def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfig = TrainConfig()) -> NestedModel:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model_cfg = model_cfg or NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events))
+    model = NestedModel(model_cfg).to(cfg.device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    snaps = population_snapshots(history.items, model_cfg.n_items, model_cfg).to(cfg.device)
+    items_t = torch.from_numpy(history.items).to(cfg.device)
+    ts_t = torch.from_numpy(history.ts).to(cfg.device)
+    seqs = _user_sequences(history, cfg.max_len)
+    batches = [seqs[i:i + cfg.users_per_batch] for i in range(0, len(seqs), cfg.users_per_batch)]
+
+    for epoch in range(cfg.epochs):
+        t0, total, n = time.perf_counter(), 0.0, 0
+        bar = tqdm(rng.permutation(len(batches)), desc=f"train nested {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress, mininterval=1.0)
+        for b in bar:
+            loss_sum, count = _train_batch(model, opt, batches[b], items_t, ts_t, snaps, cfg, rng)
+            total, n = total + loss_sum, n + count
+            bar.set_postfix(loss=f"{total / max(n, 1):.3f}")
+        if cfg.progress:
+            print(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f} in {time.perf_counter() - t0:.0f}s")
+    return model.eval()
+
+
+def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: TrainConfig, rng):
+    """Unroll one batch of user sequences; with ``opt=None`` only measure the loss."""
+    dev = items_t.device
+    U, L = len(seqs), len(seqs[0])
+    idx = torch.full((U, L), -1, dtype=torch.long, device=dev)
+    for r, s in enumerate(seqs):
+        idx[r, :len(s)] = torch.from_numpy(s).to(dev)
+    valid = idx >= 0
+    items = torch.where(valid, items_t[idx.clamp(min=0)], 0)
+    ts = torch.where(valid, ts_t[idx.clamp(min=0)], 0)
+    chunk_of = idx.clamp(min=0) // model.cfg.c_pop  # (U, L) population chunk of each event
+
+    state = model.init_state(U, model.cfg.n_items, device=dev)
+    # Random counter phases, so training sees every user-mid phase (CMS).
+    M, S, mid, acc = state.M, state.S, state.mid, state.acc
+    cnt = torch.from_numpy(rng.integers(0, model.cfg.c_mid, U)).to(dev)
+    last, last_ts = state.last, state.last_ts
+    loss_sum, count = 0.0, 0
+    for lo in range(0, L, cfg.unroll):
+        M, S, mid, acc, last = (t.detach() for t in (M, S, mid, acc, last))
+        E, b = model.all_items(model.cfg.n_items)
+        X = model.item_vectors(items[:, lo:lo + cfg.unroll])  # (U, t, D)
+        losses = []
+        for t in range(X.shape[1]):
+            j = lo + t
+            keep = valid[:, j]
+            z = model.user_vectors(M, last, mid)  # state before event j
+            logits = z @ E.T + b + model.pop_term(snaps[chunk_of[:, j]])  # (U, N)
+            losses.append(F.cross_entropy(logits, items[:, j], reduction="none") * keep)
+            dt = torch.where(last_ts >= 0, (ts[:, j] - last_ts).clamp(min=0), 0)
+            new = model.write(M, S, mid, acc, cnt, X[:, t], dt)
+            M, S, mid, acc, cnt = (torch.where(keep.view(-1, *[1] * (o.dim() - 1)), nw, o)
+                                   for nw, o in zip(new, (M, S, mid, acc, cnt)))
+            last = torch.where(keep.unsqueeze(1), X[:, t], last)
+            last_ts = torch.where(keep, ts[:, j], last_ts)
+        n_valid = int(valid[:, lo:lo + cfg.unroll].sum())
+        loss = torch.stack(losses).sum() / max(n_valid, 1)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+        loss_sum, count = loss_sum + float(loss.detach()) * n_valid, count + n_valid
+    return loss_sum, count
+
+
+def sequence_loss(model: NestedModel, history, cfg: TrainConfig = TrainConfig(progress=False)) -> float:
+    """Mean next-item cross-entropy of the model over the users' history sequences (no update)."""
+    snaps = population_snapshots(history.items, model.cfg.n_items, model.cfg)
+    items_t, ts_t = torch.from_numpy(history.items), torch.from_numpy(history.ts)
+    seqs = _user_sequences(history, cfg.max_len)
+    rng = np.random.default_rng(cfg.seed)
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(0, len(seqs), cfg.users_per_batch):
+            s, n = _train_batch(model, None, seqs[i:i + cfg.users_per_batch], items_t, ts_t, snaps, cfg, rng)
+            total, count = total + s, count + n
+    return total / max(count, 1)
+
+
+class NestedReplay:
+    """The nested model behind the replay interface: fit = train + write the history into
+    the fast state; then score/update are the online API."""
+
+    def __init__(self, use_fast: bool = True, train_cfg: TrainConfig = TrainConfig(progress=False)):
+        self.use_fast, self.train_cfg = use_fast, train_cfg
+        self.model: NestedModel | None = None
+        self.state = None
+
+    def fit(self, history) -> None:
+        model_cfg = NestedConfig(n_items=history.n_items_known, use_fast=self.use_fast,
+                                 **population_defaults(history.n_events))
+        self.model = train_nested(history, model_cfg, self.train_cfg)
+        self.state = self.model.init_state(history.n_users_known, history.n_items_known)
+        for lo in range(0, history.n_events, self.train_cfg.absorb_batch):
+            self.update(history.slice(lo, lo + self.train_cfg.absorb_batch))
+
+    def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
+        self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
+        return self.model.score(self.state, users, n_items)
+
+    def update(self, batch) -> None:
+        self.state = self.model.update(self.state, torch.from_numpy(batch.users), torch.from_numpy(batch.items),
+                                       torch.from_numpy(batch.ts))
