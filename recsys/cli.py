@@ -91,6 +91,22 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_features(args) -> int:
+    from features.store import FeatureRepo
+
+    if args.action == "apply":
+        from features.sources import write_sources
+
+        repo = FeatureRepo.create(Path(args.repo), online=args.online)
+        counts = write_sources(_load(args), repo.path)
+        repo.apply()
+        print(f"feature repo {repo.path}: applied; offline sources {counts}")
+    else:
+        FeatureRepo(Path(args.repo)).materialize()
+        print(f"feature repo {args.repo}: materialized to the online store")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from recsys.demo import DemoConfig, run_demo
 
@@ -118,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-seen-filter", action="store_true", help="rank already-seen items too (re-consumption)")
     p.add_argument("--out", default="runs/replay")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("features", help="Feast feature repo: apply (write sources + register) or materialize")
+    p.add_argument("action", choices=["apply", "materialize"])
+    _data_args(p)
+    p.add_argument("--repo", default="runs/features")
+    p.add_argument("--online", choices=["sqlite", "redis"], default="sqlite",
+                   help="online store (redis reads REDIS_CONNECTION)")
+    p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("broker", help="start/stop/status of the embedded Kafka-protocol broker")
     p.add_argument("action", choices=["start", "stop", "status"])
