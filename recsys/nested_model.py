@@ -164,27 +164,33 @@ class NestedModel(nn.Module):
     def pop_term(self, pop: torch.Tensor) -> torch.Tensor:
         return self.pop_weight * torch.log1p(pop) if self.cfg.use_fast else torch.zeros_like(pop)
 
-    def write(self, M, S, mid, acc, cnt, x, dt):
-        """One event per row: the user-fast delta rule and the user-mid chunk rule.
+    def event_terms(self, x: torch.Tensor, dt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything the write rule needs from the events alone, for any batch shape at once.
 
-        x: (U, D) the event's item embedding; dt: (U,) seconds since the user's previous
-        event (0 for the first). Returns the new (M, S, mid, acc, cnt)."""
-        k = F.normalize(self.W_k(x), dim=-1)  # (U, m)
-        v = self.W_v(x)  # (U, m)
-        g = torch.sigmoid(self.gates(torch.cat([x, torch.log1p(dt.float()).unsqueeze(1) / 10], 1)))
-        theta, alpha, eta = g[:, 0, None, None], g[:, 1, None, None], g[:, 2, None, None]
-        err = torch.einsum("uij,uj->ui", M, k) - v  # (U, m) prediction error of the memory
-        grad = err.unsqueeze(2) * k.unsqueeze(1)  # (U, m, m) ∇ ½‖Mk − v‖²
-        S = eta * S - theta * grad
-        M = (1 - alpha) * M + S
-        # User-mid: accumulate ∇ ½‖mid − W_mid x‖² and apply once per chunk of c_mid events.
-        acc = acc + (mid - self.W_mid(x))
+        x: (…, D) item embeddings; dt: (…,) seconds since the user's previous event. The
+        recurrence below then runs only the state-dependent part, per event."""
+        g = torch.sigmoid(self.gates(torch.cat([x, torch.log1p(dt.to(x.dtype)).unsqueeze(-1) / 10], -1)))
+        return {"k": F.normalize(self.W_k(x), dim=-1), "v": self.W_v(x),  # (…, m)
+                "theta": g[..., 0], "alpha": g[..., 1], "eta": g[..., 2],  # (…,) step, decay, momentum
+                "mid_target": self.W_mid(x)}  # (…, D)
+
+    @staticmethod
+    def memory_step(M, S, k, v, theta, alpha, eta):
+        """User-fast, one event per row (Titans delta rule with momentum and forgetting):
+        S ← η·S − θ·∇½‖Mk − v‖², M ← (1 − α)·M + S. Fused into three batched kernels: the
+        loop runs once per event of the busiest user, so op count is what costs."""
+        err = torch.baddbmm(-v.unsqueeze(2), M, k.unsqueeze(2))  # (U, m, 1) the memory's prediction error
+        S = torch.baddbmm(eta.view(-1, 1, 1) * S, theta.view(-1, 1, 1) * err, k.unsqueeze(1), alpha=-1)
+        return torch.addcmul(S, (1 - alpha).view(-1, 1, 1), M), S
+
+    def mid_step(self, mid, acc, cnt, mid_target):
+        """User-mid (CMS): accumulate ∇½‖mid − target‖² and apply it once per chunk of c_mid events."""
+        acc = acc + (mid - mid_target)
         cnt = cnt + 1
         boundary = (cnt % self.cfg.c_mid == 0).unsqueeze(1)
         step, decay = torch.sigmoid(self.mid_rates)
         mid = torch.where(boundary, (1 - decay) * mid - step * acc / self.cfg.c_mid, mid)
-        acc = torch.where(boundary, torch.zeros_like(acc), acc)
-        return M, S, mid, acc, cnt
+        return mid, torch.where(boundary, torch.zeros_like(acc), acc), cnt
 
     # -- the online API -----------------------------------------------------------------------
     @torch.no_grad()
@@ -198,35 +204,44 @@ class NestedModel(nn.Module):
     def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor) -> FastState:
         """Apply a time-ordered micro-batch of events; a user's events apply in their order.
 
-        Batched: the batch's users are gathered into (U, T) padded rows and the write runs
-        T times over all of them at once; padding keeps the old state."""
+        Batched: the batch's users are gathered into (U, T) padded rows, everything that
+        depends on the events alone is computed in one pass, and the state recurrence runs
+        T times over all users at once."""
         state = self.grow_state(state, int(users.max()) + 1, int(items.max()) + 1)
-        uniq, inv = torch.unique(users, return_inverse=True)  # (U,), (B,)
-        order = torch.argsort(inv, stable=True)
-        counts = torch.bincount(inv, minlength=len(uniq))
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.empty_like(inv)
-        pos[order] = torch.arange(len(inv), device=inv.device) - starts[inv[order]]
-        T = int(counts.max())
-        X = torch.zeros(len(uniq), T, self.cfg.dim, dtype=self.user0.dtype, device=users.device)
-        X[inv, pos] = self.item_vectors(items)
-        TS = torch.zeros(len(uniq), T, dtype=torch.int64, device=users.device)
-        TS[inv, pos] = ts
-        valid = torch.arange(T, device=users.device).unsqueeze(0) < counts.unsqueeze(1)  # (U, T)
+        dev = users.device
+        uniq, inv, counts = torch.unique(users, return_inverse=True, return_counts=True)  # (U,), (B,), (U,)
+        # Rows ordered by event count, most first: at step t the users still active are a
+        # prefix of the rows, so padding needs no masking at all.
+        by_count = torch.argsort(counts, descending=True, stable=True)
+        row_of = torch.empty_like(by_count)
+        row_of[by_count] = torch.arange(len(uniq), device=dev)
+        uniq, counts, row = uniq[by_count], counts[by_count], row_of[inv]  # row: (B,) each event's row
+        order = torch.argsort(row, stable=True)  # events grouped by row, time order kept inside
+        pos = torch.empty_like(row)
+        pos[order] = torch.arange(len(row), device=dev) - (torch.cumsum(counts, 0) - counts)[row[order]]
+        T = int(counts[0])
+        active = [int((counts > t).sum()) for t in range(T)]  # rows still active at each step
 
-        M, S, mid, acc, cnt = state.M[uniq], state.S[uniq], state.mid[uniq], state.acc[uniq], state.cnt[uniq]
-        last, last_ts = state.last[uniq], state.last_ts[uniq]
-        for t in range(T):
-            dt = torch.where(last_ts >= 0, (TS[:, t] - last_ts).clamp(min=0), 0)
-            new = self.write(M, S, mid, acc, cnt, X[:, t], dt)
-            keep = valid[:, t]
-            M, S, mid, acc, cnt = (torch.where(keep.view(-1, *[1] * (o.dim() - 1)), n, o)
-                                   for n, o in zip(new, (M, S, mid, acc, cnt)))
-            last = torch.where(keep.unsqueeze(1), X[:, t], last)
-            last_ts = torch.where(keep, TS[:, t], last_ts)
-        for name, rows in (("M", M), ("S", S), ("mid", mid), ("acc", acc), ("cnt", cnt), ("last", last),
-                           ("last_ts", last_ts)):
-            getattr(state, name).index_copy_(0, uniq, rows)
+        X = torch.zeros(len(uniq), T, self.cfg.dim, dtype=self.user0.dtype, device=dev)
+        X[row, pos] = self.item_vectors(items)  # (U, T, D)
+        TS = torch.full((len(uniq), T), -1, dtype=torch.int64, device=dev)
+        TS[row, pos] = ts
+        prev_ts = torch.cat([state.last_ts[uniq].unsqueeze(1), TS[:, :-1]], 1)  # (U, T)
+        dt = torch.where(prev_ts >= 0, (TS - prev_ts).clamp(min=0), 0)
+        terms = self.event_terms(X, dt)  # every projection and gate of the batch at once
+
+        M, S = state.M[uniq], state.S[uniq]
+        mid, acc, cnt = state.mid[uniq], state.acc[uniq], state.cnt[uniq]
+        for t, n in enumerate(active):
+            term = {name: v[:n, t] for name, v in terms.items()}
+            M[:n], S[:n] = self.memory_step(M[:n], S[:n], term["k"], term["v"], term["theta"], term["alpha"],
+                                            term["eta"])
+            mid[:n], acc[:n], cnt[:n] = self.mid_step(mid[:n], acc[:n], cnt[:n], term["mid_target"])
+        last_t = counts - 1
+        rows = torch.arange(len(uniq), device=dev)
+        for name, value in (("M", M), ("S", S), ("mid", mid), ("acc", acc), ("cnt", cnt),
+                            ("last", X[rows, last_t]), ("last_ts", TS[rows, last_t])):
+            getattr(state, name).index_copy_(0, uniq, value)
         return self._update_population(state, items)
 
     def _update_population(self, state: FastState, items: torch.Tensor) -> FastState:

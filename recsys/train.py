@@ -104,14 +104,18 @@ def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: Train
         E, b = model.all_items(model.cfg.n_items)
         X = model.item_vectors(items[:, lo:lo + cfg.unroll])  # (U, t, D)
         losses = []
+        prev_ts = torch.cat([last_ts.unsqueeze(1), ts[:, lo:lo + cfg.unroll][:, :-1]], 1)
+        dt = torch.where(prev_ts >= 0, (ts[:, lo:lo + cfg.unroll] - prev_ts).clamp(min=0), 0)
+        terms = model.event_terms(X, dt)  # (U, t, …)
         for t in range(X.shape[1]):
             j = lo + t
             keep = valid[:, j]
             z = model.user_vectors(M, last, mid)  # state before event j
             logits = z @ E.T + b + model.pop_term(snaps[chunk_of[:, j]])  # (U, N)
             losses.append(F.cross_entropy(logits, items[:, j], reduction="none") * keep)
-            dt = torch.where(last_ts >= 0, (ts[:, j] - last_ts).clamp(min=0), 0)
-            new = model.write(M, S, mid, acc, cnt, X[:, t], dt)
+            term = {name: v[:, t] for name, v in terms.items()}
+            new = (*model.memory_step(M, S, term["k"], term["v"], term["theta"], term["alpha"], term["eta"]),
+                   *model.mid_step(mid, acc, cnt, term["mid_target"]))
             M, S, mid, acc, cnt = (torch.where(keep.view(-1, *[1] * (o.dim() - 1)), nw, o)
                                    for nw, o in zip(new, (M, S, mid, acc, cnt)))
             last = torch.where(keep.unsqueeze(1), X[:, t], last)
