@@ -110,7 +110,7 @@ def cmd_features(args) -> int:
 def cmd_demo(args) -> int:
     from recsys.demo import DemoConfig, run_demo
 
-    return run_demo(DemoConfig(data=args.data, events=args.events, out=Path(args.out)))
+    return run_demo(DemoConfig(data=args.data, events=args.events or DemoConfig.events, out=Path(args.out)))
 
 
 # Kept here (not imported from offline_eval) so `recsys --help` stays free of torch imports.

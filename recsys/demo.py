@@ -1,7 +1,7 @@
 """`make demo`: the main job on the embedded local stack, shut down cleanly even on Ctrl-C.
 
-Today: broker up → data → produce the stream → consume and validate it → replay
-report → summary → broker down.
+Today: data → broker up → produce the stream → consume and validate it → broker
+down → a replay report (baselines and the nested model side by side, with plots).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 @dataclass(frozen=True)
 class DemoConfig:
     data: str = "synthetic"
-    events: int | None = None  # synthetic only; None: the generator's default
+    events: int | None = 100_000  # synthetic only; keeps the demo to a few minutes on 2 cores
     out: Path = Path("runs/demo")
     topic: str = "interactions"
+    replay_models: tuple[str, ...] = ("pop_static", "pop_online_decay", "itemknn_online", "nested")
 
 
 def run_demo(cfg: DemoConfig) -> int:
@@ -44,5 +45,12 @@ def run_demo(cfg: DemoConfig) -> int:
     finally:
         broker.stop()
         print("[broker] stopped")
+
+    from offline_eval.report import ReplayConfig, markdown_table, run_replay
+
+    print(f"[replay] {', '.join(cfg.replay_models)} (EVAL_PROTOCOL.md, B = 256)")
+    report = run_replay(ds, ReplayConfig(models=cfg.replay_models, out=cfg.out / "replay"))
+    print(markdown_table(report))
+    print(f"[replay] report and plots in {cfg.out / 'replay'}")
     print(f"[demo] {'OK' if ok else 'FAILED'} in {time.perf_counter() - t0:.1f}s")
     return 0 if ok else 1
