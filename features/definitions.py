@@ -11,10 +11,12 @@ from feast.types import Array, Float32, Int64, String
 
 USER_STATE_DIM = 64  # the fast levels' user vector pushed by the stream worker
 
-# A user of the product; join key `user_id` (the dense id of the event log).
-user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
+# Keys are strings, as in the `Event` schema: product ids are often UUIDs; integer ids
+# (MovieLens) are their decimal strings.
+# A user of the product; join key `user_id`.
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING)
 # A catalogue item; join key `item_id`.
-item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64)
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING)
 
 # Per-user profile from the history log (and the profile table where the data set has one).
 user_profile_source = FileSource(name="user_profile_source", path="data/user_profile.parquet",
@@ -32,21 +34,21 @@ user_state_push = PushSource(name="user_state_push", batch_source=FileSource(
 # Who the user is: activity in history and a profile segment ("" if unknown).
 user_profile = FeatureView(
     name="user_profile", entities=[user], ttl=timedelta(days=365 * 30), source=user_profile_source,
-    schema=[Field(name="user_id", dtype=Int64), Field(name="history_events", dtype=Int64),
+    schema=[Field(name="user_id", dtype=String), Field(name="history_events", dtype=Int64),
             Field(name="first_ts", dtype=Int64), Field(name="segment", dtype=String)])
 # What the item is: activity in history, genres and year where known.
 item_attributes = FeatureView(
     name="item_attributes", entities=[item], ttl=timedelta(days=365 * 30), source=item_attributes_source,
-    schema=[Field(name="item_id", dtype=Int64), Field(name="history_events", dtype=Int64),
+    schema=[Field(name="item_id", dtype=String), Field(name="history_events", dtype=Int64),
             Field(name="first_ts", dtype=Int64), Field(name="genres", dtype=String), Field(name="year", dtype=Int64)])
 # How popular the item was in the 7 days before the snapshot.
 item_popularity = FeatureView(
     name="item_popularity", entities=[item], ttl=timedelta(days=7), source=item_popularity_source,
-    schema=[Field(name="item_id", dtype=Int64), Field(name="pop_7d", dtype=Int64)])
+    schema=[Field(name="item_id", dtype=String), Field(name="pop_7d", dtype=Int64)])
 # The user's fast-level state as a vector, as fresh as the last pushed micro-batch.
 user_state = FeatureView(
     name="user_state", entities=[user], ttl=timedelta(days=365 * 30), source=user_state_push,
-    schema=[Field(name="user_id", dtype=Int64), Field(name="state", dtype=Array(Float32)),
+    schema=[Field(name="user_id", dtype=String), Field(name="state", dtype=Array(Float32)),
             Field(name="events", dtype=Int64)])
 
 # What serving reads for one user.

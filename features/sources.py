@@ -20,14 +20,14 @@ def _stamp(col: str) -> pl.Expr:
 
 def history_of(ds: Dataset, history_fraction: float = 0.8) -> pl.DataFrame:
     inter = ds.interactions.sort("ts", maintain_order=True)
-    return inter.head(int(history_fraction * inter.height))
+    return inter.head(int(history_fraction * inter.height)).with_columns(pl.col("user_id", "item_id").cast(pl.Utf8))
 
 
 def user_profile(ds: Dataset, history: pl.DataFrame) -> pl.DataFrame:
     prof = history.group_by("user_id").agg(history_events=pl.len().cast(pl.Int64), first_ts=pl.col("ts").min(),
                                            last_ts=pl.col("ts").max())
     if ds.users is not None:
-        seg = ds.users.select(pl.col("user_id").cast(pl.Int64), segment=pl.concat_str(
+        seg = ds.users.select(pl.col("user_id").cast(pl.Utf8), segment=pl.concat_str(
             [pl.col("gender"), pl.col("age").cast(pl.Utf8), pl.col("occupation").cast(pl.Utf8)], separator="-"))
         prof = prof.join(seg, on="user_id", how="left")
     else:
@@ -40,7 +40,7 @@ def item_attributes(ds: Dataset, history: pl.DataFrame) -> pl.DataFrame:
     attrs = history.group_by("item_id").agg(history_events=pl.len().cast(pl.Int64), first_ts=pl.col("ts").min(),
                                             last_ts=pl.col("ts").max())
     if ds.items is not None:
-        meta = ds.items.select(pl.col("item_id").cast(pl.Int64), genres=pl.col("genres").list.join("|"),
+        meta = ds.items.select(pl.col("item_id").cast(pl.Utf8), genres=pl.col("genres").list.join("|"),
                                year=pl.col("year"))
         attrs = attrs.join(meta, on="item_id", how="left")
     else:
@@ -67,6 +67,6 @@ def write_sources(ds: Dataset, repo: Path, history_fraction: float = 0.8) -> dic
     for name, frame in frames.items():
         frame.write_parquet(data / f"{name}.parquet")
     if not (data / "user_state.parquet").exists():  # the push source's batch log starts empty
-        pl.DataFrame(schema={"user_id": pl.Int64, "state": pl.List(pl.Float32), "events": pl.Int64,
+        pl.DataFrame(schema={"user_id": pl.Utf8, "state": pl.List(pl.Float32), "events": pl.Int64,
                              "event_timestamp": pl.Datetime("us", "UTC")}).write_parquet(data / "user_state.parquet")
     return {name: frame.height for name, frame in frames.items()}

@@ -63,7 +63,7 @@ class FeatureRepo:
         from feast.data_source import PushMode
 
         ts = ts or datetime.now(timezone.utc)
-        df = pd.DataFrame({"user_id": np.asarray(user_ids, dtype=np.int64),
+        df = pd.DataFrame({"user_id": [str(u) for u in user_ids],
                            "state": list(np.asarray(states, dtype=np.float32)),
                            "events": np.asarray(events if events is not None else np.zeros(len(user_ids)),
                                                 dtype=np.int64),
@@ -74,7 +74,7 @@ class FeatureRepo:
         return self.online(["user_state:state", "user_state:events"], "user_id", user_ids)
 
     def online(self, features: list[str], key: str, ids) -> dict[str, list]:
-        rows = {key: [int(i) for i in ids]}
+        rows = {key: [str(i) for i in ids]}
         return self.store.get_online_features(features=features, entity_rows=rows).to_dict()
 
     def historical(self, entity_df, features: list[str]):
@@ -83,6 +83,8 @@ class FeatureRepo:
 
         Feast's file offline store drops entity rows that have no value yet; merging back
         onto ``entity_df`` keeps every row, so training data never silently shrinks."""
+        keys = [k for k in ("user_id", "item_id") if k in entity_df.columns]
+        entity_df = entity_df.astype({k: str for k in keys})  # entity keys are strings
         joined = self.store.get_historical_features(entity_df=entity_df, features=features).to_df()
         keys = list(entity_df.columns)
         joined["event_timestamp"] = joined["event_timestamp"].dt.tz_convert("UTC")
