@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -91,6 +92,17 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from recsys.train import TrainConfig, train_artifact
+
+    t0 = time.perf_counter()
+    cfg = TrainConfig(epochs=args.epochs, device=args.device, lr=args.lr)
+    model = train_artifact(_load(args), Path(args.out), cfg, history_fraction=args.history_fraction)
+    print(f"trained nested model ({model.n_items:,} items, dim {model.cfg.dim}) in "
+          f"{time.perf_counter() - t0:.0f}s: {args.out}")
+    return 0
+
+
 def cmd_features(args) -> int:
     from features.store import FeatureRepo
 
@@ -105,6 +117,19 @@ def cmd_features(args) -> int:
         FeatureRepo(Path(args.repo)).materialize()
         print(f"feature repo {args.repo}: materialized to the online store")
     return 0
+
+
+def cmd_stream(args) -> int:
+    from streaming.worker import WorkerConfig, run_worker
+
+    cfg = WorkerConfig(model=Path(args.model), checkpoint_dir=Path(args.checkpoint_dir),
+                       bootstrap_servers=args.bootstrap_servers, topic=args.topic, group=args.group,
+                       dead_letter_topic=args.dead_letter_topic, worker_id=args.worker_id or WorkerConfig.worker_id,
+                       batch_size=args.batch_size, max_wait_s=args.max_wait_ms / 1000,
+                       checkpoint_every_s=args.checkpoint_every, feature_repo=args.feature_repo and Path(args.feature_repo),
+                       device=args.device or WorkerConfig.device, metrics_port=args.metrics_port,
+                       log_every_s=args.log_every, idle_exit_s=args.idle_exit)
+    return run_worker(cfg)
 
 
 def cmd_demo(args) -> int:
@@ -135,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/replay")
     p.set_defaults(func=cmd_replay)
 
+    p = sub.add_parser("train", help="train the slow level (and the fast rule it meta-learns) on history")
+    _data_args(p)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--history-fraction", type=float, default=0.8,
+                   help="train on this first part of the log; the rest is left for the stream")
+    p.add_argument("--out", default="runs/model/model.safetensors")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("features", help="Feast feature repo: apply (write sources + register) or materialize")
     p.add_argument("action", choices=["apply", "materialize"])
     _data_args(p)
@@ -158,6 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
     p.add_argument("--limit", type=int, default=None, help="produce only the first N events")
     p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("stream", parents=[kafka], help="the stream worker: consume, update fast levels, push, checkpoint")
+    p.add_argument("--group", default="recsys")
+    p.add_argument("--model", default="runs/model/model.safetensors", help="a `recsys train` checkpoint")
+    p.add_argument("--checkpoint-dir", default="runs/stream")
+    p.add_argument("--worker-id", default=None, help="names this worker's checkpoint file (default: host name)")
+    p.add_argument("--dead-letter-topic", default=None, help="default: <topic>.dead-letters")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-wait-ms", type=float, default=50)
+    p.add_argument("--checkpoint-every", type=float, default=5.0, help="seconds")
+    p.add_argument("--feature-repo", default=None, help="push fresh user vectors to this Feast repo")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--log-every", type=float, default=10.0, help="seconds between log lines")
+    p.add_argument("--idle-exit", type=float, default=None, help="exit cleanly after this many idle seconds")
+    p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("consume", parents=[kafka], help="read a topic back, validate and count")
     p.add_argument("--count", type=int, default=None)

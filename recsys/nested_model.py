@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,10 @@ class NestedConfig:
             raise ValueError(f"NestedConfig sizes must be positive: {self}")
 
 
+USER_FIELDS = ("M", "S", "last", "last_ts", "mid", "acc", "cnt")  # one row per user
+POPULATION_FIELDS = ("pop", "pop_acc", "seen")  # shared by everyone
+
+
 @dataclass
 class FastState:
     """Everything the fast levels know; rows are users (internal index), plus the population."""
@@ -63,6 +68,14 @@ class FastState:
 
     def to(self, device) -> FastState:
         return FastState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def user_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-user fields of ``rows`` (for checkpoints split by owner)."""
+        return {name: getattr(self, name)[rows] for name in USER_FIELDS}
+
+    def with_user_rows(self, users: dict[str, torch.Tensor]) -> FastState:
+        """This state's population level with exactly the given user rows."""
+        return replace(self, **users)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -264,23 +277,42 @@ class NestedModel(nn.Module):
         return state
 
     # -- checkpoint (safetensors + JSON config, no pickle) ---------------------------------
-    def save(self, path) -> None:
+    def save(self, path, item_ids=None) -> None:
+        """Weights, config and (for serving and the stream worker) the external item id of
+        each table row, so events can name items as the product does."""
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={"config": json.dumps(asdict(self.cfg))})
+        metadata = {"config": json.dumps(asdict(self.cfg))}
+        if item_ids is not None:
+            metadata["item_ids"] = json.dumps([str(i) for i in item_ids])
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path, **overrides) -> NestedModel:
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), "pt") as f:
-            cfg = NestedConfig(**json.loads(f.metadata()["config"]))
+        cfg = NestedConfig(**json.loads(_metadata(path)["config"]))
         weights = load_file(str(path))
         model = cls(replace(cfg, **overrides)).to(weights["user0"].dtype)  # exact: no dtype rounding
         model.load_state_dict(weights)
         return model
+
+
+def load_item_ids(path) -> list[str]:
+    """The external item ids of a checkpoint's table rows (row order)."""
+    meta = _metadata(path)
+    if "item_ids" not in meta:
+        raise ValueError(f"{path} holds no item ids: save it with `recsys train`")
+    return json.loads(meta["item_ids"])
+
+
+def _metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no model checkpoint at {path}: train one with `recsys train --out {path}`")
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
 
 
 def save_state(state: FastState, path) -> None:

@@ -75,7 +75,7 @@ def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfi
         for b in bar:
             loss_sum, count = _train_batch(model, opt, batches[b], items_t, ts_t, snaps, cfg, rng)
             total, n = total + loss_sum, n + count
-            bar.set_postfix(loss=f"{total / max(n, 1):.3f}")
+            bar.set_postfix(loss=f"{total / max(n, 1):.3f}", refresh=False)
         if cfg.progress:
             print(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f} in {time.perf_counter() - t0:.0f}s")
     return model.eval()
@@ -143,6 +143,21 @@ def sequence_loss(model: NestedModel, history, cfg: TrainConfig = TrainConfig(pr
             s, n = _train_batch(model, None, seqs[i:i + cfg.users_per_batch], items_t, ts_t, snaps, cfg, rng)
             total, count = total + s, count + n
     return total / max(count, 1)
+
+
+def train_artifact(ds, out, cfg: TrainConfig = TrainConfig(), history_fraction: float = 0.8) -> NestedModel:
+    """`recsys train`: train on the first ``history_fraction`` of the log (the protocol's
+    history; the rest is left for the stream) and save weights + item ids to ``out``."""
+    from pathlib import Path
+
+    from offline_eval.protocol import ProtocolConfig, encode
+
+    log = encode(ds, ProtocolConfig(history_fraction=history_fraction))
+    history = log.history()
+    model = train_nested(history, cfg=cfg)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    model.save(out, item_ids=log.item_ids[:history.n_items_known])
+    return model
 
 
 class NestedReplay:

@@ -1,0 +1,97 @@
+"""Fast-level update and scoring throughput of the nested model, CPU and CUDA side by side.
+
+    python bench/update_throughput.py [--data synthetic|ml-1m] [--events 200000]
+
+Replays the log's events in time order through `NestedModel.update` at micro-batch 256
+and 4096 (the stream worker's path, no broker), then scores batches of users over the
+whole catalogue. Prints a table and writes bench/results/update_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offline_eval.protocol import encode
+from recsys.datasets import load_dataset
+from recsys.nested_model import NestedConfig, NestedModel
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def update_rate(model, log, batch: int, device: str, max_events: int) -> dict:
+    state = model.init_state(log.n_users_known, log.n_items_known, device=device)
+    users, items, ts = (torch.from_numpy(a[:max_events]).to(device) for a in (log.users, log.items, log.ts))
+    warm = min(len(users), 4 * batch)
+    state = model.update(state, users[:warm], items[:warm], ts[:warm])  # allocations, first-call costs
+    _sync(device)
+    t0, steps = time.perf_counter(), []
+    for lo in range(warm, len(users), batch):
+        u = users[lo:lo + batch]
+        steps.append(int(torch.unique(u, return_counts=True)[1].max()))
+        state = model.update(state, u, items[lo:lo + batch], ts[lo:lo + batch])
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return {"events_per_s": (len(users) - warm) / seconds, "mean_steps_per_batch": float(np.mean(steps)),
+            "state": state}
+
+
+def score_rate(model, state, n_items: int, batch: int, device: str, repeats: int = 20) -> float:
+    users = torch.arange(batch, device=device) % state.M.shape[0]
+    model.score(state, users, n_items)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        model.score(state, users, n_items)
+    _sync(device)
+    return batch * repeats / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="synthetic")
+    ap.add_argument("--events", type=int, default=200_000, help="events replayed per setting")
+    ap.add_argument("--out", default="bench/results/update_throughput.json")
+    args = ap.parse_args()
+
+    ds = load_dataset(args.data, **({"n_events": args.events} if args.data == "synthetic" else {}))
+    log = encode(ds)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for device in devices:
+        torch.manual_seed(0)
+        model = NestedModel(NestedConfig(n_items=log.n_items_known)).to(device).eval()
+        for batch in (256, 4096):
+            r = update_rate(model, log, batch, device, args.events)
+            rows.append({"device": device, "what": "update", "batch": batch, "per_s": r["events_per_s"],
+                         "mean_steps": r["mean_steps_per_batch"]})
+        for batch in (1, 256):
+            rows.append({"device": device, "what": "score", "batch": batch,
+                         "per_s": score_rate(model, r["state"], log.n_items_known, batch, device), "mean_steps": None})
+
+    print(f"{args.data}: {min(args.events, log.n_events):,} events, {log.n_users_known:,} users, "
+          f"{log.n_items_known:,} items; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'device':<7}{'what':<8}{'batch':>7}{'per second':>14}{'steps/batch':>13}")
+    for r in rows:
+        steps = f"{r['mean_steps']:.1f}" if r["mean_steps"] is not None else ""
+        unit = "events" if r["what"] == "update" else "users"
+        print(f"{r['device']:<7}{r['what']:<8}{r['batch']:>7}{r['per_s']:>14,.0f}{steps:>13}  {unit}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"data": args.data, "events": args.events, "host": platform.node(),
+                               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                               "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

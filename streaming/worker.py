@@ -1,0 +1,346 @@
+"""The stream worker: a Kafka consumer group member that applies fast-level updates.
+
+    poll ─► micro-batch (size or max wait) ─► decode + validate ─► bad: dead-letter topic
+         ─► ids → rows ─► model.update on the device ─► push fresh user vectors to Feast
+         ─► every few seconds: checkpoint state + offsets together (effectively-once)
+
+Effectively-once: offsets advance only with the state they are checkpointed with; on
+start and on every rebalance the worker restores the rows of its partitions from the
+newest checkpoint holding them and seeks there, so an event applied after the last
+checkpoint and lost in a crash is read and applied again, exactly once in the state.
+Dead letters and Feast pushes are at-least-once (a crash can repeat them).
+
+The population level is the worker's own: with several workers each sees its
+partitions' share of the stream, and a taken-over partition brings its users, not
+the previous owner's population counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streaming.checkpoint import Snapshot, latest_for_partitions, read_checkpoint, write_checkpoint
+from streaming.events import InvalidEvent, decode
+
+log = logging.getLogger("recsys.stream")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: Path  # a `recsys train` checkpoint
+    checkpoint_dir: Path
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "interactions"
+    group: str = "recsys"
+    dead_letter_topic: str | None = None  # default: "<topic>.dead-letters"
+    worker_id: str = field(default_factory=socket.gethostname)  # names this worker's checkpoint file
+    batch_size: int = 256  # cut a micro-batch at this many messages ...
+    max_wait_s: float = 0.05  # ... or this long after its first message
+    checkpoint_every_s: float = 5.0
+    feature_repo: Path | None = None  # push user vectors here (None: no push)
+    push_every_s: float = 0.2  # coalesce pushes: one Feast write for many micro-batches
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    metrics_port: int | None = None  # Prometheus endpoint; None: off
+    log_every_s: float = 10.0
+    idle_exit_s: float | None = None  # exit cleanly after this long without messages (batch jobs, tests)
+
+    @property
+    def dlq(self) -> str:
+        return self.dead_letter_topic or f"{self.topic}.dead-letters"
+
+
+class Metrics:
+    """Prometheus metrics on a private registry (two workers in one process stay apart)."""
+
+    def __init__(self, port: int | None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events = Counter("recsys_stream_events", "valid events applied to the fast state", registry=r)
+        self.dead = Counter("recsys_stream_dead_letters", "messages sent to the dead-letter topic",
+                            ["reason"], registry=r)
+        self.batch = Histogram("recsys_stream_batch_seconds", "decode + update time per micro-batch", registry=r,
+                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.lag = Gauge("recsys_stream_lag", "messages behind the partition's high watermark", ["partition"],
+                         registry=r)
+        self.freshness = Gauge("recsys_stream_freshness_seconds",
+                               "event produced → user vector in the online store", ["quantile"], registry=r)
+        self.users = Gauge("recsys_stream_users", "user rows held by this worker", registry=r)
+        self.checkpoint = Histogram("recsys_stream_checkpoint_seconds", "checkpoint write time", registry=r)
+        if port is not None:
+            start_http_server(port, addr="0.0.0.0", registry=r)
+
+
+class StreamWorker:
+    def __init__(self, cfg: WorkerConfig):
+        from recsys.nested_model import NestedModel, load_item_ids
+        from recsys.vocab import Vocab
+
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.model = NestedModel.load(cfg.model).to(self.device).eval()
+        self.items = Vocab(load_item_ids(cfg.model))
+        self.users = Vocab()
+        self.partition_of = torch.empty(0, dtype=torch.int64)  # row -> partition
+        self.state = self.model.init_state(0, len(self.items), device=self.device)
+        self.offsets: dict[int, int] = {}  # owned partition -> next offset (all before it are in the state)
+        self.pending: list = []  # records polled, not yet applied
+        self.restored_own = False
+        self.ckpt_path = Path(cfg.checkpoint_dir) / f"{cfg.worker_id}.safetensors"
+        self.metrics = Metrics(cfg.metrics_port)
+        self.features = None
+        if cfg.feature_repo is not None:
+            from features.store import FeatureRepo
+
+            self.features = FeatureRepo(cfg.feature_repo)
+        self.dirty: set[int] = set()  # rows whose vector changed since the last push
+        self.unpushed_ms: list[np.ndarray] = []  # produce timestamps of events not yet visible in Feast
+        self.fresh_s = np.zeros(0)  # recent freshness samples (seconds)
+        self.stopping = False
+        self.applied = 0
+        self.dead = Counter()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> int:
+        from kafka import KafkaProducer
+
+        from streaming.consumer import make_consumer
+
+        self.consumer = make_consumer(self.cfg.bootstrap_servers, group_id=self.cfg.group,
+                                      max_poll_records=max(self.cfg.batch_size, 4096))
+        self.producer = KafkaProducer(bootstrap_servers=self.cfg.bootstrap_servers, linger_ms=5, acks="all")
+        self.consumer.subscribe([self.cfg.topic], listener=_Rebalance(self))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop)
+        log.info("worker %s: model %s on %s, group %r, topic %r, checkpoints in %s", self.cfg.worker_id,
+                 self.cfg.model, self.device, self.cfg.group, self.cfg.topic, self.cfg.checkpoint_dir)
+        last_ckpt = last_log = last_push = self.last_msg = time.monotonic()
+        first_pending = None
+        logged_applied = 0
+        try:
+            while not self.stopping:
+                polled = self.consumer.poll(timeout_ms=int(self.cfg.max_wait_s * 1000),
+                                            max_records=self.cfg.batch_size - len(self.pending))
+                now = time.monotonic()
+                for records in polled.values():
+                    self.pending.extend(records)
+                if polled:
+                    self.last_msg = now
+                    first_pending = first_pending or now
+                if self.pending and (len(self.pending) >= self.cfg.batch_size
+                                     or now - first_pending >= self.cfg.max_wait_s):
+                    self.apply(self.pending)
+                    self.pending, first_pending = [], None
+                if self.dirty and now - last_push >= self.cfg.push_every_s:
+                    self.push()
+                    last_push = now
+                if now - last_ckpt >= self.cfg.checkpoint_every_s:
+                    self.checkpoint()
+                    last_ckpt = now
+                if now - last_log >= self.cfg.log_every_s:
+                    self.log_line((self.applied - logged_applied) / (now - last_log))
+                    last_log, logged_applied = now, self.applied
+                if self.cfg.idle_exit_s is not None and self.restored_own and now - self.last_msg >= self.cfg.idle_exit_s:
+                    log.info("no messages for %.0fs: exiting", self.cfg.idle_exit_s)
+                    break
+            if self.pending:
+                self.apply(self.pending)
+                self.pending = []
+            self.push()
+            self.checkpoint()
+        finally:
+            self.consumer.close(autocommit=False)
+            self.producer.close()
+        log.info("worker %s stopped cleanly: %d events applied, %d dead letters", self.cfg.worker_id,
+                 self.applied, sum(self.dead.values()))
+        return 0
+
+    def _stop(self, signum, frame) -> None:
+        log.info("signal %d: finishing the current batch, then a last checkpoint", signum)
+        self.stopping = True
+
+    # -- one micro-batch ----------------------------------------------------------------------
+    def apply(self, records) -> None:
+        t0 = time.perf_counter()
+        good, parts, stamps = [], [], []
+        for rec in records:
+            ev = decode(rec.value if rec.value is not None else b"")
+            if isinstance(ev, InvalidEvent):
+                self.dead_letter(rec, ev)
+            else:
+                good.append(ev)
+                parts.append(rec.partition)
+                stamps.append(rec.timestamp)
+        if good:
+            known = len(self.users)
+            rows = torch.from_numpy(self.users.index([e.user_id for e in good]))
+            if len(self.users) > known:  # new users: remember which partition owns them
+                new = torch.full((len(self.users) - known,), -1, dtype=torch.int64)
+                self.partition_of = torch.cat([self.partition_of, new])
+            self.partition_of[rows] = torch.tensor(parts, dtype=torch.int64)
+            items = torch.from_numpy(self.items.index([e.item_id for e in good]))
+            ts = torch.tensor([e.ts for e in good], dtype=torch.int64)
+            self.state = self.model.update(self.state, rows.to(self.device), items.to(self.device),
+                                           ts.to(self.device))
+            self.dirty.update(rows.tolist())
+            self.unpushed_ms.append(np.asarray(stamps, dtype=np.int64))
+            self.applied += len(good)
+            self.metrics.events.inc(len(good))
+        for rec in records:  # records of a partition come in offset order
+            self.offsets[rec.partition] = rec.offset + 1
+        self.metrics.batch.observe(time.perf_counter() - t0)
+
+    def dead_letter(self, rec, err: InvalidEvent) -> None:
+        headers = [("reason", err.reason.encode()), ("detail", str(err.detail)[:500].encode()),
+                   ("source", f"{rec.topic}/{rec.partition}/{rec.offset}".encode())]
+        self.producer.send(self.cfg.dlq, key=rec.key, value=rec.value, headers=headers)
+        self.dead[err.reason] += 1
+        self.metrics.dead.labels(err.reason).inc()
+
+    def push(self) -> None:
+        """Fresh user vectors of every row touched since the last push, in one Feast write."""
+        if self.features is not None and self.dirty:
+            rows = torch.tensor(sorted(self.dirty), device=self.device)
+            s = self.state
+            with torch.no_grad():
+                z = self.model.user_vectors(s.M[rows], s.last[rows], s.mid[rows]).float().cpu().numpy()
+            ids = [self.users.ids[r] for r in rows.tolist()]
+            self.features.push_user_state(ids, z, events=s.cnt[rows].cpu().numpy())
+        if self.unpushed_ms:
+            fresh = time.time() - np.concatenate(self.unpushed_ms) / 1000.0
+            self.fresh_s = np.concatenate([self.fresh_s[-50_000:], fresh])
+            self.metrics.freshness.labels("0.5").set(float(np.quantile(fresh, 0.5)))
+            self.metrics.freshness.labels("0.99").set(float(np.quantile(fresh, 0.99)))
+        self.dirty.clear()
+        self.unpushed_ms = []
+
+    # -- checkpoints and rebalances ------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """State + offsets in one atomic file; dead letters are flushed first, so a message
+        is never past a checkpointed offset without being in the state or the DLQ."""
+        if not self.offsets:
+            return
+        t0 = time.perf_counter()
+        self.producer.flush()
+        cpu = self.state.to("cpu")
+        write_checkpoint(self.ckpt_path, Snapshot(
+            topic=self.cfg.topic, offsets=dict(self.offsets), user_ids=list(self.users.ids),
+            partitions=self.partition_of.clone(), users=cpu.user_rows(torch.arange(len(self.users))),
+            population={k: getattr(cpu, k) for k in ("pop", "pop_acc", "seen")}, item_ids=list(self.items.ids)))
+        self.metrics.checkpoint.observe(time.perf_counter() - t0)
+
+    def on_revoked(self, partitions: set[int]) -> None:
+        self.pending = []  # not applied: the next owner reads them again from the checkpoint
+        self.checkpoint()
+        self._keep_rows(~torch.isin(self.partition_of, torch.tensor(sorted(partitions), dtype=torch.int64)))
+        for p in partitions:
+            self.offsets.pop(p, None)
+        log.info("revoked partitions %s (checkpointed)", sorted(partitions))
+
+    def on_assigned(self, partitions: set[int]) -> None:
+        from kafka import TopicPartition
+
+        self.pending = []
+        self.last_msg = time.monotonic()  # idle time counts from joining, not from start
+        if not self.restored_own and self.ckpt_path.exists():
+            self._adopt_population(read_checkpoint(self.ckpt_path))
+        self.restored_own = True
+        new = sorted(set(partitions) - set(self.offsets))
+        sources = latest_for_partitions(self.ckpt_path.parent, self.cfg.topic, new)
+        for path in set(sources.values()):
+            snap = read_checkpoint(path)
+            mine = [p for p, src in sources.items() if src == path]
+            self._import_rows(snap, mine)
+            for p in mine:
+                self.offsets[p] = snap.offsets[p]
+        for p in partitions:
+            tp = TopicPartition(self.cfg.topic, p)
+            if p in self.offsets:
+                self.consumer.seek(tp, self.offsets[p])
+            else:
+                self.consumer.seek_to_beginning(tp)  # never checkpointed: the whole partition
+        log.info("assigned partitions %s; restored %s from %s", sorted(partitions), sorted(sources),
+                 sorted({p.name for p in sources.values()}))
+        self.metrics.users.set(len(self.users))
+
+    def _adopt_population(self, snap: Snapshot) -> None:
+        """On first start, the population level (and the online item ids) from our own file."""
+        from recsys.vocab import Vocab
+
+        self.items = Vocab(snap.item_ids)
+        pop = {k: v.to(self.device) for k, v in snap.population.items()}
+        self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
+        self.state.pop, self.state.pop_acc, self.state.seen = pop["pop"], pop["pop_acc"], pop["seen"]
+
+    def _import_rows(self, snap: Snapshot, partitions: list[int]) -> None:
+        take = torch.isin(snap.partitions, torch.tensor(partitions, dtype=torch.int64)).nonzero().flatten()
+        ids = [snap.user_ids[i] for i in take.tolist()]
+        rows = torch.from_numpy(self.users.index(ids))
+        grown = len(self.users) - len(self.partition_of)
+        self.partition_of = torch.cat([self.partition_of, torch.full((grown,), -1, dtype=torch.int64)])
+        self.partition_of[rows] = snap.partitions[take]
+        self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
+        for name, value in snap.users.items():
+            getattr(self.state, name)[rows.to(self.device)] = value[take].to(self.device)
+
+    def _keep_rows(self, keep: torch.Tensor) -> None:
+        from recsys.vocab import Vocab
+
+        rows = keep.nonzero().flatten()
+        self.state = self.state.with_user_rows(self.state.user_rows(rows.to(self.device)))
+        self.users = Vocab([self.users.ids[r] for r in rows.tolist()])
+        self.partition_of = self.partition_of[rows]
+        self.dirty = set()
+
+    # -- observability -------------------------------------------------------------------------
+    def lag(self) -> dict[int, int]:
+        from kafka import TopicPartition
+
+        out = {}
+        for p, off in self.offsets.items():
+            high = self.consumer.highwater(TopicPartition(self.cfg.topic, p))
+            if high is not None:
+                out[p] = max(0, high - off)
+                self.metrics.lag.labels(str(p)).set(out[p])
+        return out
+
+    def log_line(self, rate: float) -> None:
+        lag = self.lag()
+        fresh = self.fresh_s[-10_000:]
+        fq = (f"{np.quantile(fresh, 0.5) * 1e3:.0f}/{np.quantile(fresh, 0.99) * 1e3:.0f} ms"
+              if len(fresh) else "n/a")
+        log.info("%s ev/s | applied %s | dead letters %s | lag %s | users %s | freshness p50/p99 %s",
+                 f"{rate:,.0f}", f"{self.applied:,}", f"{sum(self.dead.values()):,}",
+                 f"{sum(lag.values()):,}" if lag else "n/a", f"{len(self.users):,}", fq)
+
+
+class _Rebalance:
+    """kafka-python calls these inside poll(); no commits here (they deadlock: RECIPES.md)."""
+
+    def __new__(cls, worker: StreamWorker):
+        from kafka import ConsumerRebalanceListener
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                worker.on_revoked({tp.partition for tp in revoked})
+
+            def on_partitions_assigned(self, assigned):
+                worker.on_assigned({tp.partition for tp in assigned})
+
+        return Listener()
+
+
+def run_worker(cfg: WorkerConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [stream] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per-connection chatter
+    return StreamWorker(cfg).run()

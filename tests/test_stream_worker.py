@@ -1,0 +1,204 @@
+"""The stream worker against the real broker: crashes, malformed messages, a two-worker group.
+
+Workers run as real `recsys stream` processes and are killed with SIGKILL; the truth
+is read back from their checkpoint files and compared with the same events applied
+in-process by the model's own `update`.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from recsys.datasets import load_dataset
+from recsys.nested_model import USER_FIELDS, NestedConfig, NestedModel
+from recsys.vocab import Vocab
+from streaming.checkpoint import latest_for_partitions, read_checkpoint, read_offsets
+from streaming.producer import ProducerConfig, make_producer, produce
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return load_dataset("synthetic", n_users=1500, n_items=2000, n_events=100_000, seed=5).interactions
+
+
+@pytest.fixture(scope="module")
+def model_path(stream, tmp_path_factory) -> Path:
+    """An untrained model is enough: the test is about delivery, not quality."""
+    torch.manual_seed(0)
+    items = stream["item_id"].unique(maintain_order=True).head(1500)  # the rest arrive as new items
+    model = NestedModel(NestedConfig(n_items=len(items), c_pop=100, pop_half_life=2000.0))
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    model.save(path, item_ids=items.to_list())
+    return path
+
+
+class Worker:
+    """One `recsys stream` process, its log in a file."""
+
+    def __init__(self, broker, topic, model_path, ckpt_dir, worker_id, *extra: str):
+        self.log = Path(ckpt_dir).parent / f"{worker_id}-{time.monotonic_ns()}.log"
+        cmd = [sys.executable, "-m", "recsys.cli", "stream", "--bootstrap-servers", broker.bootstrap_servers,
+               "--topic", topic, "--group", f"g-{topic}", "--model", str(model_path), "--checkpoint-dir",
+               str(ckpt_dir), "--worker-id", worker_id, "--log-every", "1", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, needle: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while needle not in self.text():
+            assert self.proc.poll() is None, f"worker exited early:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {needle!r} in the worker log:\n{self.text()[-3000:]}"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no last checkpoint, no leaving the group
+        self.proc.wait()
+
+    def finish(self, timeout_s: float = 180) -> None:
+        assert self.proc.wait(timeout_s) == 0, self.text()[-3000:]
+
+
+def reference_rows(model_path: Path, frame: pl.DataFrame) -> dict[str, dict[str, torch.Tensor]]:
+    """Every user's rows after all of ``frame`` applied in one in-process pass."""
+    from recsys.nested_model import load_item_ids
+
+    model = NestedModel.load(model_path).eval()
+    users, items = Vocab(), Vocab(load_item_ids(model_path))
+    state = model.init_state(0, len(items))
+    u = torch.from_numpy(users.index(frame["user_id"].cast(pl.Utf8)))
+    i = torch.from_numpy(items.index(frame["item_id"].cast(pl.Utf8)))
+    ts = torch.from_numpy(frame["ts"].to_numpy().copy())
+    for lo in range(0, len(u), 4096):
+        state = model.update(state, u[lo:lo + 4096], i[lo:lo + 4096], ts[lo:lo + 4096])
+    return {uid: {f: getattr(state, f)[r] for f in USER_FIELDS} for r, uid in enumerate(users.ids)}
+
+
+def merged_checkpoints(ckpt_dir: Path, topic: str) -> dict[str, dict[str, torch.Tensor]]:
+    """User rows as the group would restore them: each partition from its newest file."""
+    rows = {}
+    for p, path in latest_for_partitions(ckpt_dir, topic, range(64)).items():
+        snap = read_checkpoint(path)
+        for r in (snap.partitions == p).nonzero().flatten().tolist():
+            rows[snap.user_ids[r]] = {f: snap.users[f][r] for f in USER_FIELDS}
+    return rows
+
+
+def assert_exactly_once(rows, stream: pl.DataFrame, reference=None) -> None:
+    expected = Counter(stream["user_id"].cast(pl.Utf8).to_list())
+    got = {uid: int(r["cnt"]) for uid, r in rows.items()}
+    assert got == dict(expected), "some user's events were lost or applied twice"
+    for uid, ref in (reference or {}).items():
+        for f in USER_FIELDS:
+            assert torch.allclose(rows[uid][f].double(), ref[f].double(), atol=1e-4, rtol=1e-4), (uid, f)
+
+
+def test_kill_9_at_random_points_loses_nothing_and_applies_each_event_once(broker, topic, stream, model_path,
+                                                                          tmp_path):
+    ckpt = tmp_path / "ckpt"
+    flowing = threading.Thread(target=produce, args=(stream, ProducerConfig(broker.bootstrap_servers, topic,
+                                                                             progress=False)))
+    flowing.start()
+    rng = random.Random(7)
+    progress = []  # events checkpointed when each kill struck
+    for _ in range(10):
+        w = Worker(broker, topic, model_path, ckpt, "w1", "--batch-size", "128", "--checkpoint-every", "0.5")
+        w.wait_for("assigned partitions")
+        time.sleep(rng.uniform(0.5, 3.0))
+        w.kill()
+        progress.append(sum(read_offsets(ckpt / "w1.safetensors")[1].values()) if (ckpt / "w1.safetensors").exists()
+                        else 0)
+    flowing.join()
+    assert sum(0 < n < stream.height for n in progress) >= 5, f"most kills should strike mid-stream: {progress}"
+    last = Worker(broker, topic, model_path, ckpt, "w1", "--idle-exit", "5")
+    last.finish()
+
+    _, offsets = read_offsets(ckpt / "w1.safetensors")
+    assert sum(offsets.values()) == stream.height
+    assert_exactly_once(merged_checkpoints(ckpt, topic), stream, reference_rows(model_path, stream))
+    assert int(read_checkpoint(ckpt / "w1.safetensors").population["seen"]) == stream.height
+
+
+MALFORMED = [
+    (b"\xff\xfe not utf-8", "not_utf8"),
+    (b"{not json", "not_json"),
+    (b'["a", "list"]', "not_an_object"),
+    (b'{"user_id": "u1", "ts": 1}', "missing_field"),
+    (b'{"user_id": "u1", "item_id": "i1", "ts": "yesterday"}', "wrong_type"),
+    (b'{"user_id": "u1", "item_id": "i1", "ts": -5}', "ts_out_of_range"),
+    (b'{"user_id": "u1", "item_id": "i1", "ts": 1, "event_type": "teleport"}', "bad_event_type"),
+    (b'{"user_id": "u1", "item_id": "i1", "ts": 1, "colour": "red"}', "unknown_field"),
+    (b'{"user_id": "' + b"x" * 2000 + b'", "item_id": "i1", "ts": 1}', "oversized"),
+]
+
+
+def test_malformed_messages_go_to_the_dead_letter_topic_with_their_reason(broker, topic, stream, model_path,
+                                                                         tmp_path):
+    from kafka import KafkaConsumer
+
+    good = stream.head(20_000)
+    producer = make_producer(broker.bootstrap_servers)
+    rows = good.iter_rows(named=True)
+    sent_bad = Counter()
+    for n in range(30_000):  # every third message is malformed
+        if n % 3 == 2:
+            payload, reason = MALFORMED[n % len(MALFORMED)]
+            producer.send(topic, key=b"bad", value=payload)
+            sent_bad[reason] += 1
+        else:
+            r = next(rows)
+            producer.send(topic, key=str(r["user_id"]).encode(), value=(
+                f'{{"user_id":"{r["user_id"]}","item_id":"{r["item_id"]}","ts":{r["ts"]}}}').encode())
+    producer.flush()
+
+    w = Worker(broker, topic, model_path, tmp_path / "ckpt", "w1", "--idle-exit", "4")
+    w.finish()
+    assert_exactly_once(merged_checkpoints(tmp_path / "ckpt", topic), good)
+
+    dlq = KafkaConsumer(f"{topic}.dead-letters", bootstrap_servers=broker.bootstrap_servers,
+                        auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    letters = [m for m in dlq]
+    dlq.close()
+    reasons = Counter(dict(m.headers)["reason"].decode() for m in letters)
+    assert sum(reasons.values()) == 10_000 and reasons == sent_bad
+    first = letters[0]
+    assert dict(first.headers)["source"].decode().startswith(f"{topic}/")  # where it came from
+    assert first.value in {p for p, _ in MALFORMED}  # the original bytes, untouched
+
+
+def test_two_workers_split_partitions_and_a_killed_one_hands_over_its_users(broker, topic, stream, model_path,
+                                                                            tmp_path):
+    ckpt = tmp_path / "ckpt"
+    part = stream.head(60_000)
+    a = Worker(broker, topic, model_path, ckpt, "a", "--checkpoint-every", "0.5")
+    b = Worker(broker, topic, model_path, ckpt, "b", "--checkpoint-every", "0.5", "--idle-exit", "20")
+    produce(part.head(30_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+    a.wait_for("assigned partitions")
+    b.wait_for("assigned partitions")
+    deadline = time.monotonic() + 60
+    while not ((ckpt / "a.safetensors").exists() and (ckpt / "b.safetensors").exists()):
+        assert time.monotonic() < deadline, "both workers should own partitions and checkpoint them"
+        time.sleep(0.1)
+    owned_a, owned_b = read_offsets(ckpt / "a.safetensors")[1], read_offsets(ckpt / "b.safetensors")[1]
+    assert owned_a and owned_b and not set(owned_a) & set(owned_b)  # the group split the partitions
+
+    a.kill()
+    produce(part.tail(30_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+    b.finish()
+    _, offsets = read_offsets(ckpt / "b.safetensors")
+    assert set(owned_a) <= set(offsets) and sum(offsets.values()) == part.height  # b took over a's partitions
+    assert_exactly_once(merged_checkpoints(ckpt, topic), part, reference_rows(model_path, part))
