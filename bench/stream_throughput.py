@@ -1,0 +1,121 @@
+"""End-to-end stream worker: broker → fast state → Feast online store, and freshness.
+
+    python bench/stream_throughput.py [--events 100000] [--rate 5000] [--seconds 20]
+
+1. Sustained throughput at micro-batch 256 and 4096: the topic is filled first, then
+   one worker drains it (decode, update, push to the SQLite online store, checkpoints);
+   events/s counts from its first applied batch to its last, with where the time went.
+2. Freshness at a steady produce rate: event produced → its user's vector visible in
+   the online store, p50/p99 over every event.
+
+Prints a table and writes bench/results/stream_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from features.sources import write_sources
+from features.store import FeatureRepo
+from recsys.datasets import load_dataset
+from recsys.nested_model import NestedConfig, NestedModel
+from streaming.broker import EmbeddedBroker
+from streaming.producer import ProducerConfig, produce
+from streaming.worker import StreamWorker, WorkerConfig
+
+
+def drain(cfg: WorkerConfig) -> StreamWorker:
+    worker = StreamWorker(cfg)
+    worker.run()
+    return worker
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--rate", type=float, default=5000.0, help="produce rate for the freshness run")
+    ap.add_argument("--seconds", type=float, default=20.0, help="length of the freshness run")
+    ap.add_argument("--out", default="bench/results/stream_throughput.json")
+    args = ap.parse_args()
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    ds = load_dataset("synthetic", n_events=args.events)
+    frame = ds.interactions
+    work = Path(tempfile.mkdtemp(prefix="stream-bench-"))
+    items = frame["item_id"].unique(maintain_order=True)
+    model_path = work / "model.safetensors"
+    NestedModel(NestedConfig(n_items=len(items))).save(model_path, item_ids=items.to_list())
+    repo = FeatureRepo.create(work / "features")
+    write_sources(ds, repo.path)
+    repo.apply()
+
+    broker = EmbeddedBroker.start(log_dir=work / "broker")
+    rows = []
+    try:
+        for batch in (256, 4096):
+            topic = f"bench-{batch}"
+            produce(frame, ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+            w = drain(WorkerConfig(model=model_path, checkpoint_dir=work / f"ckpt-{batch}", topic=topic,
+                                        bootstrap_servers=broker.bootstrap_servers, group=topic,
+                                        batch_size=batch, feature_repo=repo.path, idle_exit_s=3.0,
+                                        device="cpu", log_every_s=1e9))
+            span = w.last_apply - w.first_apply
+            rows.append({"run": "drain", "batch": batch, "events": w.applied, "events_per_s": w.applied / span,
+                         "us_per_event": {k: 1e6 * v / w.applied for k, v in w.seconds.items()}})
+
+        topic = "bench-fresh"
+        n = int(args.rate * args.seconds)
+        w = StreamWorker(WorkerConfig(model=model_path, checkpoint_dir=work / "ckpt-fresh", topic=topic,
+                                      bootstrap_servers=broker.bootstrap_servers, group=topic, batch_size=256,
+                                      feature_repo=repo.path, idle_exit_s=3.0, device="cpu", log_every_s=1e9))
+
+        def flow() -> None:
+            """A producer process (not a thread: it would share the worker's GIL), started
+            once the worker has joined the group and owns the partitions."""
+            while not w.restored_own:
+                time.sleep(0.05)
+            subprocess.run([sys.executable, "-m", "recsys.cli", "produce", "--bootstrap-servers",
+                            broker.bootstrap_servers, "--topic", topic, "--events", str(args.events),
+                            "--limit", str(n), "--rate", str(args.rate)], check=True, capture_output=True)
+
+        producer = threading.Thread(target=flow)
+        producer.start()
+        w.run()
+        producer.join()
+        rows.append({"run": f"freshness @ {args.rate:,.0f} ev/s", "batch": 256, "events": w.applied,
+                     "events_per_s": w.applied / (w.last_apply - w.first_apply),
+                     "freshness_p50_ms": 1e3 * float(np.quantile(w.fresh_s, 0.5)),
+                     "freshness_p99_ms": 1e3 * float(np.quantile(w.fresh_s, 0.99)),
+                     "us_per_event": {k: 1e6 * v / w.applied for k, v in w.seconds.items()}})
+    finally:
+        broker.stop()
+
+    print(f"stream worker, synthetic {args.events:,} events, SQLite online store, torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"{'run':<24}{'batch':>6}{'events':>9}{'ev/s':>9}  {'µs/event: poll decode update push ckpt':<40}"
+          f"{'fresh p50/p99 ms':>18}")
+    for r in rows:
+        us = r["us_per_event"]
+        parts = " ".join(f"{us.get(k, 0):.0f}" for k in ("poll", "decode", "update", "push", "checkpoint"))
+        fresh = (f"{r['freshness_p50_ms']:.0f}/{r['freshness_p99_ms']:.0f}" if "freshness_p50_ms" in r else "")
+        print(f"{r['run']:<24}{r['batch']:>6}{r['events']:>9,}{r['events_per_s']:>9,.0f}  {parts:<40}{fresh:>18}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"events": args.events, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
