@@ -22,6 +22,9 @@ import numpy as np
 os.environ.setdefault("FEAST_USAGE", "False")
 
 TEMPLATE = Path(__file__).parent / "repo"
+# The user_state row holding the population level's score term over all items (the
+# stream worker pushes it with the users it updated; serving reads it for everyone).
+POPULATION_KEY = "__population__"
 
 
 class FeatureRepo:
@@ -58,13 +61,14 @@ class FeatureRepo:
                                feature_views=["user_profile", "item_attributes", "item_popularity"])
 
     def push_user_state(self, user_ids, states: np.ndarray, events=None, ts: datetime | None = None) -> None:
-        """Write fresh user vectors to the online store: one call per micro-batch, not per event."""
+        """Write fresh user vectors to the online store: one call per micro-batch, not per event.
+        ``states`` is a 2-D array or a list of vectors (the population row is longer)."""
         import pandas as pd
         from feast.data_source import PushMode
 
         ts = ts or datetime.now(timezone.utc)
         df = pd.DataFrame({"user_id": [str(u) for u in user_ids],
-                           "state": list(np.asarray(states, dtype=np.float32)),
+                           "state": [np.asarray(v, dtype=np.float32) for v in states],
                            "events": np.asarray(events if events is not None else np.zeros(len(user_ids)),
                                                 dtype=np.int64),
                            "event_timestamp": pd.Timestamp(ts)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -124,12 +125,30 @@ def cmd_stream(args) -> int:
 
     cfg = WorkerConfig(model=Path(args.model), checkpoint_dir=Path(args.checkpoint_dir),
                        bootstrap_servers=args.bootstrap_servers, topic=args.topic, group=args.group,
-                       dead_letter_topic=args.dead_letter_topic, worker_id=args.worker_id or WorkerConfig.worker_id,
+                       dead_letter_topic=args.dead_letter_topic, worker_id=args.worker_id or socket.gethostname(),
                        batch_size=args.batch_size, max_wait_s=args.max_wait_ms / 1000,
                        checkpoint_every_s=args.checkpoint_every, feature_repo=args.feature_repo and Path(args.feature_repo),
                        device=args.device or WorkerConfig.device, metrics_port=args.metrics_port,
                        log_every_s=args.log_every, idle_exit_s=args.idle_exit)
     return run_worker(cfg)
+
+
+def cmd_export(args) -> int:
+    from serving.export import export_onnx
+
+    check = export_onnx(Path(args.checkpoint), Path(args.out))
+    ok = check.max_abs_diff <= 1e-4 and check.same_items
+    print(f"exported {check.path} ({check.n_items:,} items): ONNX Runtime vs torch max |diff| "
+          f"{check.max_abs_diff:.2e}, same top-K items: {check.same_items} -> {'OK' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
+
+
+def cmd_serve(args) -> int:
+    from serving.app import ServeConfig, serve
+
+    cfg = ServeConfig(model=Path(args.model), feature_repo=args.feature_repo and Path(args.feature_repo),
+                      bootstrap_servers=args.bootstrap_servers, topic=args.topic, api_key=args.api_key)
+    return serve(cfg, host=args.host, port=args.port)
 
 
 def cmd_demo(args) -> int:
@@ -209,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between log lines")
     p.add_argument("--idle-exit", type=float, default=None, help="exit cleanly after this many idle seconds")
     p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("export", help="export the scoring graph to ONNX and check it against torch")
+    p.add_argument("--checkpoint", default="runs/model/model.safetensors")
+    p.add_argument("--out", default="runs/model/model.onnx")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP API: recommendations (Feast + ONNX Runtime), events, health, metrics")
+    p.add_argument("--model", default="runs/model/model.onnx", help="an exported model; replaced files hot-swap")
+    p.add_argument("--feature-repo", default=None, help="Feast repo the stream worker pushes to")
+    p.add_argument("--bootstrap-servers", default=None, help="Kafka for POST /events")
+    p.add_argument("--topic", default="interactions")
+    p.add_argument("--api-key", default=None, help="require this X-API-Key on write endpoints")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("consume", parents=[kafka], help="read a topic back, validate and count")
     p.add_argument("--count", type=int, default=None)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from features.store import POPULATION_KEY
 from streaming.checkpoint import Snapshot, latest_for_partitions, read_checkpoint, write_checkpoint
 from streaming.events import InvalidEvent, decode
 
@@ -109,6 +110,7 @@ class StreamWorker:
             self.features = FeatureRepo(cfg.feature_repo)
         self.pusher = ThreadPoolExecutor(1, thread_name_prefix="feast-push")
         self.push_job = None
+        self.push_failures = 0
         self.dirty: set[int] = set()  # rows whose vector changed since the last push
         self.unpushed_ms: list[np.ndarray] = []  # produce timestamps of events not yet visible in Feast
         self.fresh_s = np.zeros(0)  # recent freshness samples (seconds)
@@ -242,9 +244,11 @@ class StreamWorker:
             s = self.state
             with torch.no_grad():
                 z = self.model.user_vectors(s.M[rows], s.last[rows], s.mid[rows]).float().cpu().numpy()
-            ids = [self.users.ids[r] for r in rows.tolist()]
+                pop = self.model.pop_term(s.pop[:self.model.n_items]).float().cpu().numpy()
+            ids = [self.users.ids[r] for r in rows.tolist()] + [POPULATION_KEY]
+            events = np.append(s.cnt[rows].cpu().numpy(), int(s.seen))
             stamps = np.concatenate(self.unpushed_ms) if self.unpushed_ms else np.zeros(0)
-            self.push_job = self.pusher.submit(self._write, ids, z, s.cnt[rows].cpu().numpy(), stamps)
+            self.push_job = self.pusher.submit(self._write, ids, [*z, pop], events, stamps)
             if wait:
                 self.push_job.result()
         elif self.unpushed_ms:  # no online store: fresh when applied
@@ -254,7 +258,12 @@ class StreamWorker:
         self.seconds["push"] += time.perf_counter() - t0
 
     def _write(self, ids, vectors, events, stamps_ms) -> None:
-        self.features.push_user_state(ids, vectors, events=events)
+        try:
+            self.features.push_user_state(ids, vectors, events=events)
+        except Exception as e:  # the state (and its checkpoint) is the truth: a failed push is logged, not fatal
+            self.push_failures += 1
+            log.warning("Feast push of %d rows failed (%s); they are pushed again with their next event", len(ids), e)
+            return
         self._observe_freshness(stamps_ms)
 
     def _observe_freshness(self, stamps_ms: np.ndarray) -> None:

@@ -1,0 +1,165 @@
+"""Serving: a real ONNX Runtime session behind a real HTTP server on loopback, a real Feast repo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from features.sources import write_sources
+from features.store import POPULATION_KEY, FeatureRepo
+from recsys.datasets import load_dataset
+from recsys.nested_model import NestedConfig, NestedModel
+from serving.app import BackgroundServer, ServeConfig, create_app
+from serving.export import export_onnx, scorer_from_checkpoint
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic", n_users=200, n_items=300, n_events=5_000, seed=3)
+
+
+def save_model(data, path: Path, seed: int, n_items: int | None = None) -> Path:
+    torch.manual_seed(seed)
+    items = data.interactions["item_id"].unique(maintain_order=True)
+    items = items.head(n_items) if n_items else items
+    model = NestedModel(NestedConfig(n_items=len(items)))
+    with torch.no_grad():
+        model.user0.normal_()  # a distinct population ranking per model
+    model.save(path, item_ids=items.to_list())
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(data, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    check = export_onnx(save_model(data, folder / "model.safetensors", seed=1), folder / "model.onnx")
+    assert check.max_abs_diff <= 1e-4 and check.same_items
+    return folder / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def repo(data, tmp_path_factory) -> FeatureRepo:
+    repo = FeatureRepo.create(tmp_path_factory.mktemp("features"))
+    write_sources(data, repo.path)
+    repo.apply()
+    return repo
+
+
+def test_export_matches_torch_on_random_inputs(data, tmp_path):
+    check = export_onnx(save_model(data, tmp_path / "m.safetensors", seed=5), tmp_path / "m.onnx")
+    assert check.max_abs_diff <= 1e-4 and check.same_items and check.n_items == data.interactions[
+        "item_id"].n_unique()
+
+
+def test_recommendations_rank_by_the_pushed_user_vector(data, model, repo):
+    scorer, item_ids, _ = scorer_from_checkpoint(model.with_suffix(".safetensors"))
+    vector = np.random.default_rng(0).normal(size=64).astype(np.float32)
+    population = np.linspace(0, 1, len(item_ids), dtype=np.float32)
+    repo.push_user_state(["alice", POPULATION_KEY], [vector, population], events=[3, 100])
+    with torch.no_grad():
+        want = scorer(torch.from_numpy(vector)[None], torch.from_numpy(population),
+                      torch.zeros(1, len(item_ids), dtype=torch.bool))[1][0, :5]
+    with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path))) as url:
+        got = httpx.get(f"{url}/recommendations/alice", params={"k": 5}).json()
+        assert got["source"] == "user"
+        assert [r["item_id"] for r in got["items"]] == [item_ids[i] for i in want.tolist()]
+        scores = [r["score"] for r in got["items"]]
+        assert scores == sorted(scores, reverse=True)
+
+        top = got["items"][0]["item_id"]
+        again = httpx.get(f"{url}/recommendations/alice", params={"k": 5, "exclude": top}).json()
+        assert top not in [r["item_id"] for r in again["items"]]  # the seen/exclude mask
+
+        stranger = httpx.get(f"{url}/recommendations/nobody-knows-me", params={"k": 10})
+        assert stranger.status_code == 200 and stranger.json()["source"] == "population"
+        assert len(stranger.json()["items"]) == 10
+
+        health = httpx.get(f"{url}/healthz").json()
+        assert health["status"] == "ok" and health["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+        assert "recsys_serve_requests" in httpx.get(f"{url}/metrics").text
+
+
+def test_bad_requests_get_a_clear_4xx(model, repo):
+    with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path, api_key="s3cret"))) as url:
+        assert httpx.get(f"{url}/recommendations/alice", params={"k": 0}).status_code == 422
+        assert httpx.get(f"{url}/recommendations/alice", params={"k": 5000}).status_code == 422
+        assert httpx.get(f"{url}/recommendations/alice", params={"k": "ten"}).status_code == 422
+        no_key = httpx.post(f"{url}/events", content=b'{"user_id": "a", "item_id": "b", "ts": 1}')
+        assert no_key.status_code == 401 and "X-API-Key" in no_key.json()["detail"]
+        bad = httpx.post(f"{url}/events", content=b'{"user_id": "a", "ts": 1}', headers={"X-API-Key": "s3cret"})
+        assert bad.status_code == 400 and bad.json()["error"] == "missing_field"
+        no_kafka = httpx.post(f"{url}/events", content=b'{"user_id": "a", "item_id": "b", "ts": 1}',
+                              headers={"X-API-Key": "s3cret"})
+        assert no_kafka.status_code == 503  # a clear answer, not a hang, when no broker is configured
+
+
+def test_a_new_model_file_is_hot_swapped_under_load_with_no_failed_request(data, repo, tmp_path):
+    live = tmp_path / "live.onnx"
+    export_onnx(save_model(data, tmp_path / "a.safetensors", seed=1), live)
+    export_onnx(save_model(data, tmp_path / "b.safetensors", seed=2, n_items=100), tmp_path / "b.onnx")
+    statuses, stop = [], threading.Event()
+    cfg = ServeConfig(model=live, feature_repo=repo.path, reload_every_s=0.1)
+    with BackgroundServer(create_app(cfg)) as url:
+        def hammer():
+            with httpx.Client() as client:
+                while not stop.is_set():
+                    statuses.append(client.get(f"{url}/recommendations/anyone", params={"k": 10}).status_code)
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        os.replace(tmp_path / "b.onnx", live)  # atomic, as a deploy should do it
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/healthz").json()["items"] != 100:
+            assert time.monotonic() < deadline, "the new model was never swapped in"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(statuses) > 50 and set(statuses) == {200}
+
+
+@pytest.mark.slow
+def test_a_posted_event_changes_the_users_recommendations_within_2s(data, model, repo, broker, topic, tmp_path):
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "recsys.cli", "stream", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
+         topic, "--group", f"g-{topic}", "--model", str(model.with_suffix(".safetensors")), "--checkpoint-dir",
+         str(tmp_path / "ckpt"), "--feature-repo", str(repo.path), "--log-every", "1"],
+        stdout=(tmp_path / "worker.log").open("w"), stderr=subprocess.STDOUT)
+    try:
+        cfg = ServeConfig(model=model, feature_repo=repo.path, bootstrap_servers=broker.bootstrap_servers,
+                          topic=topic, population_every_s=0.1)
+        with BackgroundServer(create_app(cfg)) as url:
+            deadline = time.monotonic() + 60
+            while "assigned partitions" not in (tmp_path / "worker.log").read_text():
+                assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+                time.sleep(0.1)
+            before = httpx.get(f"{url}/recommendations/carol", params={"k": 10}).json()
+            assert before["source"] == "population"
+
+            items = data.interactions["item_id"].unique(maintain_order=True).cast(str).to_list()[:3]
+            t0 = time.monotonic()
+            for n, item in enumerate(items):
+                r = httpx.post(f"{url}/events", json={"user_id": "carol", "item_id": item, "ts": 1_700_000_000 + n})
+                assert r.status_code == 202, r.text
+            while True:
+                after = httpx.get(f"{url}/recommendations/carol", params={"k": 10}).json()
+                if after["source"] == "user":
+                    break
+                assert time.monotonic() - t0 < 2.0, "carol's events did not reach her recommendations in 2 s"
+                time.sleep(0.02)
+            assert [r["item_id"] for r in after["items"]] != [r["item_id"] for r in before["items"]]
+    finally:
+        worker.terminate()
+        assert worker.wait(30) == 0  # SIGTERM: a clean stop with a last checkpoint
