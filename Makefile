@@ -33,6 +33,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/update_throughput.py
+	$(BIN)/python bench/stream_throughput.py
+	$(BIN)/python bench/serving_load.py
 
 clean:
 	rm -rf $(VENV) build runs
