@@ -115,6 +115,7 @@ class StreamWorker:
         self.unpushed_ms: list[np.ndarray] = []  # produce timestamps of events not yet visible in Feast
         self.fresh_s = np.zeros(0)  # recent freshness samples (seconds)
         self.stopping = False
+        self.broken = False  # set when the loop dies: never checkpoint a state that may be half-updated
         self.applied = 0
         self.dead = Counter()
         self.seconds = Counter()  # where the time goes: poll (client fetch + record parsing), decode, update, ...
@@ -172,6 +173,11 @@ class StreamWorker:
                 self.pending = []
             self.push(wait=True)
             self.checkpoint()
+        except BaseException:
+            # A batch may have failed half-applied: the last good checkpoint stays the truth
+            # (closing the consumer revokes partitions, which would otherwise checkpoint).
+            self.broken = True
+            raise
         finally:
             self.pusher.shutdown(wait=True)
             self.consumer.close(autocommit=False)
@@ -277,7 +283,7 @@ class StreamWorker:
     def checkpoint(self) -> None:
         """State + offsets in one atomic file; dead letters are flushed first, so a message
         is never past a checkpointed offset without being in the state or the DLQ."""
-        if not self.offsets:
+        if not self.offsets or self.broken:
             return
         t0 = time.perf_counter()
         self.producer.flush()
