@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -148,8 +149,6 @@ def sequence_loss(model: NestedModel, history, cfg: TrainConfig = TrainConfig(pr
 def train_artifact(ds, out, cfg: TrainConfig = TrainConfig(), history_fraction: float = 0.8) -> NestedModel:
     """`recsys train`: train on the first ``history_fraction`` of the log (the protocol's
     history; the rest is left for the stream) and save weights + item ids to ``out``."""
-    from pathlib import Path
-
     from offline_eval.protocol import ProtocolConfig, encode
 
     log = encode(ds, ProtocolConfig(history_fraction=history_fraction))

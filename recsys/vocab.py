@@ -24,9 +24,6 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __contains__(self, key) -> bool:
-        return str(key) in self._index
-
     def index(self, keys: Iterable, add: bool = True) -> np.ndarray:
         """Indices of ``keys``; unknown keys are appended (``add``) or get -1."""
         out = []

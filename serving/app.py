@@ -27,11 +27,10 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from features.store import POPULATION_KEY  # a constant; feast itself loads lazily
 from streaming.events import Event, InvalidEvent
 
 log = logging.getLogger("recsys.serve")
-
-from features.store import POPULATION_KEY  # noqa: E402  (a constant; feast itself loads lazily)
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,11 @@ class Ranker:
         import onnxruntime as ort
 
         self.path, self.mtime = Path(path), Path(path).stat().st_mtime
+        import torch
+
         providers = ["CPUExecutionProvider"]
-        if _cuda_present() and "CUDAExecutionProvider" in ort.get_available_providers():
+        # The onnxruntime-gpu build lists CUDA even without a GPU: ask the device, as the worker does.
+        if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # many small requests: parallelism is across requests
@@ -72,14 +74,6 @@ class Ranker:
         scores, items = self.session.run(None, {"user": user.reshape(1, -1).astype(np.float32, copy=False),
                                                 "population": population, "exclude": mask})
         return [(self.item_ids[i], float(s)) for i, s in zip(items[0, :k], scores[0, :k]) if np.isfinite(s)]
-
-
-def _cuda_present() -> bool:
-    import shutil
-    import subprocess
-
-    smi = shutil.which("nvidia-smi")
-    return bool(smi) and subprocess.run([smi, "-L"], capture_output=True).returncode == 0
 
 
 class Service:

@@ -59,23 +59,29 @@ def write_checkpoint(path: Path, snap: Snapshot) -> None:
         os.close(dir_fd)
 
 
-def read_offsets(path: Path) -> tuple[str, dict[int, int]]:
-    """(topic, offsets) from the metadata alone: cheap enough to scan every worker's file."""
+def _metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    return meta["topic"], {int(p): o for p, o in json.loads(meta["offsets"]).items()}
+        return f.metadata()
+
+
+def _offsets(meta: dict[str, str]) -> dict[int, int]:
+    return {int(p): o for p, o in json.loads(meta["offsets"]).items()}
+
+
+def read_offsets(path: Path) -> tuple[str, dict[int, int]]:
+    """(topic, offsets) from the metadata alone: cheap enough to scan every worker's file."""
+    meta = _metadata(path)
+    return meta["topic"], _offsets(meta)
 
 
 def read_checkpoint(path: Path) -> Snapshot:
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+    meta = _metadata(path)
     tensors = load_file(str(path))
-    return Snapshot(topic=meta["topic"], offsets={int(p): o for p, o in json.loads(meta["offsets"]).items()},
+    return Snapshot(topic=meta["topic"], offsets=_offsets(meta),
                     user_ids=json.loads(meta["user_ids"]), partitions=tensors["partitions"],
                     users={k.removeprefix("user."): v for k, v in tensors.items() if k.startswith("user.")},
                     population={k.removeprefix("population."): v for k, v in tensors.items()

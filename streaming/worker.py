@@ -28,8 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kafka import ConsumerRebalanceListener, KafkaProducer, TopicPartition
 
 from features.store import POPULATION_KEY
+from recsys.nested_model import POPULATION_FIELDS, USER_FIELDS, NestedModel, load_item_ids
+from recsys.vocab import Vocab
 from streaming.checkpoint import Snapshot, latest_for_partitions, read_checkpoint, write_checkpoint
 from streaming.events import InvalidEvent, decode
 
@@ -88,9 +91,6 @@ class Metrics:
 
 class StreamWorker:
     def __init__(self, cfg: WorkerConfig):
-        from recsys.nested_model import NestedModel, load_item_ids
-        from recsys.vocab import Vocab
-
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.model = NestedModel.load(cfg.model).to(self.device).eval()
@@ -123,8 +123,6 @@ class StreamWorker:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> int:
-        from kafka import KafkaProducer
-
         from streaming.consumer import make_consumer
 
         if self.device.type == "cpu":
@@ -205,12 +203,7 @@ class StreamWorker:
         t1 = time.perf_counter()
         self.seconds["decode"] += t1 - t0
         if good:
-            known = len(self.users)
-            rows = torch.from_numpy(self.users.index([e.user_id for e in good]))
-            if len(self.users) > known:  # new users: remember which partition owns them
-                new = torch.full((len(self.users) - known,), -1, dtype=torch.int64)
-                self.partition_of = torch.cat([self.partition_of, new])
-            self.partition_of[rows] = torch.tensor(parts, dtype=torch.int64)
+            rows = self._rows([e.user_id for e in good], torch.tensor(parts, dtype=torch.int64))
             items = torch.from_numpy(self.items.index([e.item_id for e in good]))
             ts = torch.tensor([e.ts for e in good], dtype=torch.int64)
             self.state = self.model.update(self.state, rows.to(self.device), items.to(self.device),
@@ -287,11 +280,11 @@ class StreamWorker:
             return
         t0 = time.perf_counter()
         self.producer.flush()
-        cpu = self.state.to("cpu")
+        cpu = self.state.to("cpu")  # its rows are exactly self.users, in order
         write_checkpoint(self.ckpt_path, Snapshot(
             topic=self.cfg.topic, offsets=dict(self.offsets), user_ids=list(self.users.ids),
-            partitions=self.partition_of.clone(), users=cpu.user_rows(torch.arange(len(self.users))),
-            population={k: getattr(cpu, k) for k in ("pop", "pop_acc", "seen")}, item_ids=list(self.items.ids)))
+            partitions=self.partition_of.clone(), users={k: getattr(cpu, k) for k in USER_FIELDS},
+            population={k: getattr(cpu, k) for k in POPULATION_FIELDS}, item_ids=list(self.items.ids)))
         self.metrics.checkpoint.observe(time.perf_counter() - t0)
         self.seconds["checkpoint"] += time.perf_counter() - t0
 
@@ -304,8 +297,6 @@ class StreamWorker:
         log.info("revoked partitions %s (checkpointed)", sorted(partitions))
 
     def on_assigned(self, partitions: set[int]) -> None:
-        from kafka import TopicPartition
-
         self.pending = []
         self.last_msg = time.monotonic()  # idle time counts from joining, not from start
         if not self.restored_own and self.ckpt_path.exists():
@@ -329,29 +320,29 @@ class StreamWorker:
                  sorted({p.name for p in sources.values()}))
         self.metrics.users.set(len(self.users))
 
+    def _rows(self, user_ids: list[str], partitions: torch.Tensor) -> torch.Tensor:
+        """State rows of ``user_ids`` (new users get new rows), remembering each one's partition."""
+        rows = torch.from_numpy(self.users.index(user_ids))
+        grown = len(self.users) - len(self.partition_of)
+        self.partition_of = torch.cat([self.partition_of, torch.full((grown,), -1, dtype=torch.int64)])
+        self.partition_of[rows] = partitions
+        return rows
+
     def _adopt_population(self, snap: Snapshot) -> None:
         """On first start, the population level (and the online item ids) from our own file."""
-        from recsys.vocab import Vocab
-
         self.items = Vocab(snap.item_ids)
-        pop = {k: v.to(self.device) for k, v in snap.population.items()}
         self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
-        self.state.pop, self.state.pop_acc, self.state.seen = pop["pop"], pop["pop_acc"], pop["seen"]
+        for name, value in snap.population.items():
+            setattr(self.state, name, value.to(self.device))
 
     def _import_rows(self, snap: Snapshot, partitions: list[int]) -> None:
         take = torch.isin(snap.partitions, torch.tensor(partitions, dtype=torch.int64)).nonzero().flatten()
-        ids = [snap.user_ids[i] for i in take.tolist()]
-        rows = torch.from_numpy(self.users.index(ids))
-        grown = len(self.users) - len(self.partition_of)
-        self.partition_of = torch.cat([self.partition_of, torch.full((grown,), -1, dtype=torch.int64)])
-        self.partition_of[rows] = snap.partitions[take]
+        rows = self._rows([snap.user_ids[i] for i in take.tolist()], snap.partitions[take])
         self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
         for name, value in snap.users.items():
             getattr(self.state, name)[rows.to(self.device)] = value[take].to(self.device)
 
     def _keep_rows(self, keep: torch.Tensor) -> None:
-        from recsys.vocab import Vocab
-
         rows = keep.nonzero().flatten()
         self.state = self.state.with_user_rows(self.state.user_rows(rows.to(self.device)))
         self.users = Vocab([self.users.ids[r] for r in rows.tolist()])
@@ -360,8 +351,6 @@ class StreamWorker:
 
     # -- observability -------------------------------------------------------------------------
     def lag(self) -> dict[int, int]:
-        from kafka import TopicPartition
-
         out = {}
         for p, off in self.offsets.items():
             high = self.consumer.highwater(TopicPartition(self.cfg.topic, p))
@@ -380,20 +369,17 @@ class StreamWorker:
                  f"{sum(lag.values()):,}" if lag else "n/a", f"{len(self.users):,}", fq)
 
 
-class _Rebalance:
+class _Rebalance(ConsumerRebalanceListener):
     """kafka-python calls these inside poll(); no commits here (they deadlock: RECIPES.md)."""
 
-    def __new__(cls, worker: StreamWorker):
-        from kafka import ConsumerRebalanceListener
+    def __init__(self, worker: StreamWorker):
+        self.worker = worker
 
-        class Listener(ConsumerRebalanceListener):
-            def on_partitions_revoked(self, revoked):
-                worker.on_revoked({tp.partition for tp in revoked})
+    def on_partitions_revoked(self, revoked):
+        self.worker.on_revoked({tp.partition for tp in revoked})
 
-            def on_partitions_assigned(self, assigned):
-                worker.on_assigned({tp.partition for tp in assigned})
-
-        return Listener()
+    def on_partitions_assigned(self, assigned):
+        self.worker.on_assigned({tp.partition for tp in assigned})
 
 
 def run_worker(cfg: WorkerConfig) -> int:
