@@ -68,5 +68,5 @@ def write_sources(ds: Dataset, repo: Path, history_fraction: float = 0.8) -> dic
         frame.write_parquet(data / f"{name}.parquet")
     if not (data / "user_state.parquet").exists():  # the push source's batch log starts empty
         pl.DataFrame(schema={"user_id": pl.Utf8, "state": pl.List(pl.Float32), "events": pl.Int64,
-                             "event_timestamp": pl.Datetime("us", "UTC")}).write_parquet(data / "user_state.parquet")
+                             "recent_items": pl.List(pl.Int64), "event_timestamp": pl.Datetime("us", "UTC")}).write_parquet(data / "user_state.parquet")
     return {name: frame.height for name, frame in frames.items()}

@@ -60,22 +60,25 @@ class FeatureRepo:
         self.store.materialize(start_date=datetime(1970, 1, 2, tzinfo=timezone.utc), end_date=end,
                                feature_views=["user_profile", "item_attributes", "item_popularity"])
 
-    def push_user_state(self, user_ids, states: np.ndarray, events=None, ts: datetime | None = None) -> None:
+    def push_user_state(self, user_ids, states, events=None, recent_items=None, ts: datetime | None = None) -> None:
         """Write fresh user vectors to the online store: one call per micro-batch, not per event.
-        ``states`` is a 2-D array or a list of vectors (the population row is longer)."""
+        ``states`` is a 2-D array or a list of vectors (the population row is longer);
+        ``recent_items`` the model's item indices each user touched last (serving masks them)."""
         import pandas as pd
         from feast.data_source import PushMode
 
+        n = len(user_ids)
         ts = ts or datetime.now(timezone.utc)
         df = pd.DataFrame({"user_id": [str(u) for u in user_ids],
                            "state": [np.asarray(v, dtype=np.float32) for v in states],
-                           "events": np.asarray(events if events is not None else np.zeros(len(user_ids)),
-                                                dtype=np.int64),
+                           "events": np.asarray(events if events is not None else np.zeros(n), dtype=np.int64),
+                           "recent_items": [np.asarray(r, dtype=np.int64) for r in
+                                            (recent_items if recent_items is not None else [[]] * n)],
                            "event_timestamp": pd.Timestamp(ts)})
         self.store.push("user_state_push", df, to=PushMode.ONLINE)
 
     def user_state(self, user_ids) -> dict[str, list]:
-        return self.online(["user_state:state", "user_state:events"], "user_id", user_ids)
+        return self.online(["user_state:state", "user_state:events", "user_state:recent_items"], "user_id", user_ids)
 
     def online(self, features: list[str], key: str, ids) -> dict[str, list]:
         rows = {key: [str(i) for i in ids]}

@@ -40,6 +40,7 @@ class NestedConfig:
     c_mid: int = 8  # user-mid level: update every c_mid of the user's events
     c_pop: int = 1000  # population level: update every c_pop global events
     pop_half_life: float = 8000.0  # population counts halve every this many events
+    recent_items: int = 50  # the user's latest items, kept so serving can mask what was just seen
     use_fast: bool = True  # False: the `nested_slow_only` ablation
 
     def __post_init__(self) -> None:
@@ -47,7 +48,7 @@ class NestedConfig:
             raise ValueError(f"NestedConfig sizes must be positive: {self}")
 
 
-USER_FIELDS = ("M", "S", "last", "last_ts", "mid", "acc", "cnt")  # one row per user
+USER_FIELDS = ("M", "S", "last", "last_ts", "mid", "acc", "cnt", "recent")  # one row per user
 POPULATION_FIELDS = ("pop", "pop_acc", "seen")  # shared by everyone
 
 
@@ -62,6 +63,7 @@ class FastState:
     mid: torch.Tensor  # (U, D) user-mid adapter
     acc: torch.Tensor  # (U, D) user-mid gradient accumulated over the current chunk
     cnt: torch.Tensor  # (U,) int64 events of the user applied in total
+    recent: torch.Tensor  # (U, R) int64 the user's latest R item indices, oldest first, -1 = empty
     pop: torch.Tensor  # (N,) population-fast decayed item counts (at the last chunk end)
     pop_acc: torch.Tensor  # (N,) counts of the current, unfinished population chunk
     seen: torch.Tensor  # () int64 global events applied
@@ -147,6 +149,7 @@ class NestedModel(nn.Module):
         return FastState(M=z(n_users, m, m), S=z(n_users, m, m), last=z(n_users, D),
                          last_ts=torch.full((n_users,), -1, dtype=torch.int64, device=device),
                          mid=z(n_users, D), acc=z(n_users, D), cnt=z(n_users, dtype=torch.int64),
+                         recent=torch.full((n_users, self.cfg.recent_items), -1, dtype=torch.int64, device=device),
                          pop=z(n_items), pop_acc=z(n_items), seen=z((), dtype=torch.int64))
 
     @staticmethod
@@ -162,7 +165,7 @@ class NestedModel(nn.Module):
             elif f.name == "seen":
                 out[f.name] = t
             else:
-                out[f.name] = grow(t, n_users, fill=-1 if f.name == "last_ts" else 0)
+                out[f.name] = grow(t, n_users, fill=-1 if f.name in ("last_ts", "recent") else 0)
         return FastState(**out)
 
     # -- the fast levels: read and write ------------------------------------------------------
@@ -239,6 +242,8 @@ class NestedModel(nn.Module):
         X[row, pos] = self.item_vectors(items)  # (U, T, D)
         TS = torch.full((len(uniq), T), -1, dtype=torch.int64, device=dev)
         TS[row, pos] = ts
+        ITEMS = torch.full((len(uniq), T), -1, dtype=torch.int64, device=dev)
+        ITEMS[row, pos] = items
         prev_ts = torch.cat([state.last_ts[uniq].unsqueeze(1), TS[:, :-1]], 1)  # (U, T)
         dt = torch.where(prev_ts >= 0, (TS - prev_ts).clamp(min=0), 0)
         terms = self.event_terms(X, dt)  # every projection and gate of the batch at once
@@ -252,7 +257,10 @@ class NestedModel(nn.Module):
             mid[:n], acc[:n], cnt[:n] = self.mid_step(mid[:n], acc[:n], cnt[:n], term["mid_target"])
         last_t = counts - 1
         rows = torch.arange(len(uniq), device=dev)
-        for name, value in (("M", M), ("S", S), ("mid", mid), ("acc", acc), ("cnt", cnt),
+        # A row's new items sit right after its old window: the latest R end at R + count.
+        window = counts.unsqueeze(1) + torch.arange(self.cfg.recent_items, device=dev)
+        recent = torch.cat([state.recent[uniq], ITEMS], 1).gather(1, window)
+        for name, value in (("M", M), ("S", S), ("mid", mid), ("acc", acc), ("cnt", cnt), ("recent", recent),
                             ("last", X[rows, last_t]), ("last_ts", TS[rows, last_t])):
             getattr(state, name).index_copy_(0, uniq, value)
         return self._update_population(state, items)

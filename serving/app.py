@@ -68,8 +68,13 @@ class Ranker:
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         log.info("model %s: %d items, execution provider %s", path, len(self.item_ids), self.provider)
 
-    def top(self, user: np.ndarray, population: np.ndarray, exclude: list[str], k: int) -> list[tuple[str, float]]:
-        mask = np.zeros((1, len(self.item_ids)), dtype=bool)
+    def top(self, user: np.ndarray, population: np.ndarray, seen: list[int], exclude: list[str],
+            k: int) -> list[tuple[str, float]]:
+        """``seen``: item indices from the stream worker (items newer than this model are
+        past its catalogue and skipped); ``exclude``: item ids from the request."""
+        n = len(self.item_ids)
+        mask = np.zeros((1, n), dtype=bool)
+        mask[0, [i for i in seen if 0 <= i < n]] = True
         mask[0, [self.index[i] for i in exclude if i in self.index]] = True
         scores, items = self.session.run(None, {"user": user.reshape(1, -1).astype(np.float32, copy=False),
                                                 "population": population, "exclude": mask})
@@ -97,12 +102,13 @@ class Service:
         self._stop = threading.Event()
         threading.Thread(target=self._watch_model, daemon=True, name="model-watch").start()
 
-    def user_vector(self, user_id: str) -> tuple[np.ndarray, str]:
+    def user_state(self, user_id: str) -> tuple[np.ndarray, list[int], str]:
+        """(user vector, item indices the user touched last, "user" | "population")."""
         if self.features is not None:
-            state = self.features.user_state([user_id])["state"][0]
-            if state is not None:
-                return np.asarray(state, dtype=np.float32), "user"
-        return self.ranker.user0, "population"
+            row = self.features.user_state([user_id])
+            if row["state"][0] is not None:
+                return np.asarray(row["state"][0], dtype=np.float32), row["recent_items"][0] or [], "user"
+        return self.ranker.user0, [], "population"
 
     def population(self, n: int) -> np.ndarray:
         """The population level's score term over ``n`` items, re-read at most every ``population_every_s``."""
@@ -165,12 +171,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.get("/recommendations/{user_id}", summary="top-k items for a user")
     async def recommendations(user_id: str = PathParam(min_length=1, max_length=128),
                         k: int = Query(10, ge=1, le=cfg.max_k),
-                        exclude: str = Query("", description="comma-separated item ids not to recommend")):
+                        exclude: str = Query("", description="comma-separated item ids not to recommend, "
+                                             "besides the user's latest items, which are never recommended")):
         ranker = service.ranker  # one read: a swap mid-request cannot mix two models
-        user, source = service.user_vector(user_id)
+        user, seen, source = service.user_state(user_id)
         if user.shape != ranker.user0.shape:
             raise HTTPException(409, f"user state has {user.shape[0]} dims, model expects {ranker.user0.shape[0]}")
-        items = ranker.top(user, service.population(len(ranker.item_ids)), [e for e in exclude.split(",") if e], k)
+        items = ranker.top(user, service.population(len(ranker.item_ids)), seen,
+                           [e for e in exclude.split(",") if e], k)
         return {"user_id": user_id, "source": source, "model": str(ranker.path),
                 "items": [{"item_id": i, "score": round(s, 6)} for i, s in items]}
 

@@ -246,8 +246,9 @@ class StreamWorker:
                 pop = self.model.pop_term(s.pop[:self.model.n_items]).float().cpu().numpy()
             ids = [self.users.ids[r] for r in rows.tolist()] + [POPULATION_KEY]
             events = np.append(s.cnt[rows].cpu().numpy(), int(s.seen))
+            recent = [r[r >= 0] for r in s.recent[rows].cpu().numpy()] + [np.zeros(0, np.int64)]
             stamps = np.concatenate(self.unpushed_ms) if self.unpushed_ms else np.zeros(0)
-            self.push_job = self.pusher.submit(self._write, ids, [*z, pop], events, stamps)
+            self.push_job = self.pusher.submit(self._write, ids, [*z, pop], events, recent, stamps)
             if wait:
                 self.push_job.result()
         elif self.unpushed_ms:  # no online store: fresh when applied
@@ -256,9 +257,9 @@ class StreamWorker:
         self.unpushed_ms = []
         self.seconds["push"] += time.perf_counter() - t0
 
-    def _write(self, ids, vectors, events, stamps_ms) -> None:
+    def _write(self, ids, vectors, events, recent, stamps_ms) -> None:
         try:
-            self.features.push_user_state(ids, vectors, events=events)
+            self.features.push_user_state(ids, vectors, events=events, recent_items=recent)
         except Exception as e:  # the state (and its checkpoint) is the truth: a failed push is logged, not fatal
             self.push_failures += 1
             log.warning("Feast push of %d rows failed (%s); they are pushed again with their next event", len(ids), e)
@@ -280,10 +281,10 @@ class StreamWorker:
             return
         t0 = time.perf_counter()
         self.producer.flush()
-        cpu = self.state.to("cpu")  # its rows are exactly self.users, in order
+        cpu, n = self.state.to("cpu"), len(self.users)  # rows past n are spare capacity (amortised growth)
         write_checkpoint(self.ckpt_path, Snapshot(
             topic=self.cfg.topic, offsets=dict(self.offsets), user_ids=list(self.users.ids),
-            partitions=self.partition_of.clone(), users={k: getattr(cpu, k) for k in USER_FIELDS},
+            partitions=self.partition_of.clone(), users={k: getattr(cpu, k)[:n] for k in USER_FIELDS},
             population={k: getattr(cpu, k) for k in POPULATION_FIELDS}, item_ids=list(self.items.ids)))
         self.metrics.checkpoint.observe(time.perf_counter() - t0)
         self.seconds["checkpoint"] += time.perf_counter() - t0
@@ -338,8 +339,12 @@ class StreamWorker:
     def _import_rows(self, snap: Snapshot, partitions: list[int]) -> None:
         take = torch.isin(snap.partitions, torch.tensor(partitions, dtype=torch.int64)).nonzero().flatten()
         rows = self._rows([snap.user_ids[i] for i in take.tolist()], snap.partitions[take])
+        users = dict(snap.users)
+        if "recent" in users:  # item indices past the model's table are each worker's own naming
+            remap = torch.from_numpy(self.items.index(snap.item_ids))
+            users["recent"] = torch.where(users["recent"] >= 0, remap[users["recent"].clamp(min=0)], -1)
         self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
-        for name, value in snap.users.items():
+        for name, value in users.items():
             getattr(self.state, name)[rows.to(self.device)] = value[take].to(self.device)
 
     def _keep_rows(self, keep: torch.Tensor) -> None:

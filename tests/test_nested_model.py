@@ -80,6 +80,15 @@ def test_unseen_users_and_items_get_state_online(model64):
     assert scores.shape == (2, CFG.n_items + 5) and torch.isfinite(scores).all()
 
 
+def test_recent_items_keep_each_users_latest_in_order(model64):
+    R = model64.cfg.recent_items
+    users = torch.tensor([0, 1, 0] + [1] * (R + 2))
+    items = torch.arange(len(users))
+    state = model64.update(model64.init_state(2, CFG.n_items), users, items % CFG.n_items, torch.arange(len(users)))
+    assert state.recent[0].tolist() == [-1] * (R - 2) + [0, 2]  # user 0: two items, oldest first
+    assert state.recent[1].tolist() == ((items[users == 1] % CFG.n_items)[-R:]).tolist()  # user 1: the latest R
+
+
 def test_slow_only_ablation_ignores_the_fast_state(model64):
     users, items, ts = _events(2)
     state = _apply(model64, users, items, ts, cuts=[])
