@@ -2,7 +2,7 @@
 
     python bench/serving_load.py [--seconds 30] [--rates 50,100,200,400]
 
-The ML-1M catalogue (3,706 items), k = 10, user vectors for 2,000 users in a SQLite
+The ML-1M catalogue (3,416 items), k = 10, user vectors for 2,000 users in a SQLite
 Feast online store; `recsys serve` runs as its own process (one uvicorn worker) and an
 open-loop asyncio client fires requests on a fixed schedule, so a slow server cannot
 slow the offered load. Prints a table and writes bench/results/serving_load.json.
