@@ -124,8 +124,10 @@ class NestedModel(nn.Module):
 
         flat = items.reshape(-1)
         known = (flat >= 0) & (flat < self.cfg.n_items)
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=["item"], values=flat[known], lengths=known.to(torch.int64))
+        lengths = known.to(torch.int64)
+        # Offsets by plain torch: fbgemm's cumsum kernel is not in every build (CPU-only fbgemm on a GPU host).
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        kjt = KeyedJaggedTensor(keys=["item"], values=flat[known], lengths=lengths, offsets=offsets)
         pooled = self.tables(kjt)["item"]  # (len(flat), D): an empty bag pools to zeros
         # TorchRec pools in float32; the fast levels run in the model's dtype (float64 in tests).
         return pooled.to(self.user0.dtype).reshape(*items.shape, self.cfg.dim)
@@ -181,32 +183,46 @@ class NestedModel(nn.Module):
         return self.pop_weight * torch.log1p(pop) if self.cfg.use_fast else torch.zeros_like(pop)
 
     def event_terms(self, x: torch.Tensor, dt: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Everything the write rule needs from the events alone, for any batch shape at once.
+        """Everything the write rules need from the events alone, for any batch shape at once,
+        already in the shapes the per-event steps consume (so the recurrence launches as few
+        kernels as it can: on a GPU the loop is launch-bound, on a CPU op-bound).
 
-        x: (…, D) item embeddings; dt: (…,) seconds since the user's previous event. The
-        recurrence below then runs only the state-dependent part, per event."""
+        x: (…, D) item embeddings; dt: (…,) seconds since the user's previous event."""
         g = torch.sigmoid(self.gates(torch.cat([x, torch.log1p(dt.to(x.dtype)).unsqueeze(-1) / 10], -1)))
-        return {"k": F.normalize(self.W_k(x), dim=-1), "v": self.W_v(x),  # (…, m)
-                "theta": g[..., 0], "alpha": g[..., 1], "eta": g[..., 2],  # (…,) step, decay, momentum
+        theta, alpha, eta = g[..., 0], g[..., 1], g[..., 2]  # (…,) step, decay, momentum
+        k = F.normalize(self.W_k(x), dim=-1)  # (…, m)
+        return {"k": k.unsqueeze(-1), "neg_v": -self.W_v(x).unsqueeze(-1),  # (…, m, 1)
+                "theta_k": (theta.unsqueeze(-1) * k).unsqueeze(-2),  # (…, 1, m)
+                "retain": (1 - alpha)[..., None, None], "eta": eta[..., None, None],  # (…, 1, 1)
                 "mid_target": self.W_mid(x)}  # (…, D)
 
     @staticmethod
-    def memory_step(M, S, k, v, theta, alpha, eta):
+    def memory_step(M, S, term):
         """User-fast, one event per row (Titans delta rule with momentum and forgetting):
-        S ← η·S − θ·∇½‖Mk − v‖², M ← (1 − α)·M + S. Fused into three batched kernels: the
-        loop runs once per event of the busiest user, so op count is what costs."""
-        err = torch.baddbmm(-v.unsqueeze(2), M, k.unsqueeze(2))  # (U, m, 1) the memory's prediction error
-        S = torch.baddbmm(eta.view(-1, 1, 1) * S, theta.view(-1, 1, 1) * err, k.unsqueeze(1), alpha=-1)
-        return torch.addcmul(S, (1 - alpha).view(-1, 1, 1), M), S
+        S ← η·S − θ·∇½‖Mk − v‖² = η·S − (Mk − v)(θk)ᵀ, M ← (1 − α)·M + S."""
+        err = torch.baddbmm(term["neg_v"], M, term["k"])  # (U, m, 1) the memory's prediction error
+        S = torch.baddbmm(term["eta"] * S, err, term["theta_k"], alpha=-1)
+        return torch.addcmul(S, term["retain"], M), S
 
-    def mid_step(self, mid, acc, cnt, mid_target):
-        """User-mid (CMS): accumulate ∇½‖mid − target‖² and apply it once per chunk of c_mid events."""
-        acc = acc + (mid - mid_target)
-        cnt = cnt + 1
-        boundary = (cnt % self.cfg.c_mid == 0).unsqueeze(1)
+    def mid_rates_now(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """User-mid (step / c_mid, decay): one chunk's step is the mean of its gradients."""
         step, decay = torch.sigmoid(self.mid_rates)
-        mid = torch.where(boundary, (1 - decay) * mid - step * acc / self.cfg.c_mid, mid)
-        return mid, torch.where(boundary, torch.zeros_like(acc), acc), cnt
+        return step / self.cfg.c_mid, decay
+
+    @staticmethod
+    def mid_step(mid, acc, target, boundary, rates):
+        """User-mid (CMS), one event per row: accumulate ∇½‖mid − target‖²; where the event
+        closes the user's chunk of c_mid (``boundary``, (U, 1) 0/1), apply the mean gradient
+        with decay and restart the accumulator: mid ← mid − b·(decay·mid + step·acc)."""
+        step, decay = rates
+        acc = acc + (mid - target)
+        mid = torch.addcmul(mid, boundary, decay * mid + step * acc, value=-1)
+        return mid, acc * (1 - boundary)
+
+    def chunk_ends(self, applied: torch.Tensor) -> torch.Tensor:
+        """(…,) the user's event count once an event is applied → (…, 1) 0/1: does that event
+        close a user-mid chunk."""
+        return (applied % self.cfg.c_mid == 0).unsqueeze(-1).to(self.user0.dtype)
 
     # -- the online API -----------------------------------------------------------------------
     @torch.no_grad()
@@ -220,14 +236,14 @@ class NestedModel(nn.Module):
     def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor) -> FastState:
         """Apply a time-ordered micro-batch of events; a user's events apply in their order.
 
-        Batched: the batch's users are gathered into (U, T) padded rows, everything that
-        depends on the events alone is computed in one pass, and the state recurrence runs
-        T times over all users at once."""
+        Batched: the events are laid out step-major (step t holds the t-th event of every
+        user that has one) with users ordered by event count, so each step's users are a
+        prefix of the rows and its events a contiguous slice. Everything that depends on the
+        events alone is computed once over the batch; the state recurrence then runs once
+        per step, over all of that step's users at once."""
         state = self.grow_state(state, int(users.max()) + 1, int(items.max()) + 1)
         dev = users.device
         uniq, inv, counts = torch.unique(users, return_inverse=True, return_counts=True)  # (U,), (B,), (U,)
-        # Rows ordered by event count, most first: at step t the users still active are a
-        # prefix of the rows, so padding needs no masking at all.
         by_count = torch.argsort(counts, descending=True, stable=True)
         row_of = torch.empty_like(by_count)
         row_of[by_count] = torch.arange(len(uniq), device=dev)
@@ -235,33 +251,35 @@ class NestedModel(nn.Module):
         order = torch.argsort(row, stable=True)  # events grouped by row, time order kept inside
         pos = torch.empty_like(row)
         pos[order] = torch.arange(len(row), device=dev) - (torch.cumsum(counts, 0) - counts)[row[order]]
-        T = int(counts[0])
-        active = [int((counts > t).sum()) for t in range(T)]  # rows still active at each step
+        # Users still active at each step, from one host copy of the counts (one device sync).
+        active = torch.bincount(counts.cpu() - 1).flip(0).cumsum(0).flip(0)
+        starts = (active.cumsum(0) - active).tolist()  # where each step's slice begins
+        step_start = torch.tensor(starts, device=dev)
 
-        X = torch.zeros(len(uniq), T, self.cfg.dim, dtype=self.user0.dtype, device=dev)
-        X[row, pos] = self.item_vectors(items)  # (U, T, D)
-        TS = torch.full((len(uniq), T), -1, dtype=torch.int64, device=dev)
-        TS[row, pos] = ts
-        ITEMS = torch.full((len(uniq), T), -1, dtype=torch.int64, device=dev)
-        ITEMS[row, pos] = items
-        prev_ts = torch.cat([state.last_ts[uniq].unsqueeze(1), TS[:, :-1]], 1)  # (U, T)
-        dt = torch.where(prev_ts >= 0, (TS - prev_ts).clamp(min=0), 0)
-        terms = self.event_terms(X, dt)  # every projection and gate of the batch at once
+        sm = torch.argsort(pos * len(uniq) + row)  # event indices, step-major
+        srow, spos, s_items, s_ts = row[sm], pos[sm], items[sm], ts[sm]
+        prev = step_start[(spos - 1).clamp(min=0)] + srow  # the user's previous event (when spos > 0)
+        prev_ts = torch.where(spos > 0, s_ts[prev], state.last_ts[uniq][srow])
+        dt = torch.where(prev_ts >= 0, (s_ts - prev_ts).clamp(min=0), 0)
+        x = self.item_vectors(s_items)  # (B, D)
+        terms = self.event_terms(x, dt)  # every projection and gate of the batch at once
 
         M, S = state.M[uniq], state.S[uniq]
         mid, acc, cnt = state.mid[uniq], state.acc[uniq], state.cnt[uniq]
-        for t, n in enumerate(active):
-            term = {name: v[:n, t] for name, v in terms.items()}
-            M[:n], S[:n] = self.memory_step(M[:n], S[:n], term["k"], term["v"], term["theta"], term["alpha"],
-                                            term["eta"])
-            mid[:n], acc[:n], cnt[:n] = self.mid_step(mid[:n], acc[:n], cnt[:n], term["mid_target"])
-        last_t = counts - 1
-        rows = torch.arange(len(uniq), device=dev)
+        ends, rates = self.chunk_ends(cnt[srow] + spos + 1), self.mid_rates_now()
+        for lo, n in zip(starts, active.tolist()):
+            term = {name: v[lo:lo + n] for name, v in terms.items()}
+            M[:n], S[:n] = self.memory_step(M[:n], S[:n], term)
+            mid[:n], acc[:n] = self.mid_step(mid[:n], acc[:n], term["mid_target"], ends[lo:lo + n], rates)
+
+        latest = step_start[counts - 1] + torch.arange(len(uniq), device=dev)  # each user's latest event
+        ITEMS = torch.full((len(uniq), len(starts)), -1, dtype=torch.int64, device=dev)
+        ITEMS[row, pos] = items
         # A row's new items sit right after its old window: the latest R end at R + count.
         window = counts.unsqueeze(1) + torch.arange(self.cfg.recent_items, device=dev)
         recent = torch.cat([state.recent[uniq], ITEMS], 1).gather(1, window)
-        for name, value in (("M", M), ("S", S), ("mid", mid), ("acc", acc), ("cnt", cnt), ("recent", recent),
-                            ("last", X[rows, last_t]), ("last_ts", TS[rows, last_t])):
+        for name, value in (("M", M), ("S", S), ("mid", mid), ("acc", acc), ("cnt", cnt + counts),
+                            ("recent", recent), ("last", x[latest]), ("last_ts", s_ts[latest])):
             getattr(state, name).index_copy_(0, uniq, value)
         return self._update_population(state, items)
 

@@ -108,6 +108,7 @@ def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: Train
         prev_ts = torch.cat([last_ts.unsqueeze(1), ts[:, lo:lo + cfg.unroll][:, :-1]], 1)
         dt = torch.where(prev_ts >= 0, (ts[:, lo:lo + cfg.unroll] - prev_ts).clamp(min=0), 0)
         terms = model.event_terms(X, dt)  # (U, t, …)
+        rates = model.mid_rates_now()
         for t in range(X.shape[1]):
             j = lo + t
             keep = valid[:, j]
@@ -115,10 +116,11 @@ def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: Train
             logits = z @ E.T + b + model.pop_term(snaps[chunk_of[:, j]])  # (U, N)
             losses.append(F.cross_entropy(logits, items[:, j], reduction="none") * keep)
             term = {name: v[:, t] for name, v in terms.items()}
-            new = (*model.memory_step(M, S, term["k"], term["v"], term["theta"], term["alpha"], term["eta"]),
-                   *model.mid_step(mid, acc, cnt, term["mid_target"]))
-            M, S, mid, acc, cnt = (torch.where(keep.view(-1, *[1] * (o.dim() - 1)), nw, o)
-                                   for nw, o in zip(new, (M, S, mid, acc, cnt)))
+            ends = model.chunk_ends(cnt + 1)
+            new = (*model.memory_step(M, S, term), *model.mid_step(mid, acc, term["mid_target"], ends, rates))
+            M, S, mid, acc = (torch.where(keep.view(-1, *[1] * (o.dim() - 1)), nw, o)
+                              for nw, o in zip(new, (M, S, mid, acc)))
+            cnt = cnt + keep
             last = torch.where(keep.unsqueeze(1), X[:, t], last)
             last_ts = torch.where(keep, ts[:, j], last_ts)
         n_valid = int(valid[:, lo:lo + cfg.unroll].sum())

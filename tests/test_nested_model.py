@@ -1,5 +1,7 @@
 """The nested model's state semantics: batching never changes the result."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,25 @@ def test_slow_only_ablation_ignores_the_fast_state(model64):
     slow.load_state_dict(model64.state_dict())
     a = slow.score(state, torch.tensor([0, 1]), CFG.n_items)
     assert torch.equal(a[0], a[1])  # every user gets the population answer
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_cuda_gives_the_cpu_result(model64, dtype, tol):
+    users, items, ts = _events(4, n=600, n_users=50)
+    cpu_model = copy.deepcopy(model64).to(dtype)
+    cuda_model = copy.deepcopy(model64).to(dtype).cuda()
+    on_cpu = _apply(cpu_model, users, items, ts, cuts=[100, 356])
+    on_cuda = _apply(cuda_model, users.cuda(), items.cuda(), ts.cuda(), cuts=[100, 356])
+    assert on_cuda.M.is_cuda
+    for name, x in on_cpu.tensors().items():
+        y = on_cuda.tensors()[name].cpu()[: len(x)] if x.dim() else on_cuda.tensors()[name].cpu()
+        assert torch.allclose(x, y, rtol=tol, atol=tol), name
+    who = torch.arange(50)
+    a, b = cpu_model.score(on_cpu, who, CFG.n_items), cuda_model.score(on_cuda, who.cuda(), CFG.n_items).cpu()
+    assert torch.allclose(a, b, rtol=tol, atol=tol)
+    assert torch.equal(a.topk(5).indices, b.topk(5).indices)
 
 
 def test_checkpoint_round_trips_exactly(model64, tmp_path):
