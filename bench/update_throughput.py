@@ -4,7 +4,7 @@
 
 Replays the log's events in time order through `NestedModel.update` at micro-batch 256
 and 4096 (the stream worker's path, no broker), then scores batches of users over the
-whole catalogue. Prints a table and writes bench/results/update_throughput.json.
+whole catalogue. On CUDA it runs the fused Triton recurrence and the eager loop. Prints a table and writes bench/results/update_throughput.json.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from offline_eval.protocol import encode
 from recsys.datasets import load_dataset
+from recsys import fused_update
 from recsys.nested_model import NestedConfig, NestedModel
 
 
@@ -65,26 +66,30 @@ def main() -> None:
 
     ds = load_dataset(args.data, **({"n_events": args.events} if args.data == "synthetic" else {}))
     log = encode(ds)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    # On CUDA the fused Triton recurrence and the eager per-step loop, side by side.
+    setups = [("cpu", "cpu", False)]
+    if torch.cuda.is_available():
+        setups += [("cuda", "cuda", True), ("cuda-eager", "cuda", False)]
     rows = []
-    for device in devices:
+    for label, device, fused in setups:
+        fused_update.ENABLED = fused
         torch.manual_seed(0)
         model = NestedModel(NestedConfig(n_items=log.n_items_known)).to(device).eval()
         for batch in (256, 4096):
             r = update_rate(model, log, batch, device, args.events)
-            rows.append({"device": device, "what": "update", "batch": batch, "per_s": r["events_per_s"],
+            rows.append({"device": label, "what": "update", "batch": batch, "per_s": r["events_per_s"],
                          "mean_steps": r["mean_steps_per_batch"]})
         for batch in (1, 256):
-            rows.append({"device": device, "what": "score", "batch": batch,
+            rows.append({"device": label, "what": "score", "batch": batch,
                          "per_s": score_rate(model, r["state"], log.n_items_known, batch, device), "mean_steps": None})
 
     print(f"{args.data}: {min(args.events, log.n_events):,} events, {log.n_users_known:,} users, "
           f"{log.n_items_known:,} items; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'device':<7}{'what':<8}{'batch':>7}{'per second':>14}{'steps/batch':>13}")
+    print(f"{'device':<11}{'what':<8}{'batch':>7}{'per second':>14}{'steps/batch':>13}")
     for r in rows:
         steps = f"{r['mean_steps']:.1f}" if r["mean_steps"] is not None else ""
         unit = "events" if r["what"] == "update" else "users"
-        print(f"{r['device']:<7}{r['what']:<8}{r['batch']:>7}{r['per_s']:>14,.0f}{steps:>13}  {unit}")
+        print(f"{r['device']:<11}{r['what']:<8}{r['batch']:>7}{r['per_s']:>14,.0f}{steps:>13}  {unit}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"data": args.data, "events": args.events, "host": platform.node(),

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys import fused_update
+
 
 @dataclass(frozen=True)
 class NestedConfig:
@@ -267,10 +269,13 @@ class NestedModel(nn.Module):
         M, S = state.M[uniq], state.S[uniq]
         mid, acc, cnt = state.mid[uniq], state.acc[uniq], state.cnt[uniq]
         ends, rates = self.chunk_ends(cnt[srow] + spos + 1), self.mid_rates_now()
-        for lo, n in zip(starts, active.tolist()):
-            term = {name: v[lo:lo + n] for name, v in terms.items()}
-            M[:n], S[:n] = self.memory_step(M[:n], S[:n], term)
-            mid[:n], acc[:n] = self.mid_step(mid[:n], acc[:n], term["mid_target"], ends[lo:lo + n], rates)
+        if fused_update.usable(M, self.cfg.dim, self.cfg.mem_dim):  # CUDA: one kernel for all steps
+            fused_update.recurrence(M, S, mid, acc, terms, ends, step_start, counts, rates)
+        else:
+            for lo, n in zip(starts, active.tolist()):
+                term = {name: v[lo:lo + n] for name, v in terms.items()}
+                M[:n], S[:n] = self.memory_step(M[:n], S[:n], term)
+                mid[:n], acc[:n] = self.mid_step(mid[:n], acc[:n], term["mid_target"], ends[lo:lo + n], rates)
 
         latest = step_start[counts - 1] + torch.arange(len(uniq), device=dev)  # each user's latest event
         ITEMS = torch.full((len(uniq), len(starts)), -1, dtype=torch.int64, device=dev)

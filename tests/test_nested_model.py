@@ -1,6 +1,7 @@
 """The nested model's state semantics: batching never changes the result."""
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recsys import fused_update
 from recsys.nested_model import NestedConfig, NestedModel, load_state, save_state
 
 CFG = NestedConfig(n_items=30, dim=8, mem_dim=4, c_mid=3, c_pop=5, pop_half_life=10.0)
@@ -102,19 +104,26 @@ def test_slow_only_ablation_ignores_the_fast_state(model64):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fused", [True, False], ids=["triton", "eager"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
-def test_cuda_gives_the_cpu_result(model64, dtype, tol):
+def test_cuda_gives_the_cpu_result(fused, dtype, tol, monkeypatch):
+    monkeypatch.setattr(fused_update, "ENABLED", fused)
+    torch.manual_seed(1)
+    model = NestedModel(replace(CFG, dim=16, mem_dim=16)).to(dtype)  # the kernel wants powers of two
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
     users, items, ts = _events(4, n=600, n_users=50)
-    cpu_model = copy.deepcopy(model64).to(dtype)
-    cuda_model = copy.deepcopy(model64).to(dtype).cuda()
-    on_cpu = _apply(cpu_model, users, items, ts, cuts=[100, 356])
+    cuda_model = copy.deepcopy(model).cuda()
+    assert fused_update.usable(cuda_model.user0.new_zeros(1, 1, 1), 16, 16) == fused
+    on_cpu = _apply(model, users, items, ts, cuts=[100, 356])
     on_cuda = _apply(cuda_model, users.cuda(), items.cuda(), ts.cuda(), cuts=[100, 356])
     assert on_cuda.M.is_cuda
     for name, x in on_cpu.tensors().items():
-        y = on_cuda.tensors()[name].cpu()[: len(x)] if x.dim() else on_cuda.tensors()[name].cpu()
-        assert torch.allclose(x, y, rtol=tol, atol=tol), name
+        y = on_cuda.tensors()[name].cpu()
+        assert torch.allclose(x, y[: len(x)] if x.dim() else y, rtol=tol, atol=tol), name
     who = torch.arange(50)
-    a, b = cpu_model.score(on_cpu, who, CFG.n_items), cuda_model.score(on_cuda, who.cuda(), CFG.n_items).cpu()
+    a, b = model.score(on_cpu, who, CFG.n_items), cuda_model.score(on_cuda, who.cuda(), CFG.n_items).cpu()
     assert torch.allclose(a, b, rtol=tol, atol=tol)
     assert torch.equal(a.topk(5).indices, b.topk(5).indices)
 
