@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -154,7 +155,8 @@ def cmd_serve(args) -> int:
 def cmd_demo(args) -> int:
     from recsys.demo import DemoConfig, run_demo
 
-    return run_demo(DemoConfig(data=args.data, events=args.events or DemoConfig.events, out=Path(args.out)))
+    return run_demo(DemoConfig(data=args.data, events=args.events or DemoConfig.events, out=Path(args.out),
+                               epochs=args.epochs))
 
 
 # Kept here (not imported from offline_eval) so `recsys --help` stays free of torch imports.
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the end-to-end demo on the embedded local stack")
     _data_args(p)
+    p.add_argument("--epochs", type=int, default=1, help="slow-level training epochs (brief, for the demo)")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
 
@@ -239,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-repo", default=None, help="Feast repo the stream worker pushes to")
     p.add_argument("--bootstrap-servers", default=None, help="Kafka for POST /events")
     p.add_argument("--topic", default="interactions")
-    p.add_argument("--api-key", default=None, help="require this X-API-Key on write endpoints")
+    p.add_argument("--api-key", default=os.environ.get("RECSYS_API_KEY"),
+                   help="require this X-API-Key on write endpoints (default: $RECSYS_API_KEY)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)

@@ -1,12 +1,24 @@
-"""`make demo`: the main job on the embedded local stack, shut down cleanly even on Ctrl-C.
+"""`make demo`: the whole product on the embedded local stack, in a few minutes on 2 cores.
 
-Today: data → broker up → produce the stream → consume and validate it → broker
-down → a replay report (baselines and the nested model side by side, with plots).
+    data → broker → train the slow level → export to ONNX → Feast apply + materialize
+         → stream worker + HTTP server (real processes) → the log streamed live
+         → one user's recommendations before and after new events → replay report
+
+Everything started is stopped on the way out, Ctrl-C included: the worker and the
+server get SIGTERM (the worker writes its last checkpoint), then the broker stops.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import shutil
+import subprocess
+import sys
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,40 +29,210 @@ class DemoConfig:
     events: int | None = 100_000  # synthetic only; keeps the demo to a few minutes on 2 cores
     out: Path = Path("runs/demo")
     topic: str = "interactions"
+    epochs: int = 1  # the slow level is trained briefly; `recsys train` trains properly
+    new_events: int = 6  # the demo user's fresh events
+    k: int = 10
     replay_models: tuple[str, ...] = ("pop_static", "pop_online_decay", "itemknn_online", "nested")
 
 
 def run_demo(cfg: DemoConfig) -> int:
     from recsys.datasets import load_dataset
-    from streaming.broker import EmbeddedBroker
-    from streaming.consumer import ReaderConfig, read_topic
-    from streaming.producer import ProducerConfig, produce
 
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # client chatter; the children keep their own logs
     t0 = time.perf_counter()
     kwargs = {"n_events": cfg.events} if cfg.data == "synthetic" and cfg.events else {}
     ds = load_dataset(cfg.data, **kwargs)
     inter = ds.interactions
     print(f"[data] {ds.name}: {inter.height:,} events, {inter['user_id'].n_unique():,} users, "
           f"{inter['item_id'].n_unique():,} items")
-
-    broker = EmbeddedBroker.start(log_dir=cfg.out / "broker")
-    try:
-        print(f"[broker] Kafka-protocol broker on {broker.bootstrap_servers}")
-        sent = produce(inter, ProducerConfig(broker.bootstrap_servers, cfg.topic))
-        print(f"[produce] {sent.sent:,} events in {sent.seconds:.1f}s ({sent.events_per_second:,.0f} ev/s)")
-        got = read_topic(ReaderConfig(broker.bootstrap_servers, cfg.topic, count=sent.sent))
-        print(f"[consume] {got.messages:,} messages, {got.valid:,} valid, {sum(got.rejected.values())} rejected, "
-              f"{got.duplicate_offsets} duplicates in {got.seconds:.1f}s ({got.events_per_second:,.0f} msg/s)")
-        ok = got.valid == sent.sent and got.duplicate_offsets == 0
-    finally:
-        broker.stop()
-        print("[broker] stopped")
+    with contextlib.ExitStack() as stack:  # unwinds in reverse: processes, then the broker
+        ok = _live_part(ds, cfg, stack)
+    print("[demo] worker, server and broker stopped")
 
     from offline_eval.report import ReplayConfig, markdown_table, run_replay
 
     print(f"[replay] {', '.join(cfg.replay_models)} (EVAL_PROTOCOL.md, B = 256)")
     report = run_replay(ds, ReplayConfig(models=cfg.replay_models, out=cfg.out / "replay"))
     print(markdown_table(report))
-    print(f"[replay] report and plots in {cfg.out / 'replay'}")
-    print(f"[demo] {'OK' if ok else 'FAILED'} in {time.perf_counter() - t0:.1f}s")
+    print(f"[replay] report.md, report.json and plots in {cfg.out / 'replay'}")
+    print(f"[demo] {'OK' if ok else 'FAILED'} in {time.perf_counter() - t0:.0f}s")
     return 0 if ok else 1
+
+
+def _live_part(ds, cfg: DemoConfig, stack: contextlib.ExitStack) -> bool:
+    import httpx
+
+    from features.sources import write_sources
+    from features.store import POPULATION_KEY, FeatureRepo
+    from recsys.train import TrainConfig, train_artifact
+    from serving.export import export_onnx
+    from streaming.broker import EmbeddedBroker, free_port
+    from streaming.producer import ProducerConfig, produce
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # after imports that reset the filters
+    for part in ("broker", "checkpoints", "features", "model"):  # a fresh broker: no stale offsets or state
+        shutil.rmtree(cfg.out / part, ignore_errors=True)
+    broker = EmbeddedBroker.start(log_dir=cfg.out / "broker")
+    stack.callback(broker.stop)
+    print(f"[broker] Kafka-protocol broker on {broker.bootstrap_servers}")
+
+    model = cfg.out / "model" / "model.safetensors"
+    t = time.perf_counter()
+    train_artifact(ds, model, TrainConfig(epochs=cfg.epochs, progress=False))
+    print(f"[train] slow level + fast rule on the first 80% of the log, {cfg.epochs} epoch(s): "
+          f"{time.perf_counter() - t:.0f}s → {model}")
+    check = export_onnx(model, model.with_suffix(".onnx"))
+    print(f"[export] {check.path}: ONNX Runtime vs torch max |diff| {check.max_abs_diff:.1e}")
+
+    repo = FeatureRepo.create(cfg.out / "features")
+    write_sources(ds, repo.path)
+    repo.apply()
+    with contextlib.redirect_stdout(io.StringIO()):  # Feast prints a progress line per view
+        repo.materialize()
+    print(f"[feast] repo {repo.path} applied and materialized (SQLite online store)")
+
+    port = free_port()
+    worker = stack.enter_context(_Process("worker", cfg.out / "worker.log", [
+        "stream", "--bootstrap-servers", broker.bootstrap_servers, "--topic", cfg.topic, "--model", str(model),
+        "--checkpoint-dir", str(cfg.out / "checkpoints"), "--feature-repo", str(repo.path),
+        "--worker-id", "demo", "--batch-size", "1024", "--log-every", "5"]))
+    server = stack.enter_context(_Process("server", cfg.out / "server.log", [
+        "serve", "--model", str(model.with_suffix(".onnx")), "--feature-repo", str(repo.path),
+        "--bootstrap-servers", broker.bootstrap_servers, "--topic", cfg.topic, "--port", str(port)]))
+    url = f"http://127.0.0.1:{port}"
+    worker.wait_for("assigned partitions", lambda: True)
+    server.wait_for(None, lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200)
+    print(f"[start] stream worker (log {worker.log}) and HTTP server on {url} (log {server.log})")
+
+    sent = produce(ds.interactions, ProducerConfig(broker.bootstrap_servers, cfg.topic, progress=False))
+    print(f"[stream] {sent.sent:,} events produced live in {sent.seconds:.1f}s "
+          f"({sent.events_per_second:,.0f} ev/s); the worker applies them as they arrive")
+    t = time.perf_counter()
+    worker.wait_for(None, lambda: (repo.user_state([POPULATION_KEY])["events"][0] or 0) >= sent.sent, 300)
+    print(f"[stream] all {sent.sent:,} applied and in the online store "
+          f"{time.perf_counter() - t:.1f}s after the last was produced")
+
+    ok = _before_and_after(ds, cfg, url)
+    for proc in (worker, server):
+        proc.stop()
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is its clean exit.
+    clean = worker.returncode == 0 and server.returncode in (0, -15)
+    print(f"[stop] worker and server {'stopped cleanly' if clean else 'FAILED to stop cleanly'} (worker exit "
+          f"{worker.returncode}, last checkpoint written; server exit {server.returncode}); logs in {cfg.out}")
+    return ok and clean
+
+
+def _before_and_after(ds, cfg: DemoConfig, url: str) -> bool:
+    """Take an active user, show their ranking, post a few events from one taste group
+    absent from it, and show the ranking once the worker's push makes the change visible.
+    The whole served list (top 100) is compared, so movement below the top k shows too."""
+    import httpx
+    import polars as pl
+
+    inter = ds.interactions
+    activity = inter.group_by("user_id").len().sort(["len", "user_id"])
+    user = str(activity["user_id"][int(0.9 * (activity.height - 1))])  # active, not an outlier
+    group, label = _item_groups(ds)
+    seen = set(inter.filter(pl.col("user_id") == int(user))["item_id"].cast(str).to_list())
+
+    def ranking() -> tuple[str, list[dict]]:
+        answer = httpx.get(f"{url}/recommendations/{user}", params={"k": 100}, timeout=5).json()
+        return answer["source"], answer["items"]
+
+    source, before = ranking()
+    shown = Counter(group.get(r["item_id"]) for r in before[:cfg.k])
+    volume = Counter(group.get(str(i)) for i in inter["item_id"].to_list())
+    target = next(g for g, _ in volume.most_common() if g is not None and shown[g] == 0)
+    popular = inter["item_id"].cast(str).value_counts(sort=True)["item_id"].to_list()
+    fresh = [i for i in popular if group.get(i) == target and i not in seen][:cfg.new_events]
+
+    print(f"\n[user {user}] {len(seen)} past events; top {cfg.k} now (from the {source} state):")
+    _print_items(before[:cfg.k], label)
+    print(f"[user {user}] new events, all from {target!r}: {', '.join(label(i) for i in fresh)}")
+    now = int(inter["ts"].max()) + 60
+    t = time.perf_counter()
+    for n, item in enumerate(fresh):
+        httpx.post(f"{url}/events", json={"user_id": user, "item_id": item, "ts": now + n},
+                   timeout=5).raise_for_status()
+    ids = lambda items: [r["item_id"] for r in items]  # noqa: E731
+    after, deadline = before, time.monotonic() + 10
+    while ids(after) == ids(before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = ranking()[1]
+    seconds = time.perf_counter() - t
+    print(f"[user {user}] top {cfg.k} {seconds:.2f}s after posting (POST /events → Kafka → worker → Feast → "
+          f"ONNX Runtime); 'new' marks entries that were not there before:")
+    _print_items(after[:cfg.k], label, mark=set(ids(before[:cfg.k])))
+
+    def place(items):  # best position of the group's other items (the posted ones are masked after)
+        at = [n for n, r in enumerate(items, 1) if group.get(r["item_id"]) == target and r["item_id"] not in fresh]
+        return (f"#{at[0]}" if at else "absent"), len(at)
+
+    (b_best, b_n), (a_best, a_n) = place(before), place(after)
+    moved = len(set(ids(before[:cfg.k])) - set(ids(after[:cfg.k])))
+    print(f"[user {user}] other {target!r} items: best rank {b_best} → {a_best}, {b_n} → {a_n} of the top "
+          f"{len(after)}; "
+          f"{moved} of the top {cfg.k} replaced; the items just seen are masked from the list\n")
+    return ids(after) != ids(before)
+
+
+def _item_groups(ds):
+    """A taste group and a printable label per item id: genres (MovieLens) or the
+    generator's cluster (synthetic); without either, the id alone."""
+    if ds.items is not None and "genres" in ds.items.columns:
+        rows = ds.items.select("item_id", "title", "genres").iter_rows()
+        meta = {str(i): (g[0] if g else None, f"{t} [{'|'.join(g or [])}]") for i, t, g in rows}
+        return {i: g for i, (g, _) in meta.items()}, lambda i: meta.get(i, (None, i))[1]
+    clusters = ds.extra.get("item_cluster")
+    if clusters is not None:
+        group = {str(i + 1): f"cluster {c}" for i, c in enumerate(clusters.tolist())}
+        return group, lambda i: f"item {i} ({group.get(i, '?')})"
+    return {}, str
+
+
+def _print_items(items, label, mark: set | None = None) -> None:
+    for n, r in enumerate(items, 1):
+        new = "  new" if mark is not None and r["item_id"] not in mark else ""
+        print(f"    {n:>2}. {label(r['item_id'])}  ({r['score']:.2f}){new}")
+
+
+class _Process:
+    """One `recsys` subcommand as a child process with its log in a file; stopped with
+    SIGTERM (then SIGKILL after a grace period) when the demo leaves, however it leaves."""
+
+    def __init__(self, name: str, log: Path, args: list[str]):
+        self.name, self.log, self.args = name, log, args
+        self.returncode: int | None = None
+
+    def __enter__(self) -> _Process:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", *self.args],
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        return self
+
+    def wait_for(self, text: str | None, ready, timeout_s: float = 120) -> None:
+        """Until ``text`` is in the log (if given) and ``ready()`` holds; fail fast if the process dies."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the {self.name} exited ({self.proc.returncode}); see {self.log}:\n"
+                                   + self.log.read_text()[-2000:])
+            with contextlib.suppress(Exception):
+                if (text is None or text in self.log.read_text()) and ready():
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {self.name} was not ready after {timeout_s:.0f}s; see {self.log}")
+            time.sleep(0.1)
+
+    def stop(self, grace_s: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.returncode = self.proc.returncode
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -136,13 +136,13 @@ class NestedModel(nn.Module):
 
     def all_items(self, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and biases of the first ``n_items`` items; items newer than the table
-        have a zero embedding and the lowest trained bias (cold start: the population
-        level ranks them as they gain events)."""
+        have a zero embedding and the mean trained bias (cold start: nothing is known
+        of them yet, so the population level ranks them as they gain events)."""
         E, b = self.item_table(), self.item_bias
         if n_items > self.cfg.n_items:
             extra = n_items - self.cfg.n_items
             E = torch.cat([E, E.new_zeros(extra, E.shape[1])])
-            b = torch.cat([b, b.detach().min().expand(extra)])
+            b = torch.cat([b, b.detach().mean().expand(extra)])
         return E[:n_items], b[:n_items]
 
     # -- state ------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ events, far faster than any model file.
 
 from __future__ import annotations
 
+import warnings
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +67,11 @@ def export_onnx(checkpoint: Path, out: Path, seed: int = 0) -> ExportCheck:
     g = torch.Generator().manual_seed(seed)
     example = (torch.randn(2, D, generator=g), torch.zeros(N), torch.zeros(2, N, dtype=torch.bool))
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(scorer, example, str(out), input_names=["user", "population", "exclude"],
-                      output_names=["scores", "items"], dynamic_axes={"user": {0: "batch"}, "exclude": {0: "batch"}},
-                      dynamo=False)
+    with warnings.catch_warnings():  # the tracer's note on topk's k: fixed by design (the catalogue size)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(scorer, example, str(out), input_names=["user", "population", "exclude"],
+                          output_names=["scores", "items"],
+                          dynamic_axes={"user": {0: "batch"}, "exclude": {0: "batch"}}, dynamo=False)
     proto = onnx.load(str(out))
     for key, value in {"item_ids": json.dumps(item_ids), "user0": json.dumps(user0.tolist()),
                        "source_checkpoint": str(checkpoint)}.items():

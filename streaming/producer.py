@@ -53,7 +53,8 @@ def encode_frame(frame: pl.DataFrame, event_type: str = "view") -> pl.DataFrame:
 def make_producer(bootstrap_servers: str, linger_ms: int = 5):
     from kafka import KafkaProducer
 
-    return KafkaProducer(bootstrap_servers=bootstrap_servers, linger_ms=linger_ms, acks=1,
+    # acks=1 for bulk throughput; idempotence needs acks=all, so say it is off rather than be warned.
+    return KafkaProducer(bootstrap_servers=bootstrap_servers, linger_ms=linger_ms, acks=1, enable_idempotence=False,
                          batch_size=256 * 1024, max_request_size=4 * 1024 * 1024)
 
 

@@ -1,0 +1,23 @@
+"""`make demo` end to end on a small log: every part of the local stack starts, the user's
+ranking reacts to their posted events, everything stops cleanly, and a report is written."""
+
+import json
+
+import pytest
+
+from recsys.demo import DemoConfig, run_demo
+
+
+@pytest.mark.slow
+def test_the_demo_runs_the_whole_stack_and_cleans_up(tmp_path, capsys):
+    cfg = DemoConfig(events=20_000, out=tmp_path, replay_models=("pop_online_decay", "nested"))
+    assert run_demo(cfg) == 0
+    out = capsys.readouterr().out
+    for step in ("[train]", "[export]", "[feast]", "[start]", "[stream] all 20,000 applied", "[stop] worker and "
+                 "server stopped cleanly", "[demo] OK"):
+        assert step in out, step
+    assert "top 10" in out and "after posting" in out
+    assert (tmp_path / "checkpoints" / "demo.safetensors").is_file()  # the worker's last checkpoint
+    report = json.loads((tmp_path / "replay" / "report.json").read_text())
+    assert set(report["models"]) == {"pop_online_decay", "nested"}
+    assert list((tmp_path / "replay").glob("*.png"))
