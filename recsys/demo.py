@@ -14,6 +14,7 @@ import contextlib
 import io
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,6 +40,10 @@ def run_demo(cfg: DemoConfig) -> int:
     from recsys.datasets import load_dataset
 
     logging.getLogger("kafka").setLevel(logging.ERROR)  # client chatter; the children keep their own logs
+    # Ctrl-C and SIGTERM unwind through the `finally`s, even where the shell started us with
+    # SIGINT ignored (background jobs): every child and the broker are stopped on the way out.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     t0 = time.perf_counter()
     kwargs = {"n_events": cfg.events} if cfg.data == "synthetic" and cfg.events else {}
     ds = load_dataset(cfg.data, **kwargs)
