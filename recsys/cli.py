@@ -98,8 +98,24 @@ def cmd_train(args) -> int:
     from recsys.train import TrainConfig, train_artifact
 
     t0 = time.perf_counter()
-    cfg = TrainConfig(epochs=args.epochs, device=args.device, lr=args.lr)
+    device, world = args.device, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # launched by torchrun: data parallel, one replica per process
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+    cfg = TrainConfig(epochs=args.epochs, device=device, lr=args.lr)
     model = train_artifact(_load(args), Path(args.out), cfg, history_fraction=args.history_fraction)
+    if world > 1:
+        import torch.distributed as dist
+
+        # Equal on every rank when the gradients were averaged: the replicas never drift apart.
+        checksum = sum(float(p.double().sum()) for p in model.parameters())
+        print(f"rank {dist.get_rank()}/{world}: parameter checksum {checksum:.12e}")
+        dist.destroy_process_group()
     print(f"trained nested model ({model.n_items:,} items, dim {model.cfg.dim}) in "
           f"{time.perf_counter() - t0:.0f}s: {args.out}")
     return 0

@@ -69,23 +69,48 @@ def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfi
     seqs = _user_sequences(history, cfg.max_len)
     batches = [seqs[i:i + cfg.users_per_batch] for i in range(0, len(seqs), cfg.users_per_batch)]
 
+    rank, world = distributed_rank()
+    if world > 1:  # every rank takes its share of each batch's users: the same steps everywhere
+        batches = [b for b in batches if len(b) >= world]
     for epoch in range(cfg.epochs):
         t0, total, n = time.perf_counter(), 0.0, 0
         bar = tqdm(rng.permutation(len(batches)), desc=f"train nested {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, mininterval=1.0)
+                   disable=not cfg.progress or rank > 0, mininterval=1.0)
         for b in bar:
-            loss_sum, count = _train_batch(model, opt, batches[b], items_t, ts_t, snaps, cfg, rng)
+            # Random user-mid counter phases, so training sees every phase (CMS); drawn for
+            # the whole batch so that every rank's generator stays in step.
+            phases = rng.integers(0, model_cfg.c_mid, len(batches[b]))
+            loss_sum, count = _train_batch(model, opt, batches[b][rank::world], items_t, ts_t, snaps, cfg,
+                                           phases[rank::world], length=len(batches[b][0]))
             total, n = total + loss_sum, n + count
             bar.set_postfix(loss=f"{total / max(n, 1):.3f}", refresh=False)
-        if cfg.progress:
+        if cfg.progress and rank == 0:
             print(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f} in {time.perf_counter() - t0:.0f}s")
     return model.eval()
 
 
-def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: TrainConfig, rng):
-    """Unroll one batch of user sequences; with ``opt=None`` only measure the loss."""
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) when launched by torchrun with a process group; (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _average_gradients(model: NestedModel, world: int) -> None:
+    """Data parallel: every rank applies the mean gradient, so the replicas stay identical."""
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: TrainConfig, phases, length=None):
+    """Unroll one batch of user sequences; with ``opt=None`` only measure the loss.
+    ``length``: unroll this many steps (the whole batch's longest, when ranks share it)."""
     dev = items_t.device
-    U, L = len(seqs), len(seqs[0])
+    U, L = len(seqs), length or len(seqs[0])
     idx = torch.full((U, L), -1, dtype=torch.long, device=dev)
     for r, s in enumerate(seqs):
         idx[r, :len(s)] = torch.from_numpy(s).to(dev)
@@ -95,9 +120,8 @@ def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: Train
     chunk_of = idx.clamp(min=0) // model.cfg.c_pop  # (U, L) population chunk of each event
 
     state = model.init_state(U, model.cfg.n_items, device=dev)
-    # Random counter phases, so training sees every user-mid phase (CMS).
     M, S, mid, acc = state.M, state.S, state.mid, state.acc
-    cnt = torch.from_numpy(rng.integers(0, model.cfg.c_mid, U)).to(dev)
+    cnt = torch.from_numpy(phases).to(dev)
     last, last_ts = state.last, state.last_ts
     loss_sum, count = 0.0, 0
     for lo in range(0, L, cfg.unroll):
@@ -128,6 +152,8 @@ def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: Train
         if opt is not None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if (world := distributed_rank()[1]) > 1:
+                _average_gradients(model, world)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
         loss_sum, count = loss_sum + float(loss.detach()) * n_valid, count + n_valid
@@ -143,7 +169,9 @@ def sequence_loss(model: NestedModel, history, cfg: TrainConfig = TrainConfig(pr
     total = count = 0.0
     with torch.no_grad():
         for i in range(0, len(seqs), cfg.users_per_batch):
-            s, n = _train_batch(model, None, seqs[i:i + cfg.users_per_batch], items_t, ts_t, snaps, cfg, rng)
+            batch = seqs[i:i + cfg.users_per_batch]
+            phases = rng.integers(0, model.cfg.c_mid, len(batch))
+            s, n = _train_batch(model, None, batch, items_t, ts_t, snaps, cfg, phases)
             total, count = total + s, count + n
     return total / max(count, 1)
 
@@ -156,8 +184,9 @@ def train_artifact(ds, out, cfg: TrainConfig = TrainConfig(), history_fraction: 
     log = encode(ds, ProtocolConfig(history_fraction=history_fraction))
     history = log.history()
     model = train_nested(history, cfg=cfg)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    model.save(out, item_ids=log.item_ids[:history.n_items_known])
+    if distributed_rank()[0] == 0:  # the replicas are identical: one writes
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        model.save(out, item_ids=log.item_ids[:history.n_items_known])
     return model
 
 
