@@ -34,7 +34,7 @@ from features.store import POPULATION_KEY
 from recsys.nested_model import POPULATION_FIELDS, USER_FIELDS, NestedModel, load_item_ids
 from recsys.vocab import Vocab
 from streaming.checkpoint import Snapshot, latest_for_partitions, read_checkpoint, write_checkpoint
-from streaming.events import InvalidEvent, decode
+from streaming.events import InvalidEvent, decode_fields
 
 log = logging.getLogger("recsys.stream")
 
@@ -193,7 +193,7 @@ class StreamWorker:
         t0 = time.perf_counter()
         good, parts, stamps = [], [], []
         for rec in records:
-            ev = decode(rec.value if rec.value is not None else b"")
+            ev = decode_fields(rec.value if rec.value is not None else b"")
             if isinstance(ev, InvalidEvent):
                 self.dead_letter(rec, ev)
             else:
@@ -203,9 +203,10 @@ class StreamWorker:
         t1 = time.perf_counter()
         self.seconds["decode"] += t1 - t0
         if good:
-            rows = self._rows([e.user_id for e in good], torch.tensor(parts, dtype=torch.int64))
-            items = torch.from_numpy(self.items.index([e.item_id for e in good]))
-            ts = torch.tensor([e.ts for e in good], dtype=torch.int64)
+            user_ids, item_ids, ts = zip(*good)
+            rows = self._rows(list(user_ids), torch.tensor(parts, dtype=torch.int64))
+            items = torch.from_numpy(self.items.index(list(item_ids)))
+            ts = torch.tensor(ts, dtype=torch.int64)
             self.state = self.model.update(self.state, rows.to(self.device), items.to(self.device),
                                            ts.to(self.device))
             self.dirty.update(rows.tolist())

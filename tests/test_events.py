@@ -2,7 +2,10 @@ import json
 
 import pytest
 
-from streaming.events import MAX_PAYLOAD_BYTES, Event, InvalidEvent, decode
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streaming.events import MAX_PAYLOAD_BYTES, Event, InvalidEvent, decode, decode_fields
 
 
 def test_round_trip_through_json():
@@ -37,6 +40,23 @@ def test_every_rejection_has_its_reason(payload, reason):
     assert info.value.reason == reason
     assert info.value.detail  # a human-readable explanation travels with the reason
     assert decode(payload).reason == reason  # the non-raising form used in batch loops
+    assert decode_fields(payload).reason == reason  # the worker's fast path
+
+
+_values = st.one_of(st.none(), st.booleans(), st.integers(-10, 5_000_000_000), st.floats(allow_nan=True),
+                    st.text(max_size=6), st.sampled_from(["view", "rating", " 7", "7 ", "", "x" * 129]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(obj=st.dictionaries(st.sampled_from(["user_id", "item_id", "ts", "event_type", "value", "colour"]),
+                           _values, max_size=6))
+def test_the_fast_path_accepts_and_rejects_exactly_as_the_schema(obj):
+    payload = json.dumps(obj).encode()
+    want, got = decode(payload), decode_fields(payload)
+    if isinstance(want, InvalidEvent):
+        assert isinstance(got, InvalidEvent) and got.reason == want.reason
+    else:
+        assert got == (want.user_id, want.item_id, want.ts)
 
 
 def test_wire_encoding_of_a_frame_matches_the_schema():
