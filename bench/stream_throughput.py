@@ -5,6 +5,7 @@
 1. Sustained throughput at micro-batch 256 and 4096: the topic is filled first, then
    one worker drains it (decode, update, push to the SQLite online store, checkpoints);
    events/s counts from its first applied batch to its last, with where the time went.
+   Then a group of ``--workers`` processes (one per core) drains it at 4096.
 2. Freshness at a steady produce rate: event produced → its user's vector visible in
    the online store, p50/p99 over every event.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,11 +42,31 @@ def drain(cfg: WorkerConfig) -> StreamWorker:
     return worker
 
 
+def drain_group(cfg: WorkerConfig, n: int, work: Path) -> dict:
+    """``n`` `recsys stream` processes in one group drain the topic together (one per core:
+    a worker is one Python thread of work); events/s over the union of their apply spans."""
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "recsys.cli", "stream", "--bootstrap-servers", cfg.bootstrap_servers, "--topic",
+         cfg.topic, "--group", cfg.group, "--model", str(cfg.model), "--checkpoint-dir", str(cfg.checkpoint_dir),
+         "--feature-repo", str(cfg.feature_repo), "--batch-size", str(cfg.batch_size), "--device", "cpu",
+         "--worker-id", f"w{i}", "--idle-exit", str(cfg.idle_exit_s)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    done = [re.search(r"(\d+) events applied.*monotonic ([\d.]+) to ([\d.]+)", log) for log in logs]
+    if not all(done):
+        raise RuntimeError("a worker did not stop cleanly:\n" + "\n".join(log[-1500:] for log in logs))
+    applied = sum(int(m[1]) for m in done)
+    span = max(float(m[3]) for m in done) - min(float(m[2]) for m in done)
+    return {"events": applied, "events_per_s": applied / span, "per_worker": [int(m[1]) for m in done]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--rate", type=float, default=5000.0, help="produce rate for the freshness run")
     ap.add_argument("--seconds", type=float, default=20.0, help="length of the freshness run")
+    ap.add_argument("--fresh-batch", type=int, default=1024, help="micro-batch of the freshness run")
+    ap.add_argument("--workers", type=int, default=2, help="processes in the group drain (one per core)")
     ap.add_argument("--out", default="bench/results/stream_throughput.json")
     args = ap.parse_args()
 
@@ -75,11 +97,20 @@ def main() -> None:
             rows.append({"run": "drain", "batch": batch, "events": w.applied, "events_per_s": w.applied / span,
                          "us_per_event": {k: 1e6 * v / w.applied for k, v in w.seconds.items()}})
 
+        for batch in (256, 4096):
+            topic = f"bench-group-{batch}"
+            produce(frame, ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+            g = drain_group(WorkerConfig(model=model_path, checkpoint_dir=work / f"ckpt-group-{batch}", topic=topic,
+                                         bootstrap_servers=broker.bootstrap_servers, group=topic, batch_size=batch,
+                                         feature_repo=repo.path, idle_exit_s=3.0), args.workers, work)
+            rows.append({"run": f"drain, {args.workers} workers", "batch": batch, **g, "us_per_event": {}})
+
         topic = "bench-fresh"
         n = int(args.rate * args.seconds)
         w = StreamWorker(WorkerConfig(model=model_path, checkpoint_dir=work / "ckpt-fresh", topic=topic,
-                                      bootstrap_servers=broker.bootstrap_servers, group=topic, batch_size=256,
-                                      feature_repo=repo.path, idle_exit_s=3.0, device="cpu", log_every_s=1e9))
+                                      bootstrap_servers=broker.bootstrap_servers, group=topic,
+                                      batch_size=args.fresh_batch, feature_repo=repo.path, idle_exit_s=3.0,
+                                      device="cpu", log_every_s=1e9))
 
         def flow() -> None:
             """A producer process (not a thread: it would share the worker's GIL), started
@@ -94,7 +125,7 @@ def main() -> None:
         producer.start()
         w.run()
         producer.join()
-        rows.append({"run": f"freshness @ {args.rate:,.0f} ev/s", "batch": 256, "events": w.applied,
+        rows.append({"run": f"freshness @ {args.rate:,.0f} ev/s", "batch": args.fresh_batch, "events": w.applied,
                      "events_per_s": w.applied / (w.last_apply - w.first_apply),
                      "freshness_p50_ms": 1e3 * float(np.quantile(w.fresh_s, 0.5)),
                      "freshness_p99_ms": 1e3 * float(np.quantile(w.fresh_s, 0.99)),
