@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=5000.0, help="produce rate for the freshness run")
     ap.add_argument("--seconds", type=float, default=20.0, help="length of the freshness run")
     ap.add_argument("--fresh-batch", type=int, default=1024, help="micro-batch of the freshness run")
+    ap.add_argument("--freshness-only", action="store_true", help="skip the drain runs")
     ap.add_argument("--workers", type=int, default=2, help="processes in the group drain (one per core)")
     ap.add_argument("--out", default="bench/results/stream_throughput.json")
     args = ap.parse_args()
@@ -86,7 +87,7 @@ def main() -> None:
     broker = EmbeddedBroker.start(log_dir=work / "broker")
     rows = []
     try:
-        for batch in (256, 4096):
+        for batch in () if args.freshness_only else (256, 4096):
             topic = f"bench-{batch}"
             produce(frame, ProducerConfig(broker.bootstrap_servers, topic, progress=False))
             w = drain(WorkerConfig(model=model_path, checkpoint_dir=work / f"ckpt-{batch}", topic=topic,
@@ -97,7 +98,7 @@ def main() -> None:
             rows.append({"run": "drain", "batch": batch, "events": w.applied, "events_per_s": w.applied / span,
                          "us_per_event": {k: 1e6 * v / w.applied for k, v in w.seconds.items()}})
 
-        for batch in (256, 4096):
+        for batch in () if args.freshness_only else (256, 4096):
             topic = f"bench-group-{batch}"
             produce(frame, ProducerConfig(broker.bootstrap_servers, topic, progress=False))
             g = drain_group(WorkerConfig(model=model_path, checkpoint_dir=work / f"ckpt-group-{batch}", topic=topic,
