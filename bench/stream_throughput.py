@@ -126,10 +126,16 @@ def main() -> None:
         producer.start()
         w.run()
         producer.join()
+        sums = {s.name: s.value for m in w.metrics.registry.collect() for s in m.samples}
+        writes = sums["recsys_stream_push_seconds_count"]
         rows.append({"run": f"freshness @ {args.rate:,.0f} ev/s", "batch": args.fresh_batch, "events": w.applied,
                      "events_per_s": w.applied / (w.last_apply - w.first_apply),
                      "freshness_p50_ms": 1e3 * float(np.quantile(w.fresh_s, 0.5)),
                      "freshness_p99_ms": 1e3 * float(np.quantile(w.fresh_s, 0.99)),
+                     "applied_p50_ms": 1e3 * float(np.quantile(w.applied_s, 0.5)),
+                     "applied_p99_ms": 1e3 * float(np.quantile(w.applied_s, 0.99)),
+                     "store_writes": writes, "store_write_ms_mean": 1e3 * sums["recsys_stream_push_seconds_sum"] / writes,
+                     "store_write_rows_mean": sums["recsys_stream_push_rows_sum"] / writes,
                      "us_per_event": {k: 1e6 * v / w.applied for k, v in w.seconds.items()}})
     finally:
         broker.stop()
@@ -137,12 +143,14 @@ def main() -> None:
     print(f"stream worker, synthetic {args.events:,} events, SQLite online store, torch threads "
           f"{torch.get_num_threads()}")
     print(f"{'run':<24}{'batch':>6}{'events':>9}{'ev/s':>9}  {'µs/event: poll decode update push ckpt':<40}"
-          f"{'fresh p50/p99 ms':>18}")
+          f"{'applied p50/p99 ms':>20}{'in store p50/p99 ms':>21}")
     for r in rows:
         us = r["us_per_event"]
         parts = " ".join(f"{us.get(k, 0):.0f}" for k in ("poll", "decode", "update", "push", "checkpoint"))
-        fresh = (f"{r['freshness_p50_ms']:.0f}/{r['freshness_p99_ms']:.0f}" if "freshness_p50_ms" in r else "")
-        print(f"{r['run']:<24}{r['batch']:>6}{r['events']:>9,}{r['events_per_s']:>9,.0f}  {parts:<40}{fresh:>18}")
+        applied, fresh = ((f"{r['applied_p50_ms']:.0f}/{r['applied_p99_ms']:.0f}",
+                           f"{r['freshness_p50_ms']:.0f}/{r['freshness_p99_ms']:.0f}") if "freshness_p50_ms" in r else ("", ""))
+        print(f"{r['run']:<24}{r['batch']:>6}{r['events']:>9,}{r['events_per_s']:>9,.0f}  {parts:<40}"
+              f"{applied:>20}{fresh:>21}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"events": args.events, "rows": rows}, indent=2))

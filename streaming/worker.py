@@ -53,7 +53,7 @@ class WorkerConfig:
     max_wait_s: float = 0.05  # ... or this long after its first message
     checkpoint_every_s: float = 5.0
     feature_repo: Path | None = None  # push user vectors here (None: no push)
-    push_every_s: float = 0.2  # coalesce pushes: one Feast write for many micro-batches
+    push_every_s: float = 0.1  # coalesce pushes: one Feast write for many micro-batches
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     metrics_port: int | None = None  # Prometheus endpoint; None: off
     log_every_s: float = 10.0
@@ -86,6 +86,10 @@ class Metrics:
                                "event produced → user vector in the online store", ["quantile"], registry=r)
         self.users = Gauge("recsys_stream_users", "user rows held by this worker", registry=r)
         self.checkpoint = Histogram("recsys_stream_checkpoint_seconds", "checkpoint write time", registry=r)
+        self.push = Histogram("recsys_stream_push_seconds", "one online-store write of the touched users",
+                              registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.push_rows = Histogram("recsys_stream_push_rows", "users per online-store write", registry=r,
+                                   buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000))
         if port is not None:
             start_http_server(port, addr="0.0.0.0", registry=r)
 
@@ -115,10 +119,15 @@ class StreamWorker:
             self.features.submit(_feature_repo_ready).result()  # fail fast on a bad repo, fork now
         self.pusher = ThreadPoolExecutor(1, thread_name_prefix="feast-push")
         self.push_job = None
+        # Checkpoint files are written (serialised, fsynced) off the loop: the loop only takes
+        # the snapshot. A 6,000-user state is ~50 MB, and its write paused every event behind it.
+        self.checkpointer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.checkpoint_job = None
         self.push_failures = 0
         self.dirty: set[int] = set()  # rows whose vector changed since the last push
         self.unpushed_ms: list[np.ndarray] = []  # produce timestamps of events not yet visible in Feast
         self.fresh_s = np.zeros(0)  # recent freshness samples (seconds)
+        self.applied_s = np.zeros(0)  # recent produce → applied-in-state samples (seconds)
         self.stopping = False
         self.broken = False  # set when the loop dies: never checkpoint a state that may be half-updated
         self.applied = 0
@@ -178,7 +187,7 @@ class StreamWorker:
                 self.apply(self.pending)
                 self.pending = []
             self.push(wait=True)
-            self.checkpoint()
+            self.checkpoint(wait=True)
         except BaseException:
             # A batch may have failed half-applied: the last good checkpoint stays the truth
             # (closing the consumer revokes partitions, which would otherwise checkpoint).
@@ -188,7 +197,8 @@ class StreamWorker:
             self.pusher.shutdown(wait=True)
             if self.features is not None:
                 self.features.shutdown(wait=True)
-            self.consumer.close(autocommit=False)
+            self.consumer.close(autocommit=False)  # revokes the partitions: a last checkpoint
+            self.checkpointer.shutdown(wait=True)
             self.producer.close()
         # The monotonic clock is one per host: benches add up several workers' spans.
         log.info("worker %s stopped cleanly: %d events applied, %d dead letters (applying from monotonic "
@@ -222,7 +232,9 @@ class StreamWorker:
             self.state = self.model.update(self.state, rows.to(self.device), items.to(self.device),
                                            ts.to(self.device))
             self.dirty.update(rows.tolist())
-            self.unpushed_ms.append(np.asarray(stamps, dtype=np.int64))
+            stamps = np.asarray(stamps, dtype=np.int64)
+            self.unpushed_ms.append(stamps)
+            self.applied_s = np.concatenate([self.applied_s[-50_000:], time.time() - stamps / 1000.0])
             self.applied += len(good)
             self.metrics.events.inc(len(good))
         for rec in records:  # records of a partition come in offset order
@@ -271,8 +283,11 @@ class StreamWorker:
         self.seconds["push"] += time.perf_counter() - t0
 
     def _write(self, ids, vectors, events, recent, stamps_ms) -> None:
+        t0 = time.perf_counter()
         try:
             self.features.submit(_push_user_state, ids, vectors, events, recent).result()
+            self.metrics.push.observe(time.perf_counter() - t0)
+            self.metrics.push_rows.observe(len(ids))
         except Exception as e:  # the state (and its checkpoint) is the truth: a failed push is logged, not fatal
             self.push_failures += 1
             log.warning("Feast push of %d rows failed (%s); they are pushed again with their next event", len(ids), e)
@@ -287,24 +302,35 @@ class StreamWorker:
             self.metrics.freshness.labels("0.99").set(float(np.quantile(fresh, 0.99)))
 
     # -- checkpoints and rebalances ------------------------------------------------------------
-    def checkpoint(self) -> None:
+    def checkpoint(self, wait: bool = False) -> None:
         """State + offsets in one atomic file; dead letters are flushed first, so a message
-        is never past a checkpointed offset without being in the state or the DLQ."""
+        is never past a checkpointed offset without being in the state or the DLQ.
+
+        The snapshot is copied here, consistent with the offsets; the file is written by a
+        background thread (one write at a time; ``wait`` returns once it is on disk)."""
         if not self.offsets or self.broken:
             return
         t0 = time.perf_counter()
         self.producer.flush()
-        cpu, n = self.state.to("cpu"), len(self.users)  # rows past n are spare capacity (amortised growth)
-        write_checkpoint(self.ckpt_path, Snapshot(
+        if self.checkpoint_job is not None:
+            self.checkpoint_job.result()  # the previous write is done (and its error, if any, raised)
+        n = len(self.users)  # rows past n are spare capacity (amortised growth)
+        snap = Snapshot(
             topic=self.cfg.topic, offsets=dict(self.offsets), user_ids=list(self.users.ids),
-            partitions=self.partition_of.clone(), users={k: getattr(cpu, k)[:n] for k in USER_FIELDS},
-            population={k: getattr(cpu, k) for k in POPULATION_FIELDS}, item_ids=list(self.items.ids)))
-        self.metrics.checkpoint.observe(time.perf_counter() - t0)
+            partitions=self.partition_of.clone(), users={k: _cpu_copy(getattr(self.state, k)[:n]) for k in USER_FIELDS},
+            population={k: _cpu_copy(getattr(self.state, k)) for k in POPULATION_FIELDS}, item_ids=list(self.items.ids))
+        self.checkpoint_job = self.checkpointer.submit(self._write_checkpoint, snap, t0)
+        if wait:
+            self.checkpoint_job.result()
         self.seconds["checkpoint"] += time.perf_counter() - t0
+
+    def _write_checkpoint(self, snap: Snapshot, t0: float) -> None:
+        write_checkpoint(self.ckpt_path, snap)
+        self.metrics.checkpoint.observe(time.perf_counter() - t0)
 
     def on_revoked(self, partitions: set[int]) -> None:
         self.pending = []  # not applied: the next owner reads them again from the checkpoint
-        self.checkpoint()
+        self.checkpoint(wait=True)  # on disk before the partitions change hands
         self._keep_rows(~torch.isin(self.partition_of, torch.tensor(sorted(partitions), dtype=torch.int64)))
         for p in partitions:
             self.offsets.pop(p, None)
@@ -398,6 +424,11 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned):
         self.worker.on_assigned({tp.partition for tp in assigned})
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A snapshot's own copy: the loop goes on updating the state while the file is written."""
+    return t.detach().to("cpu", copy=True)
 
 
 _repo = None  # the Feast repo of the writer process
