@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from offline_eval.fit_cache import FitCache, cacheable
 from offline_eval.metrics import summarize
 from offline_eval.protocol import EncodedLog, ProtocolConfig, encode
 from offline_eval.replay import ReplayResult, replay_model
@@ -48,6 +49,7 @@ class ReplayConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     out: Path | None = None
     progress: bool = True
+    fit_cache: Path | None = None  # folder of fitted models, reused by data + settings + code
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in AVAILABLE_MODELS]
@@ -99,9 +101,21 @@ def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
         "models": {},
         "versions": _versions(),
     }
+    cache = FitCache(cfg.fit_cache) if cfg.fit_cache is not None else None
     for name in cfg.models:
-        result = replay_model(factories[name](), log, cfg.protocol, name, progress=cfg.progress)
-        report["models"][name] = model_report(result, log, cfg.protocol)
+        model = factories[name]()
+        key = cache.key(name, model, ds.sha256, cfg.protocol) if cache is not None and cacheable(model) else None
+        fit_seconds = cache.load(name, model, key) if key is not None else None
+        cached = fit_seconds is not None
+        if not cached:
+            t = time.perf_counter()
+            model.fit(log.history())
+            fit_seconds = time.perf_counter() - t
+            if key is not None:
+                cache.save(name, model, key, fit_seconds)  # as fitted: the replay goes on to change it
+        result = replay_model(model, log, cfg.protocol, name, progress=cfg.progress, fitted=True)
+        result.fit_seconds = fit_seconds
+        report["models"][name] = model_report(result, log, cfg.protocol) | {"fit_cached": cached}
         if cfg.progress:
             o = report["models"][name]["overall"]
             print(f"  {name:<18} ndcg@10 {o['ndcg@10']:.4f}  hr@10 {o['hr@10']:.4f}  mrr {o['mrr']:.4f}")
@@ -118,7 +132,8 @@ def markdown_table(report: dict) -> str:
         o = m["overall"]
         lines.append(f"| {name} | {o['ndcg@10']:.4f} | {o['hr@10']:.4f} | {o['mrr']:.4f} | "
                      f"{m['cold']['ndcg@10']:.4f} | {m['warm']['ndcg@10']:.4f} | {o['coverage@10']:.3f} | "
-                     f"{m['fit_seconds']:.1f} | {m['replay_events_per_second']:,.0f} |")
+                     f"{m['fit_seconds']:.1f}{' (cached)' if m.get('fit_cached') else ''} | "
+                     f"{m['replay_events_per_second']:,.0f} |")
     return "\n".join(lines)
 
 

@@ -87,7 +87,7 @@ def cmd_replay(args) -> int:
 
     cfg = ReplayConfig(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
                        protocol=ProtocolConfig(batch_size=args.batch_size, seen_filter=not args.no_seen_filter),
-                       out=Path(args.out))
+                       out=Path(args.out), fit_cache=None if args.no_fit_cache else Path(args.fit_cache))
     report = run_replay(_load(args), cfg)
     print(markdown_table(report))
     print(f"report: {Path(args.out) / 'report.json'} (+ report.md, plots); wall {report['wall_seconds']:.0f}s")
@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-seen-filter", action="store_true", help="rank already-seen items too (re-consumption)")
     p.add_argument("--out", default="runs/replay")
+    p.add_argument("--fit-cache", default="runs/cache/fits",
+                   help="fitted models are kept here and reused for the same data, settings and code")
+    p.add_argument("--no-fit-cache", action="store_true", help="fit every model afresh")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("train", help="train the slow level (and the fast rule it meta-learns) on history")

@@ -11,9 +11,11 @@ Shapes: ``B`` events, ``U`` users, ``N`` known items, ``D`` embedding dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from recsys.baselines import grow
@@ -69,6 +71,19 @@ class MF:
                 loss.backward()
                 opt.step()
         self.user, self.item, self.bias = user.detach().clone(), item.detach().clone(), bias.detach().clone()
+
+    # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------
+    def fit_key(self) -> str:
+        return repr(self.cfg)
+
+    def save_fit(self, folder: Path) -> None:
+        save_file({"user": self.user, "item": self.item, "bias": self.bias, "generator": self.gen.get_state()},
+                  str(folder / "mf.safetensors"))
+
+    def load_fit(self, folder: Path) -> None:
+        t = load_file(str(folder / "mf.safetensors"))
+        self.user, self.item, self.bias = t["user"], t["item"], t["bias"]
+        self.gen.set_state(t["generator"])  # items first seen online draw what a fresh fit would
 
     def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
         self._ensure(int(users.max()) + 1, n_items)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from recsys.nested_model import NestedConfig, NestedModel, population_defaults
+from recsys.nested_model import NestedConfig, NestedModel, load_state, population_defaults, save_state
 
 
 @dataclass(frozen=True)
@@ -206,6 +206,18 @@ class NestedReplay:
         self.state = self.model.init_state(history.n_users_known, history.n_items_known)
         for lo in range(0, history.n_events, self.train_cfg.absorb_batch):
             self.update(history.slice(lo, lo + self.train_cfg.absorb_batch))
+
+    # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------
+    def fit_key(self) -> str:
+        return repr((self.use_fast, self.train_cfg))
+
+    def save_fit(self, folder: Path) -> None:
+        self.model.save(folder / "model.safetensors")
+        save_state(self.state, folder / "state.safetensors")  # the fast levels after the history
+
+    def load_fit(self, folder: Path) -> None:
+        self.model = NestedModel.load(folder / "model.safetensors").eval()
+        self.state = load_state(folder / "state.safetensors")
 
     def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)

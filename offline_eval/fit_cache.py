@@ -1,0 +1,76 @@
+"""Trained models are fit once per data, protocol, settings and code: the fitted weights
+(and whatever the fit left behind, such as the fast state after the history or a random
+generator's position) are kept in a folder and loaded the next time, so a second replay
+of the same data costs the replay alone.
+
+A model takes part by having ``fit_key()`` (its settings, as text), ``save_fit(folder)``
+and ``load_fit(folder)``; counting baselines fit in milliseconds and have none.
+
+    >>> cache = FitCache(Path("runs/cache/fits"))
+    >>> key = cache.key("mf_static", model, ds.sha256, protocol)
+    >>> cache.load("mf_static", model, key)       # None: fit it, then cache.save(...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Any change to the model code or the protocol's encoding makes a new key: a cached fit
+# is never one that the current code would not produce.
+CODE = sorted((ROOT / "recsys").glob("*.py")) + [ROOT / "offline_eval" / "protocol.py"]
+
+
+def cacheable(model) -> bool:
+    return all(hasattr(model, m) for m in ("fit_key", "save_fit", "load_fit"))
+
+
+def code_digest() -> str:
+    h = hashlib.sha256()
+    for path in CODE:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+class FitCache:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._code = code_digest()
+
+    def key(self, name: str, model, dataset_sha256: str, protocol) -> str:
+        spec = {"model": name, "settings": model.fit_key(), "dataset": dataset_sha256,
+                "protocol": asdict(protocol), "code": self._code}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _entry(self, name: str, key: str) -> Path:
+        return self.folder / f"{name}-{key[:20]}"
+
+    def load(self, name: str, model, key: str) -> float | None:
+        """Fill ``model`` from the cache; the seconds its fit took, or None on a miss."""
+        entry = self._entry(name, key)
+        meta = entry / "fit.json"
+        if not meta.exists():
+            return None
+        try:
+            model.load_fit(entry)
+            return float(json.loads(meta.read_text())["fit_seconds"])
+        except Exception as e:  # a damaged entry is refitted (and replaced), never fatal
+            print(f"[fit cache] {entry} unreadable ({e}); fitting again")
+            return None
+
+    def save(self, name: str, model, key: str, fit_seconds: float) -> None:
+        """Written to a temporary folder and renamed: a reader sees a whole entry or none."""
+        entry = self._entry(name, key)
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_fit(tmp)
+        (tmp / "fit.json").write_text(json.dumps({"model": name, "key": key, "fit_seconds": fit_seconds}))
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(tmp, entry)
