@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -438,7 +440,16 @@ def _open_feature_repo(path: str) -> None:
     global _repo
     from features.store import FeatureRepo
 
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _repo = FeatureRepo(Path(path))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A `kill -9` of the worker must not leave its writer behind: the writer inherited
+    both ends of its task pipe, so it would wait on it forever."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def _feature_repo_ready() -> bool:

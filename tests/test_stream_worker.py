@@ -208,3 +208,34 @@ def test_two_workers_split_partitions_and_a_killed_one_hands_over_its_users(brok
     _, offsets = read_offsets(ckpt / "b.safetensors")
     assert set(owned_a) <= set(offsets) and sum(offsets.values()) == part.height  # b took over a's partitions
     assert_exactly_once(merged_checkpoints(ckpt, topic), part, reference_rows(model_path, part))
+
+
+def test_a_killed_worker_leaves_no_feast_writer_behind(broker, topic, stream, model_path, tmp_path):
+    from features.store import FeatureRepo
+
+    repo = FeatureRepo.create(tmp_path / "features")
+    repo.apply()
+    produce(stream.head(5_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+    w = Worker(broker, topic, model_path, tmp_path / "ckpt", "w1", "--feature-repo", str(repo.path))
+    w.wait_for("freshness p50/p99 ")
+    w.wait_for(" ms\n")  # a push has landed: the writer process is up and working
+    writers = _children(w.proc.pid)
+    assert writers, "the Feast writer runs in a child process of the worker"
+    w.kill()
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in writers):
+        assert time.monotonic() < deadline, f"writer processes {writers} outlived their worker"
+        time.sleep(0.1)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # an exited child no one has reaped yet is gone
