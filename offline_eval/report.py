@@ -24,6 +24,7 @@ from recsys.datasets import Dataset
 def _registry(log: EncodedLog) -> dict[str, Callable[[], object]]:
     from recsys.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
     from recsys.mf import mf_online, mf_static
+    from recsys.sasrec import SASRecStatic
     from recsys.train import NestedReplay
 
     return {
@@ -33,13 +34,14 @@ def _registry(log: EncodedLog) -> dict[str, Callable[[], object]]:
         "itemknn_online": ItemKNNOnline,
         "mf_static": mf_static,
         "mf_online": mf_online,
+        "sasrec_static": SASRecStatic,
         "nested": NestedReplay,
         "nested_slow_only": lambda: NestedReplay(use_fast=False),
     }
 
 
 AVAILABLE_MODELS = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "mf_static", "mf_online",
-                    "nested", "nested_slow_only")
+                    "sasrec_static", "nested", "nested_slow_only")
 DEFAULT_MODELS = AVAILABLE_MODELS
 
 

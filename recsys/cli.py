@@ -177,7 +177,7 @@ def cmd_demo(args) -> int:
 
 # Kept here (not imported from offline_eval) so `recsys --help` stays free of torch imports.
 DEFAULT_MODELS_HELP = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "mf_static", "mf_online",
-                       "nested", "nested_slow_only")
+                       "sasrec_static", "nested", "nested_slow_only")
 
 
 def build_parser() -> argparse.ArgumentParser:
