@@ -52,6 +52,10 @@ class ReplayConfig:
     out: Path | None = None
     progress: bool = True
     fit_cache: Path | None = None  # folder of fitted models, reused by data + settings + code
+    # Bootstrap servers: the nested models' stream goes through this broker and the real
+    # stream worker (offline_eval/through_kafka.py); None: in-process.
+    through_kafka: str | None = None
+    workdir: Path = Path("runs/replay-work")  # the worker's model file and checkpoints
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in AVAILABLE_MODELS]
@@ -104,6 +108,8 @@ def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
         "versions": _versions(),
     }
     cache = FitCache(cfg.fit_cache) if cfg.fit_cache is not None else None
+    if cfg.through_kafka is not None:  # imported only here: the Kafka client and the worker
+        from offline_eval.through_kafka import WORKER_MODELS, WorkerPath
     for name in cfg.models:
         model = factories[name]()
         key = cache.key(name, model, ds.sha256, cfg.protocol) if cache is not None and cacheable(model) else None
@@ -115,9 +121,15 @@ def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
             fit_seconds = time.perf_counter() - t
             if key is not None:
                 cache.save(name, model, key, fit_seconds)  # as fitted: the replay goes on to change it
-        result = replay_model(model, log, cfg.protocol, name, progress=cfg.progress, fitted=True)
+        if cfg.through_kafka is not None and name in WORKER_MODELS:
+            with WorkerPath(model, log, cfg.through_kafka, Path(cfg.workdir) / name) as via_worker:
+                result = replay_model(via_worker, log, cfg.protocol, name, progress=cfg.progress, fitted=True)
+            path = "kafka → stream worker"
+        else:
+            result = replay_model(model, log, cfg.protocol, name, progress=cfg.progress, fitted=True)
+            path = "in-process"
         result.fit_seconds = fit_seconds
-        report["models"][name] = model_report(result, log, cfg.protocol) | {"fit_cached": cached}
+        report["models"][name] = model_report(result, log, cfg.protocol) | {"fit_cached": cached, "path": path}
         if cfg.progress:
             o = report["models"][name]["overall"]
             print(f"  {name:<18} ndcg@10 {o['ndcg@10']:.4f}  hr@10 {o['hr@10']:.4f}  mrr {o['mrr']:.4f}")

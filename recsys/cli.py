@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -88,7 +89,19 @@ def cmd_replay(args) -> int:
     cfg = ReplayConfig(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
                        protocol=ProtocolConfig(batch_size=args.batch_size, seen_filter=not args.no_seen_filter),
                        out=Path(args.out), fit_cache=None if args.no_fit_cache else Path(args.fit_cache))
-    report = run_replay(_load(args), cfg)
+    broker = None
+    if args.through_kafka and args.bootstrap_servers is None:  # the embedded default, for this run only
+        from streaming.broker import EmbeddedBroker
+
+        broker = EmbeddedBroker.start(log_dir=Path(args.out) / "broker")
+    if args.through_kafka:
+        cfg = replace(cfg, through_kafka=args.bootstrap_servers or broker.bootstrap_servers,
+                      workdir=Path(args.out) / "worker")
+    try:
+        report = run_replay(_load(args), cfg)
+    finally:
+        if broker is not None:
+            broker.stop()
     print(markdown_table(report))
     print(f"report: {Path(args.out) / 'report.json'} (+ report.md, plots); wall {report['wall_seconds']:.0f}s")
     return 0
@@ -199,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-cache", default="runs/cache/fits",
                    help="fitted models are kept here and reused for the same data, settings and code")
     p.add_argument("--no-fit-cache", action="store_true", help="fit every model afresh")
+    p.add_argument("--through-kafka", action="store_true",
+                   help="the nested models' stream goes through a broker and the real stream worker")
+    p.add_argument("--bootstrap-servers", default=None,
+                   help="with --through-kafka: this broker (default: an embedded one for the run)")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("train", help="train the slow level (and the fast rule it meta-learns) on history")

@@ -150,8 +150,9 @@ class StreamWorker:
                                       fetch_max_wait_ms=max(1, int(self.cfg.max_wait_s * 1000)))
         self.producer = KafkaProducer(bootstrap_servers=self.cfg.bootstrap_servers, linger_ms=5, acks="all")
         self.consumer.subscribe([self.cfg.topic], listener=_Rebalance(self))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._stop)
+        if threading.current_thread() is threading.main_thread():  # embedded (replay): the host stops it
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._stop)
         log.info("worker %s: model %s on %s, group %r, topic %r, checkpoints in %s", self.cfg.worker_id,
                  self.cfg.model, self.device, self.cfg.group, self.cfg.topic, self.cfg.checkpoint_dir)
         last_ckpt = last_log = last_push = self.last_msg = time.monotonic()

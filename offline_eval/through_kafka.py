@@ -1,0 +1,136 @@
+"""`recsys replay --through-kafka`: the nested models' stream takes the production path.
+
+Each revealed batch is produced to a Kafka topic and applied by the real stream worker
+(`streaming/worker.py`, in a thread of this process); the next batch is scored from the
+worker's own state. Only the transport differs from the in-process replay, so the
+metrics must come out the same — the check that the worker applies what the replay
+measured.
+
+The worker starts from the fitted model's state after the history, written as the
+worker's own checkpoint (so its restore path runs too), and reads a one-partition topic:
+the population level's chunks are global event positions, so the worker must see the
+events in log order.
+
+    >>> with WorkerPath(fitted_nested, log, "127.0.0.1:9092", workdir) as model:
+    ...     replay_model(model, log, cfg, fitted=True)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from offline_eval.protocol import EncodedLog
+from recsys.nested_model import POPULATION_FIELDS, USER_FIELDS
+from recsys.train import NestedReplay
+from streaming.checkpoint import Snapshot, write_checkpoint
+from streaming.producer import encode_frame, make_producer
+from streaming.worker import StreamWorker, WorkerConfig
+
+log = logging.getLogger("recsys.replay")
+
+WORKER_MODELS = ("nested", "nested_slow_only")  # the models a stream worker applies
+
+
+class WorkerPath:
+    """A fitted `NestedReplay` whose updates go through Kafka and the stream worker."""
+
+    def __init__(self, fitted: NestedReplay, log_: EncodedLog, bootstrap_servers: str, workdir: Path,
+                 timeout_s: float = 60.0):
+        self.fitted, self.log, self.timeout_s = fitted, log_, timeout_s
+        self.bootstrap_servers, self.workdir = bootstrap_servers, Path(workdir)
+        self.topic = f"replay-{uuid.uuid4().hex[:10]}"
+        self.sent = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def __enter__(self) -> WorkerPath:
+        model_path = self._write_start()
+        _create_topic(self.bootstrap_servers, self.topic)
+        self.worker = StreamWorker(WorkerConfig(
+            model=model_path, checkpoint_dir=self.workdir / "checkpoints", bootstrap_servers=self.bootstrap_servers,
+            topic=self.topic, group=self.topic, worker_id="replay", batch_size=4096, max_wait_s=0.005,
+            device="cpu", log_every_s=3600.0))  # the in-process replay's device: same arithmetic
+        self.thread = threading.Thread(target=self._run_worker, name="stream-worker", daemon=True)
+        self.thread.start()
+        self.producer = make_producer(self.bootstrap_servers, linger_ms=1)
+        self._wait(lambda: 0 in self.worker.offsets, "join its group and restore the history state")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.producer.close()
+        self.worker.stopping = True
+        self.thread.join(timeout=30)
+
+    def _run_worker(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as e:  # surfaced to the replay by _wait
+            self.error = e
+            raise
+
+    def _write_start(self) -> Path:
+        """The trained model (with item ids) and a worker checkpoint holding the fast state
+        after the history, every user on partition 0 at offset 0."""
+        model, state, log_ = self.fitted.model, self.fitted.state, self.log
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        model_path = self.workdir / "model.safetensors"
+        n_items = model.cfg.n_items
+        model.save(model_path, item_ids=log_.item_ids[:n_items])
+        n_users = log_.history().n_users_known
+        write_checkpoint(self.workdir / "checkpoints" / "replay.safetensors", Snapshot(
+            topic=self.topic, offsets={0: 0}, user_ids=[str(u) for u in log_.user_ids[:n_users]],
+            partitions=torch.zeros(n_users, dtype=torch.int64),
+            users={k: getattr(state, k)[:n_users].clone() for k in USER_FIELDS},
+            population={k: getattr(state, k).clone() for k in POPULATION_FIELDS},
+            item_ids=[str(i) for i in log_.item_ids[:n_items]]))
+        return model_path
+
+    def _wait(self, done, what: str) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not done():
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the stream worker stopped before it could {what}") from getattr(self, "error", None)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the stream worker did not {what} within {self.timeout_s:.0f}s "
+                                   f"(broker {self.bootstrap_servers}, topic {self.topic})")
+            time.sleep(0.001)
+
+    # -- the replay interface -----------------------------------------------------------------
+    def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
+        w = self.worker
+        rows = w.users.index(self.log.user_ids[users.numpy()], add=False)
+        blank = len(w.users)  # users the worker has not seen yet score from an empty row
+        rows = torch.from_numpy(np.where(rows >= 0, rows, blank))
+        cols = w.items.index(self.log.item_ids[:n_items], add=False)
+        if (cols < 0).any():
+            raise RuntimeError("the stream worker is missing items the replay has revealed")
+        state = w.model.grow_state(w.state, blank + 1, len(w.items))  # no copy where it has room
+        return w.model.score(state, rows, len(w.items))[:, torch.from_numpy(cols)]
+
+    def update(self, batch: EncodedLog) -> None:
+        frame = pl.DataFrame({"user_id": self.log.user_ids[batch.users], "item_id": self.log.item_ids[batch.items],
+                              "ts": batch.ts})
+        for key, value in encode_frame(frame).iter_rows():
+            self.producer.send(self.topic, key=key.encode(), value=value.encode())
+        self.producer.flush()
+        self.sent += batch.n_events
+        # The next batch is scored only once the worker has applied this one (no peeking, no lag).
+        self._wait(lambda: self.worker.applied + sum(self.worker.dead.values()) >= self.sent,
+                   f"apply {self.sent:,} events")
+
+
+def _create_topic(bootstrap_servers: str, topic: str) -> None:
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        admin.close()
