@@ -7,8 +7,11 @@ A model takes part by having ``fit_key()`` (its settings, as text), ``save_fit(f
 and ``load_fit(folder)``; counting baselines fit in milliseconds and have none.
 
     >>> cache = FitCache(Path("runs/cache/fits"))
-    >>> key = cache.key("mf_static", model, ds.sha256, protocol)
-    >>> cache.load("mf_static", model, key)       # None: fit it, then cache.save(...)
+    >>> key = cache.key(model, ds.sha256, protocol)
+    >>> cache.load(model, key)       # None: fit it, then cache.save(model, key, seconds, "mf_static")
+
+Models whose fits are the same (``mf_static`` and ``mf_online`` differ only after the
+fit) share an entry: the key is the model's class and its ``fit_key()``, not its name.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Any change to the model code or the protocol's encoding makes a new key: a cached fit
 # is never one that the current code would not produce.
-CODE = sorted((ROOT / "recsys").glob("*.py")) + [ROOT / "offline_eval" / "protocol.py"]
+# The command line and the demo are not model code.
+CODE = sorted(p for p in (ROOT / "recsys").glob("*.py") if p.name not in ("cli.py", "demo.py")) \
+    + [ROOT / "offline_eval" / "protocol.py"]
 
 
 def cacheable(model) -> bool:
@@ -43,17 +48,17 @@ class FitCache:
         self.folder = Path(folder)
         self._code = code_digest()
 
-    def key(self, name: str, model, dataset_sha256: str, protocol) -> str:
-        spec = {"model": name, "settings": model.fit_key(), "dataset": dataset_sha256,
+    def key(self, model, dataset_sha256: str, protocol) -> str:
+        spec = {"model": type(model).__qualname__, "settings": model.fit_key(), "dataset": dataset_sha256,
                 "protocol": asdict(protocol), "code": self._code}
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
-    def _entry(self, name: str, key: str) -> Path:
-        return self.folder / f"{name}-{key[:20]}"
+    def _entry(self, model, key: str) -> Path:
+        return self.folder / f"{type(model).__name__.lower()}-{key[:20]}"
 
-    def load(self, name: str, model, key: str) -> float | None:
+    def load(self, model, key: str) -> float | None:
         """Fill ``model`` from the cache; the seconds its fit took, or None on a miss."""
-        entry = self._entry(name, key)
+        entry = self._entry(model, key)
         meta = entry / "fit.json"
         if not meta.exists():
             return None
@@ -64,9 +69,9 @@ class FitCache:
             print(f"[fit cache] {entry} unreadable ({e}); fitting again")
             return None
 
-    def save(self, name: str, model, key: str, fit_seconds: float) -> None:
+    def save(self, model, key: str, fit_seconds: float, name: str) -> None:
         """Written to a temporary folder and renamed: a reader sees a whole entry or none."""
-        entry = self._entry(name, key)
+        entry = self._entry(model, key)
         tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

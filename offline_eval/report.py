@@ -112,15 +112,15 @@ def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
         from offline_eval.through_kafka import WORKER_MODELS, WorkerPath
     for name in cfg.models:
         model = factories[name]()
-        key = cache.key(name, model, ds.sha256, cfg.protocol) if cache is not None and cacheable(model) else None
-        fit_seconds = cache.load(name, model, key) if key is not None else None
+        key = cache.key(model, ds.sha256, cfg.protocol) if cache is not None and cacheable(model) else None
+        fit_seconds = cache.load(model, key) if key is not None else None
         cached = fit_seconds is not None
         if not cached:
             t = time.perf_counter()
             model.fit(log.history())
             fit_seconds = time.perf_counter() - t
             if key is not None:
-                cache.save(name, model, key, fit_seconds)  # as fitted: the replay goes on to change it
+                cache.save(model, key, fit_seconds, name)  # as fitted: the replay goes on to change it
         if cfg.through_kafka is not None and name in WORKER_MODELS:
             with WorkerPath(model, log, cfg.through_kafka, Path(cfg.workdir) / name) as via_worker:
                 result = replay_model(via_worker, log, cfg.protocol, name, progress=cfg.progress, fitted=True)

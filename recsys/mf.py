@@ -10,7 +10,7 @@ Shapes: ``B`` events, ``U`` users, ``N`` known items, ``D`` embedding dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -74,7 +74,7 @@ class MF:
 
     # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------
     def fit_key(self) -> str:
-        return repr(self.cfg)
+        return repr(replace(self.cfg, online_lr=0.0, progress=False))  # mf_static and mf_online fit alike
 
     def save_fit(self, folder: Path) -> None:
         save_file({"user": self.user, "item": self.item, "bias": self.bias, "generator": self.gen.get_state()},

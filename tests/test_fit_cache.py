@@ -39,3 +39,13 @@ def test_a_damaged_entry_is_fitted_again(tmp_path):
     assert not again["models"]["mf_static"]["fit_cached"]
     assert again["models"]["mf_static"]["overall"] == first["models"]["mf_static"]["overall"]
     assert run_replay(small(), cfg)["models"]["mf_static"]["fit_cached"]  # and replaced
+
+
+def test_mf_online_reuses_the_fit_of_mf_static_and_scores_as_if_fitted_itself(tmp_path):
+    shared = run_replay(small(), ReplayConfig(models=("mf_static", "mf_online"), progress=False,
+                                              fit_cache=tmp_path / "fits"))
+    assert not shared["models"]["mf_static"]["fit_cached"]
+    assert shared["models"]["mf_online"]["fit_cached"]  # the same fit: only the replay differs
+    assert len(list((tmp_path / "fits").iterdir())) == 1
+    alone = run_replay(small(), ReplayConfig(models=("mf_online",), progress=False))
+    assert shared["models"]["mf_online"]["overall"] == alone["models"]["mf_online"]["overall"]
