@@ -130,27 +130,26 @@ class SASRecStatic:
         return torch.cat([known, floor.expand(-1, n_items - known.shape[1])], dim=1)
 
     def update(self, batch) -> None:
-        """Append the revealed events to their users' sequences, in log order. One pass per
-        event rank within a user (a batch holds few events of any one user), not per event."""
+        """Append the revealed events to their users' sequences, in log order, for all the
+        batch's users at once (the pattern of the nested model's ``recent`` items)."""
         if batch.n_events == 0:
             return
+        L = self.cfg.max_len
         users = torch.from_numpy(batch.users)
         tokens = torch.from_numpy(np.where(batch.items < self.n_items, batch.items + 1, 0))
         self.seq = grow(self.seq, int(users.max()) + 1)
-        order = torch.argsort(users, stable=True)
-        u, t = users[order], tokens[order]
-        first = torch.ones_like(u, dtype=torch.bool)
-        first[1:] = u[1:] != u[:-1]
-        start = torch.cummax(torch.where(first, torch.arange(len(u)), 0), dim=0).values
-        rank = torch.arange(len(u)) - start  # 0 for a user's first event in the batch
-        count = torch.bincount(u, minlength=len(self.seq))[u]
-        # Only a user's latest max_len events can survive: the rest (history at fit) are skipped.
-        keep = rank >= count - self.cfg.max_len
-        u, t, rank = u[keep], t[keep], rank[keep] - (count[keep] - self.cfg.max_len).clamp(min=0)
-        for r in range(int(rank.max()) + 1):
-            at = rank == r
-            rows = u[at]
-            self.seq[rows] = torch.cat([self.seq[rows, 1:], t[at].unsqueeze(1)], dim=1)
+        uniq, row, counts = torch.unique(users, return_inverse=True, return_counts=True)
+        order = torch.argsort(row, stable=True)  # events grouped by user, log order kept inside
+        pos = torch.empty_like(row)
+        pos[order] = torch.arange(len(row)) - (torch.cumsum(counts, 0) - counts)[row[order]]
+        # Only a user's latest L events can survive (at fit: the history's older ones are skipped).
+        skip = (counts - L).clamp(min=0)
+        keep = pos >= skip[row]
+        new = torch.zeros(len(uniq), L, dtype=torch.int64)  # (U, L) each user's new tokens, oldest first
+        new[row[keep], pos[keep] - skip[row[keep]]] = tokens[keep]
+        n_new = counts - skip
+        window = n_new.unsqueeze(1) + torch.arange(L)  # the latest L of old + new
+        self.seq[uniq] = torch.cat([self.seq[uniq], new], dim=1).gather(1, window)
 
     # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------
     def fit_key(self) -> str:

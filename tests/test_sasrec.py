@@ -70,3 +70,15 @@ def test_an_item_first_seen_online_is_padding_and_ranks_last():
     scores = model.score(torch.tensor([user]), n + 5)
     assert scores.shape == (1, n + 5)
     assert scores[0, n:].max() < scores[0, :n].min()
+
+
+def test_one_batch_and_event_by_event_build_the_same_sequences():
+    log = encode(walk_log(n_users=30))  # 16 events per user, sequences of 8: the oldest drop out
+    whole, one_by_one = SASRecStatic(SMALL), SASRecStatic(SMALL)
+    whole.n_items = one_by_one.n_items = log.n_items_known
+    whole.update(log)
+    for i in range(log.n_events):
+        one_by_one.update(log.slice(i, i + 1))
+    n = log.n_users_known  # past it: spare rows of amortised growth
+    assert torch.equal(whole.seq[:n], one_by_one.seq[:n])
+    assert (whole.seq[:n] > 0).all()  # every user has at least max_len events: no padding left
