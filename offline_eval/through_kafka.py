@@ -17,7 +17,6 @@ events in log order.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import uuid
@@ -34,20 +33,19 @@ from streaming.checkpoint import Snapshot, write_checkpoint
 from streaming.producer import encode_frame, make_producer
 from streaming.worker import StreamWorker, WorkerConfig
 
-log = logging.getLogger("recsys.replay")
-
 WORKER_MODELS = ("nested", "nested_slow_only")  # the models a stream worker applies
 
 
 class WorkerPath:
     """A fitted `NestedReplay` whose updates go through Kafka and the stream worker."""
 
-    def __init__(self, fitted: NestedReplay, log_: EncodedLog, bootstrap_servers: str, workdir: Path,
+    def __init__(self, fitted: NestedReplay, log: EncodedLog, bootstrap_servers: str, workdir: Path,
                  timeout_s: float = 60.0):
-        self.fitted, self.log, self.timeout_s = fitted, log_, timeout_s
+        self.fitted, self.log, self.timeout_s = fitted, log, timeout_s
         self.bootstrap_servers, self.workdir = bootstrap_servers, Path(workdir)
         self.topic = f"replay-{uuid.uuid4().hex[:10]}"
         self.sent = 0
+        self.error: BaseException | None = None  # what stopped the worker thread, if anything
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> WorkerPath:
@@ -78,25 +76,24 @@ class WorkerPath:
     def _write_start(self) -> Path:
         """The trained model (with item ids) and a worker checkpoint holding the fast state
         after the history, every user on partition 0 at offset 0."""
-        model, state, log_ = self.fitted.model, self.fitted.state, self.log
+        model, state = self.fitted.model, self.fitted.state
         self.workdir.mkdir(parents=True, exist_ok=True)
         model_path = self.workdir / "model.safetensors"
-        n_items = model.cfg.n_items
-        model.save(model_path, item_ids=log_.item_ids[:n_items])
-        n_users = log_.history().n_users_known
+        item_ids = [str(i) for i in self.log.item_ids[:model.cfg.n_items]]
+        model.save(model_path, item_ids=item_ids)
+        n_users = self.log.history().n_users_known
         write_checkpoint(self.workdir / "checkpoints" / "replay.safetensors", Snapshot(
-            topic=self.topic, offsets={0: 0}, user_ids=[str(u) for u in log_.user_ids[:n_users]],
+            topic=self.topic, offsets={0: 0}, user_ids=[str(u) for u in self.log.user_ids[:n_users]],
             partitions=torch.zeros(n_users, dtype=torch.int64),
             users={k: getattr(state, k)[:n_users].clone() for k in USER_FIELDS},
-            population={k: getattr(state, k).clone() for k in POPULATION_FIELDS},
-            item_ids=[str(i) for i in log_.item_ids[:n_items]]))
+            population={k: getattr(state, k).clone() for k in POPULATION_FIELDS}, item_ids=item_ids))
         return model_path
 
     def _wait(self, done, what: str) -> None:
         deadline = time.monotonic() + self.timeout_s
         while not done():
             if not self.thread.is_alive():
-                raise RuntimeError(f"the stream worker stopped before it could {what}") from getattr(self, "error", None)
+                raise RuntimeError(f"the stream worker stopped before it could {what}") from self.error
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the stream worker did not {what} within {self.timeout_s:.0f}s "
                                    f"(broker {self.bootstrap_servers}, topic {self.topic})")
