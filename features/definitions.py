@@ -49,7 +49,8 @@ item_popularity = FeatureView(
 user_state = FeatureView(
     name="user_state", entities=[user], ttl=timedelta(days=365 * 30), source=user_state_push,
     schema=[Field(name="user_id", dtype=String), Field(name="state", dtype=Array(Float32)),
-            Field(name="events", dtype=Int64), Field(name="recent_items", dtype=Array(Int64))])
+            Field(name="events", dtype=Int64), Field(name="recent_items", dtype=Array(Int64)),
+            Field(name="last_ts", dtype=Int64)])
 
 # What serving reads for one user.
 serving_features = FeatureService(name="serving", features=[user_profile, user_state])

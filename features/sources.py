@@ -66,7 +66,9 @@ def write_sources(ds: Dataset, repo: Path, history_fraction: float = 0.8) -> dic
               "item_popularity": item_popularity(history)}
     for name, frame in frames.items():
         frame.write_parquet(data / f"{name}.parquet")
-    if not (data / "user_state.parquet").exists():  # the push source's batch log starts empty
-        pl.DataFrame(schema={"user_id": pl.Utf8, "state": pl.List(pl.Float32), "events": pl.Int64,
-                             "recent_items": pl.List(pl.Int64), "event_timestamp": pl.Datetime("us", "UTC")}).write_parquet(data / "user_state.parquet")
+    log = data / "user_state.parquet"  # the push source's batch log starts empty
+    schema = {"user_id": pl.Utf8, "state": pl.List(pl.Float32), "events": pl.Int64, "recent_items": pl.List(pl.Int64),
+              "last_ts": pl.Int64, "event_timestamp": pl.Datetime("us", "UTC")}
+    if not log.exists() or dict(pl.read_parquet_schema(log)) != schema:
+        pl.DataFrame(schema=schema).write_parquet(log)
     return {name: frame.height for name, frame in frames.items()}

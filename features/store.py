@@ -61,10 +61,12 @@ class FeatureRepo:
         self.store.materialize(start_date=datetime(1970, 1, 2, tzinfo=timezone.utc), end_date=end,
                                feature_views=["user_profile", "item_attributes", "item_popularity"])
 
-    def push_user_state(self, user_ids, states, events=None, recent_items=None, ts: datetime | None = None) -> None:
+    def push_user_state(self, user_ids, states, events=None, recent_items=None, last_ts=None,
+                        ts: datetime | None = None) -> None:
         """Write fresh user vectors to the online store: one call per micro-batch, not per event.
         ``states`` is a 2-D array or a list of vectors (the population row is longer);
-        ``recent_items`` the model's item indices each user touched last (serving masks them).
+        ``recent_items`` the model's item indices each user touched last (serving masks them);
+        ``last_ts`` the time of each row's latest event (the population row's: the stream's clock).
 
         The rows go to the online store of the ``user_state`` view through its provider, as
         `FeatureStore.push(..., to=ONLINE)` would, built as protos straight from the arrays:
@@ -77,18 +79,21 @@ class FeatureRepo:
         ts = ts or datetime.now(timezone.utc)
         events = np.asarray(events if events is not None else np.zeros(n), dtype=np.int64).tolist()
         recent = recent_items if recent_items is not None else [()] * n
+        last_ts = np.asarray(last_ts if last_ts is not None else np.full(n, -1), dtype=np.int64).tolist()
         rows = [(EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=str(u))]),
                  {"state": Value(float_list_val=FloatList(val=np.asarray(v, dtype=np.float32).tolist())),
                   "events": Value(int64_val=e),
-                  "recent_items": Value(int64_list_val=Int64List(val=np.asarray(r, dtype=np.int64).tolist()))},
+                  "recent_items": Value(int64_list_val=Int64List(val=np.asarray(r, dtype=np.int64).tolist())),
+                  "last_ts": Value(int64_val=t)},
                  ts, None)
-                for u, v, e, r in zip(user_ids, states, events, recent, strict=True)]
+                for u, v, e, r, t in zip(user_ids, states, events, recent, last_ts, strict=True)]
         if self._user_state is None:
             self._user_state = self.store.get_feature_view("user_state")
         self.store._get_provider().online_write_batch(self.store.config, self._user_state, rows, None)
 
     def user_state(self, user_ids) -> dict[str, list]:
-        return self.online(["user_state:state", "user_state:events", "user_state:recent_items"], "user_id", user_ids)
+        return self.online([f"user_state:{name}" for name in ("state", "events", "recent_items", "last_ts")],
+                           "user_id", user_ids)
 
     def online(self, features: list[str], key: str, ids) -> dict[str, list]:
         rows = {key: [str(i) for i in ids]}

@@ -117,6 +117,9 @@ class NestedModel(nn.Module):
         self.W_mid = nn.Linear(D, D, bias=False)
         self.mid_rates = nn.Parameter(torch.tensor([-1.0, -3.0]))  # → step, decay
         self.pop_weight = nn.Parameter(torch.tensor(1.0))  # starts as a log-popularity prior
+        # How fast a returning user's personal score gives way to the population level, per
+        # log-day of absence; 0 in meta-training, set on the history's tail (recsys/calibration.py).
+        self.register_buffer("fade", torch.zeros(()))
         if cfg.use_fast and not cfg.static_popularity:  # the slow-only ablation keeps them: nothing else ranks
             self.item_bias.requires_grad_(False)
             self.user0.requires_grad_(False)
@@ -239,9 +242,20 @@ class NestedModel(nn.Module):
     @torch.no_grad()
     def score(self, state: FastState, users: torch.Tensor, n_items: int) -> torch.Tensor:
         """(B,) users → (B, n_items) scores from the current state."""
+        personal, population = self.score_parts(state, users, n_items)
+        return personal + population
+
+    def score_parts(self, state: FastState, users: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scores' two parts: personal (B, n_items) from the slow and user levels, and the
+        population level's (n_items,), shared by everyone."""
         E, b = self.all_items(n_items)
         z = self.user_vectors(state.M[users], state.last[users], state.mid[users])  # (B, D)
-        return z @ E.T + b + self.pop_term(state.pop[:n_items])
+        if self.cfg.use_fast:  # the clock is the latest event applied: the same offline and online
+            z = z * self.trust(state.last_ts.max() - state.last_ts[users]).unsqueeze(1)
+        return z @ E.T + b, self.pop_term(state.pop[:n_items])
+
+    def trust(self, absent_s: torch.Tensor) -> torch.Tensor:
+        return trust(absent_s.to(self.user0.dtype), self.fade)
 
     @torch.no_grad()
     def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor) -> FastState:
@@ -336,6 +350,13 @@ class NestedModel(nn.Module):
         model = cls(replace(cfg, **overrides)).to(weights["user0"].dtype)  # exact: no dtype rounding
         model.load_state_dict(weights)
         return model
+
+
+def trust(absent_s: torch.Tensor, fade: torch.Tensor) -> torch.Tensor:
+    """(B,) seconds since each user's latest event → (B,) weight of their personal score:
+    tastes read from old events say less about today than what everyone watches now.
+    The one formula for replay, the stream worker and the exported serving graph."""
+    return 1 / (1 + fade * torch.log1p(absent_s.clamp(min=0) / 86400))
 
 
 def load_item_ids(path) -> list[str]:

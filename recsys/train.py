@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from recsys.calibration import calibrate, split_history
 from recsys.nested_model import NestedConfig, NestedModel, load_state, population_defaults, save_state
 
 
@@ -35,6 +36,10 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True
     absorb_batch: int = 4096  # micro-batch for writing the history into the fast state
+    # The latest share of the history held out to calibrate the population level's weight
+    # (recsys/calibration.py); 0 keeps the weight meta-training learned.
+    calibration_tail: float = 0.1
+    refit: bool = False
 
 
 def population_snapshots(items: np.ndarray, n_items: int, cfg: NestedConfig) -> torch.Tensor:
@@ -58,9 +63,29 @@ def _user_sequences(history, max_len: int) -> list[np.ndarray]:
 
 
 def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfig = TrainConfig()) -> NestedModel:
+    """Meta-train on the history, then calibrate the population level's weight on its tail."""
+    model_cfg = model_cfg or NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events))
+    if not model_cfg.use_fast or cfg.calibration_tail <= 0:
+        return _meta_train(history, model_cfg, cfg)
+    fit_part, tail = split_history(history, cfg.calibration_tail)
+    model = _meta_train(fit_part, model_cfg, cfg)
+    t0 = time.perf_counter()
+    multiplier, fade = calibrate(model.cpu(), fit_part, tail, absorb_batch=cfg.absorb_batch)
+    if cfg.refit:
+        model = _meta_train(history, model_cfg, cfg)
+    model.to(cfg.device)
+    with torch.no_grad():
+        model.pop_weight.mul_(multiplier)
+        model.fade.fill_(fade)
+    if cfg.progress and distributed_rank()[0] == 0:
+        print(f"calibrated on the history's latest {cfg.calibration_tail:.0%} in {time.perf_counter() - t0:.0f}s: "
+              f"population weight ×{multiplier:g} → {float(model.pop_weight):.3f}, fade {fade:g}")
+    return model
+
+
+def _meta_train(history, model_cfg: NestedConfig, cfg: TrainConfig) -> NestedModel:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model_cfg = model_cfg or NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events))
     model = NestedModel(model_cfg).to(cfg.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     snaps = population_snapshots(history.items, model_cfg.n_items, model_cfg).to(cfg.device)

@@ -68,15 +68,18 @@ class Ranker:
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         log.info("model %s: %d items, execution provider %s", path, len(self.item_ids), self.provider)
 
-    def top(self, user: np.ndarray, population: np.ndarray, seen: list[int], exclude: list[str],
+    def top(self, user: np.ndarray, absent_s: float, population: np.ndarray, seen: list[int], exclude: list[str],
             k: int) -> list[tuple[str, float]]:
-        """``seen``: item indices from the stream worker (items newer than this model are
-        past its catalogue and skipped); ``exclude``: item ids from the request."""
+        """``absent_s``: seconds from the user's latest event to the stream's clock (their
+        personal score fades with it); ``seen``: item indices from the stream worker (items
+        newer than this model are past its catalogue and skipped); ``exclude``: item ids
+        from the request."""
         n = len(self.item_ids)
         mask = np.zeros((1, n), dtype=bool)
         mask[0, [i for i in seen if 0 <= i < n]] = True
         mask[0, [self.index[i] for i in exclude if i in self.index]] = True
         scores, items = self.session.run(None, {"user": user.reshape(1, -1).astype(np.float32, copy=False),
+                                                "absent_s": np.array([absent_s], dtype=np.float32),
                                                 "population": population, "exclude": mask})
         return [(self.item_ids[i], float(s)) for i, s in zip(items[0, :k], scores[0, :k]) if np.isfinite(s)]
 
@@ -97,29 +100,35 @@ class Service:
             from streaming.producer import make_producer
 
             self.producer = make_producer(cfg.bootstrap_servers, linger_ms=0)
-        self._population = (float("-inf"), np.zeros(0, dtype=np.float32))
+        self._population = (float("-inf"), np.zeros(0, dtype=np.float32), -1)
         self.started = time.time()
         self._stop = threading.Event()
         threading.Thread(target=self._watch_model, daemon=True, name="model-watch").start()
 
-    def user_state(self, user_id: str) -> tuple[np.ndarray, list[int], str]:
-        """(user vector, item indices the user touched last, "user" | "population")."""
+    def user_state(self, user_id: str) -> tuple[np.ndarray, list[int], int, str]:
+        """(user vector, item indices the user touched last, time of their latest event
+        (-1: unknown), "user" | "population")."""
         if self.features is not None:
             row = self.features.user_state([user_id])
             if row["state"][0] is not None:
-                return np.asarray(row["state"][0], dtype=np.float32), row["recent_items"][0] or [], "user"
-        return self.ranker.user0, [], "population"
+                last_ts = row["last_ts"][0]
+                return (np.asarray(row["state"][0], dtype=np.float32), row["recent_items"][0] or [],
+                        -1 if last_ts is None else last_ts, "user")
+        return self.ranker.user0, [], -1, "population"
 
-    def population(self, n: int) -> np.ndarray:
-        """The population level's score term over ``n`` items, re-read at most every ``population_every_s``."""
-        read_at, term = self._population
+    def population(self, n: int) -> tuple[np.ndarray, int]:
+        """The population level's score term over ``n`` items and the stream's clock (the
+        latest event applied, -1: unknown), re-read at most every ``population_every_s``."""
+        read_at, term, clock = self._population
         if self.features is not None and time.monotonic() - read_at >= self.cfg.population_every_s:
-            row = self.features.user_state([POPULATION_KEY])["state"][0]
-            term = np.asarray(row, dtype=np.float32) if row is not None else term
-            self._population = (time.monotonic(), term)
+            row = self.features.user_state([POPULATION_KEY])
+            if row["state"][0] is not None:
+                term = np.asarray(row["state"][0], dtype=np.float32)
+                clock = -1 if row["last_ts"][0] is None else row["last_ts"][0]
+            self._population = (time.monotonic(), term, clock)
         out = np.zeros(n, dtype=np.float32)
         out[:min(n, len(term))] = term[:n]  # items newer than the model are not in its graph
-        return out
+        return out, clock
 
     def _watch_model(self) -> None:
         while not self._stop.wait(self.cfg.reload_every_s):
@@ -174,11 +183,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                         exclude: str = Query("", description="comma-separated item ids not to recommend, "
                                              "besides the user's latest items, which are never recommended")):
         ranker = service.ranker  # one read: a swap mid-request cannot mix two models
-        user, seen, source = service.user_state(user_id)
+        user, seen, last_ts, source = service.user_state(user_id)
         if user.shape != ranker.user0.shape:
             raise HTTPException(409, f"user state has {user.shape[0]} dims, model expects {ranker.user0.shape[0]}")
-        items = ranker.top(user, service.population(len(ranker.item_ids)), seen,
-                           [e for e in exclude.split(",") if e], k)
+        population, clock = service.population(len(ranker.item_ids))
+        absent_s = clock - last_ts if min(clock, last_ts) >= 0 else 0
+        items = ranker.top(user, absent_s, population, seen, [e for e in exclude.split(",") if e], k)
         return {"user_id": user_id, "source": source, "model": str(ranker.path),
                 "items": [{"item_id": i, "score": round(s, 6)} for i, s in items]}
 

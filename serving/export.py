@@ -26,17 +26,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from recsys.nested_model import trust
+
 K_MAX = 100  # the graph returns the top 100; the API slices to the requested k
 
 
 class Scorer(nn.Module):
-    def __init__(self, item_embeddings: torch.Tensor, item_bias: torch.Tensor):
+    def __init__(self, item_embeddings: torch.Tensor, item_bias: torch.Tensor, fade: torch.Tensor):
         super().__init__()
         self.register_buffer("E", item_embeddings.detach().float().clone())  # (N, D)
         self.register_buffer("b", item_bias.detach().float().clone())  # (N,)
+        self.register_buffer("fade", fade.detach().float().clone())  # ()
 
-    def forward(self, user: torch.Tensor, population: torch.Tensor, exclude: torch.Tensor):
-        """user (B, D), population (N,) score term, exclude (B, N) bool → top-K values and indices."""
+    def forward(self, user: torch.Tensor, absent_s: torch.Tensor, population: torch.Tensor, exclude: torch.Tensor):
+        """user (B, D), absent_s (B,) seconds since the user's latest event (by the stream's
+        clock), population (N,) score term, exclude (B, N) bool → top-K values and indices."""
+        user = user * trust(absent_s, self.fade).unsqueeze(1)
         scores = user @ self.E.T + self.b + population
         scores = scores.masked_fill(exclude, float("-inf"))
         return torch.topk(scores, min(K_MAX, self.E.shape[0]), dim=1)
@@ -56,7 +61,7 @@ def scorer_from_checkpoint(checkpoint: Path) -> tuple[Scorer, list[str], torch.T
 
     model = NestedModel.load(checkpoint).float().eval()
     E, b = model.all_items(model.n_items)
-    return Scorer(E, b), load_item_ids(checkpoint), model.user0.detach().float().clone()
+    return Scorer(E, b, model.fade), load_item_ids(checkpoint), model.user0.detach().float().clone()
 
 
 def export_onnx(checkpoint: Path, out: Path, seed: int = 0) -> ExportCheck:
@@ -65,13 +70,13 @@ def export_onnx(checkpoint: Path, out: Path, seed: int = 0) -> ExportCheck:
     scorer, item_ids, user0 = scorer_from_checkpoint(checkpoint)
     N, D = scorer.E.shape
     g = torch.Generator().manual_seed(seed)
-    example = (torch.randn(2, D, generator=g), torch.zeros(N), torch.zeros(2, N, dtype=torch.bool))
+    example = (torch.randn(2, D, generator=g), torch.zeros(2), torch.zeros(N), torch.zeros(2, N, dtype=torch.bool))
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # the tracer's note on topk's k: fixed by design (the catalogue size)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(scorer, example, str(out), input_names=["user", "population", "exclude"],
+        torch.onnx.export(scorer, example, str(out), input_names=["user", "absent_s", "population", "exclude"],
                           output_names=["scores", "items"],
-                          dynamic_axes={"user": {0: "batch"}, "exclude": {0: "batch"}}, dynamo=False)
+                          dynamic_axes={"user": {0: "batch"}, "absent_s": {0: "batch"}, "exclude": {0: "batch"}}, dynamo=False)
     proto = onnx.load(str(out))
     for key, value in {"item_ids": json.dumps(item_ids), "user0": json.dumps(user0.tolist()),
                        "source_checkpoint": str(checkpoint)}.items():
@@ -82,7 +87,8 @@ def export_onnx(checkpoint: Path, out: Path, seed: int = 0) -> ExportCheck:
 
 
 def check_export(scorer: Scorer, path: Path, g: torch.Generator, batches=(1, 7, 64)) -> ExportCheck:
-    """Random valid inputs: user vectors at the trained scale, a population term, a sparse mask."""
+    """Random valid inputs: user vectors at the trained scale, absences from none to months,
+    a population term, a sparse mask."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -90,12 +96,13 @@ def check_export(scorer: Scorer, path: Path, g: torch.Generator, batches=(1, 7, 
     worst, same = 0.0, True
     for B in batches:
         user = torch.randn(B, D, generator=g) * scorer.E.std()
+        absent_s = torch.rand(B, generator=g) * 90 * 86400
         population = torch.log1p(torch.rand(N, generator=g) * 100)
         exclude = torch.rand(B, N, generator=g) < 0.05
         with torch.no_grad():
-            want_v, want_i = scorer(user, population, exclude)
-        got_v, got_i = session.run(None, {"user": user.numpy(), "population": population.numpy(),
-                                          "exclude": exclude.numpy()})
+            want_v, want_i = scorer(user, absent_s, population, exclude)
+        got_v, got_i = session.run(None, {"user": user.numpy(), "absent_s": absent_s.numpy(),
+                                          "population": population.numpy(), "exclude": exclude.numpy()})
         want_v = want_v.numpy()
         finite = np.isfinite(want_v)  # masked items can reach the top-K of a small catalogue: -inf on both sides
         worst = max(worst, float(np.abs(got_v[finite] - want_v[finite]).max()))

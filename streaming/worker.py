@@ -275,8 +275,9 @@ class StreamWorker:
             ids = [self.users.ids[r] for r in rows.tolist()] + [POPULATION_KEY]
             events = np.append(s.cnt[rows].cpu().numpy(), int(s.seen))
             recent = [r[r >= 0] for r in s.recent[rows].cpu().numpy()] + [np.zeros(0, np.int64)]
+            last_ts = np.append(s.last_ts[rows].cpu().numpy(), int(s.last_ts.max()))  # population: the clock
             stamps = np.concatenate(self.unpushed_ms) if self.unpushed_ms else np.zeros(0)
-            self.push_job = self.pusher.submit(self._write, ids, [*z, pop], events, recent, stamps)
+            self.push_job = self.pusher.submit(self._write, ids, [*z, pop], events, recent, last_ts, stamps)
             if wait:
                 self.push_job.result()
         elif self.unpushed_ms:  # no online store: fresh when applied
@@ -285,10 +286,10 @@ class StreamWorker:
         self.unpushed_ms = []
         self.seconds["push"] += time.perf_counter() - t0
 
-    def _write(self, ids, vectors, events, recent, stamps_ms) -> None:
+    def _write(self, ids, vectors, events, recent, last_ts, stamps_ms) -> None:
         t0 = time.perf_counter()
         try:
-            self.features.submit(_push_user_state, ids, vectors, events, recent).result()
+            self.features.submit(_push_user_state, ids, vectors, events, recent, last_ts).result()
             self.metrics.push.observe(time.perf_counter() - t0)
             self.metrics.push_rows.observe(len(ids))
         except Exception as e:  # the state (and its checkpoint) is the truth: a failed push is logged, not fatal
@@ -457,8 +458,8 @@ def _feature_repo_ready() -> bool:
     return _repo is not None
 
 
-def _push_user_state(ids, vectors, events, recent) -> None:
-    _repo.push_user_state(ids, vectors, events=events, recent_items=recent)
+def _push_user_state(ids, vectors, events, recent, last_ts) -> None:
+    _repo.push_user_state(ids, vectors, events=events, recent_items=recent, last_ts=last_ts)
 
 
 def run_worker(cfg: WorkerConfig) -> int:

@@ -31,10 +31,10 @@ def test_materialized_features_are_online(repo):
 
 def test_push_then_get_returns_the_pushed_vector(repo):
     vectors = np.random.default_rng(0).normal(size=(2, 64)).astype(np.float32)
-    repo.push_user_state([5, 6], vectors, events=[3, 4], recent_items=[[10, 11], []])
+    repo.push_user_state([5, 6], vectors, events=[3, 4], recent_items=[[10, 11], []], last_ts=[1_000, 2_000])
     got = repo.user_state([5, 6, 999_999])
     assert np.allclose(got["state"][0], vectors[0]) and np.allclose(got["state"][1], vectors[1])
-    assert got["events"][:2] == [3, 4] and got["recent_items"][0] == [10, 11]
+    assert got["events"][:2] == [3, 4] and got["recent_items"][0] == [10, 11] and got["last_ts"][:2] == [1_000, 2_000]
     assert got["state"][2] is None  # an unknown user gets no state, not an error
 
 

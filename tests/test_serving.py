@@ -65,9 +65,11 @@ def test_recommendations_rank_by_the_pushed_user_vector(data, model, repo):
     scorer, item_ids, _ = scorer_from_checkpoint(model.with_suffix(".safetensors"))
     vector = np.random.default_rng(0).normal(size=64).astype(np.float32)
     population = np.linspace(0, 1, len(item_ids), dtype=np.float32)
-    repo.push_user_state(["alice", POPULATION_KEY], [vector, population], events=[3, 100])
+    clock, away = 1_700_000_000, 3 * 86400  # alice's latest event was 3 days before the stream's clock
+    repo.push_user_state(["alice", POPULATION_KEY], [vector, population], events=[3, 100],
+                         last_ts=[clock - away, clock])
     with torch.no_grad():
-        want = scorer(torch.from_numpy(vector)[None], torch.from_numpy(population),
+        want = scorer(torch.from_numpy(vector)[None], torch.tensor([float(away)]), torch.from_numpy(population),
                       torch.zeros(1, len(item_ids), dtype=torch.bool))[1][0, :5]
     with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path))) as url:
         got = httpx.get(f"{url}/recommendations/alice", params={"k": 5}).json()
