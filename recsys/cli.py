@@ -120,12 +120,13 @@ def cmd_train(args) -> int:
         if device == "cuda":
             device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(device)
-    cfg = TrainConfig(epochs=args.epochs, device=device, lr=args.lr)
+    cfg = TrainConfig(epochs=args.epochs, device=device, lr=args.lr, shard=args.shard)
     model = train_artifact(_load(args), Path(args.out), cfg, history_fraction=args.history_fraction)
     if world > 1:
         import torch.distributed as dist
 
-        # Equal on every rank when the gradients were averaged: the replicas never drift apart.
+        # Equal on every rank when the gradients were averaged: the replicas never drift apart
+        # (sharded, the table is gathered back into every rank's copy before it is saved).
         checksum = sum(float(p.double().sum()) for p in model.parameters())
         print(f"rank {dist.get_rank()}/{world}: parameter checksum {checksum:.12e}")
         dist.destroy_process_group()
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--shard", action="store_true",
+                   help="under torchrun: split the item table across the processes (TorchRec model parallel)")
     p.add_argument("--history-fraction", type=float, default=0.8,
                    help="train on this first part of the log; the rest is left for the stream")
     p.add_argument("--out", default="runs/model/model.safetensors")

@@ -103,6 +103,7 @@ class NestedModel(nn.Module):
             name="item", embedding_dim=D, num_embeddings=cfg.n_items, feature_names=["item"],
             pooling=PoolingType.SUM)], device=torch.device("cpu"))
         nn.init.normal_(self.tables.embedding_bags["item"].weight, std=0.05)
+        self.sharded = False  # True once `recsys.train.shard_item_table` splits the table across processes
         self.item_bias = nn.Parameter(torch.zeros(cfg.n_items))
         self.user0 = nn.Parameter(torch.zeros(D))  # the population's user vector
         # User-fast: keys, values, queries and the data-dependent gates of the write rule.
@@ -130,7 +131,11 @@ class NestedModel(nn.Module):
         return self.cfg.n_items
 
     def item_table(self) -> torch.Tensor:
-        return self.tables.embedding_bags["item"].weight  # (N, D)
+        """(N, D): the table's weight, or, split across processes, every row looked up (the
+        softmax is over all items; gradients flow back to each row's shard)."""
+        if self.sharded:
+            return self.item_vectors(torch.arange(self.cfg.n_items, device=self.user0.device))
+        return self.tables.embedding_bags["item"].weight
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """(…,) item ids → (…, D) via the TorchRec table; ids past the table are cold (zeros)."""

@@ -39,7 +39,9 @@ class TrainConfig:
     # The latest share of the history held out to calibrate the population level's weight
     # (recsys/calibration.py); 0 keeps the weight meta-training learned.
     calibration_tail: float = 0.1
-    refit: bool = False
+    # Under torchrun: split the item table across the processes (TorchRec model parallel)
+    # instead of replicating it; the dense parameters stay data parallel.
+    shard: bool = False
 
 
 def population_snapshots(items: np.ndarray, n_items: int, cfg: NestedConfig) -> torch.Tensor:
@@ -71,8 +73,6 @@ def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfi
     model = _meta_train(fit_part, model_cfg, cfg)
     t0 = time.perf_counter()
     multiplier, fade = calibrate(model.cpu(), fit_part, tail, absorb_batch=cfg.absorb_batch)
-    if cfg.refit:
-        model = _meta_train(history, model_cfg, cfg)
     model.to(cfg.device)
     with torch.no_grad():
         model.pop_weight.mul_(multiplier)
@@ -87,7 +87,9 @@ def _meta_train(history, model_cfg: NestedConfig, cfg: TrainConfig) -> NestedMod
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = NestedModel(model_cfg).to(cfg.device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.shard:
+        shard_item_table(model, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # the sharded table's optimizer is its own
     snaps = population_snapshots(history.items, model_cfg.n_items, model_cfg).to(cfg.device)
     items_t = torch.from_numpy(history.items).to(cfg.device)
     ts_t = torch.from_numpy(history.ts).to(cfg.device)
@@ -111,7 +113,52 @@ def _meta_train(history, model_cfg: NestedConfig, cfg: TrainConfig) -> NestedMod
             bar.set_postfix(loss=f"{total / max(n, 1):.3f}", refresh=False)
         if cfg.progress and rank == 0:
             print(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f} in {time.perf_counter() - t0:.0f}s")
-    return model.eval()
+    return (unshard(model) if cfg.shard else model).eval()
+
+
+def shard_item_table(model: NestedModel, cfg: TrainConfig) -> None:
+    """TorchRec model parallel: the item table becomes a `DistributedModelParallel` module
+    whose rows (GPUs) or columns (CPUs: fbgemm's CPU kernels shard no rows) are split across
+    the ranks; lookups and their gradients travel by all-to-all. Its optimizer runs fused
+    in the backward (Adagrad: the fused CPU kernels have no Adam). Every rank starts from
+    the same seeded table, copied into its shard."""
+    import torch.distributed as dist
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    rank, world = distributed_rank()
+    if world < 2:
+        raise ValueError("sharding the item table needs several processes: launch with torchrun --nproc_per_node N")
+    device = torch.device(cfg.device)
+    initial = model.item_table().detach().clone()
+    apply_optimizer_in_backward(torch.optim.Adagrad, model.tables.parameters(), {"lr": 5 * cfg.lr})
+    constraints = None if device.type == "cuda" else {"item": ParameterConstraints(
+        sharding_types=["column_wise"], min_partition=max(1, model.cfg.dim // world))}
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type),
+                                       constraints=constraints)
+    sharder = EmbeddingBagCollectionSharder()
+    plan = planner.collective_plan(model.tables, [sharder], dist.GroupMember.WORLD)
+    model.tables = DistributedModelParallel(model.tables, device=device, plan=plan, sharders=[sharder],
+                                            init_data_parallel=False)
+    model.sharded = True
+    for shard in model.tables.state_dict()["embedding_bags.item.weight"].local_shards():
+        (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+        shard.tensor.detach().copy_(initial[r:r + h, c:c + w])
+        print(f"rank {rank}/{world}: item table shard rows {r}:{r + h} columns {c}:{c + w}")
+
+
+def unshard(model: NestedModel) -> NestedModel:
+    """The same model with the whole table in one plain module (every rank gathers it), to
+    save, calibrate and serve."""
+    with torch.no_grad():
+        table = model.item_table().detach().float()
+    plain = NestedModel(model.cfg).to(table.device)
+    # Named tensors, not state_dict(): the wrapped table's hooks leave the top-level ones out of it.
+    dense = {k: v for k, v in [*model.named_parameters(), *model.named_buffers()] if not k.startswith("tables.")}
+    plain.load_state_dict(dense | {"tables.embedding_bags.item.weight": table})
+    return plain
 
 
 def distributed_rank() -> tuple[int, int]:
