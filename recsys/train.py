@@ -79,7 +79,7 @@ def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfi
         model.fade.fill_(fade)
     if cfg.progress and distributed_rank()[0] == 0:
         print(f"calibrated on the history's latest {cfg.calibration_tail:.0%} in {time.perf_counter() - t0:.0f}s: "
-              f"population weight ×{multiplier:g} → {float(model.pop_weight):.3f}, fade {fade:g}")
+              f"population weight ×{multiplier:g} → {model.pop_weight.item():.3f}, fade {fade:g}")
     return model
 
 

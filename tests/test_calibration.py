@@ -53,6 +53,6 @@ def test_training_sets_the_calibrated_mix_on_the_model():
     plain = train_nested(fit_part, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0))
     calibrated = train_nested(history, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0.1))
     # Trained on the same 90%, then the mix set on the last 10%: the weights differ by the grid's factor.
-    ratio = float(calibrated.pop_weight / plain.pop_weight)
+    ratio = (calibrated.pop_weight / plain.pop_weight).item()
     assert any(abs(ratio - k) < 1e-5 for k in (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)), ratio
     assert torch.equal(calibrated.item_table(), plain.item_table())
