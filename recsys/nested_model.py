@@ -7,6 +7,9 @@
 | user-mid | taste adapter `mid` + gradient accumulator | every `C_mid` of the user's events |
 | user-fast | matrix memory `M` + momentum `S` (Titans delta rule) | every event |
 
+Scores mix them as ``trust(time away) · personal + pop_weight · log(1 + pop)``; the mix is
+set on the history's tail after training (`recsys/calibration.py`).
+
 The fast state is a value (`FastState`), passed in and returned:
 
     >>> state = model.init_state(n_users=100, n_items=model.n_items)

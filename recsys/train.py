@@ -65,7 +65,8 @@ def _user_sequences(history, max_len: int) -> list[np.ndarray]:
 
 
 def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfig = TrainConfig()) -> NestedModel:
-    """Meta-train on the history, then calibrate the population level's weight on its tail."""
+    """Meta-train on the history but its latest ``calibration_tail``, then set the mix of the
+    population and personal levels (weight multiplier, fade) on that tail."""
     model_cfg = model_cfg or NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events))
     if not model_cfg.use_fast or cfg.calibration_tail <= 0:
         return _meta_train(history, model_cfg, cfg)
