@@ -5,17 +5,18 @@ personal score (item embeddings, fast reads) looks more certain in training than
 events it has not seen, and the learned population weight comes out too small; and it
 learns nothing of users who come back after a long absence. Two numbers set the mix: the
 population weight's multiplier, and ``fade``, how fast a returning user's personal score
-gives way (`NestedModel.trust`). ML-1M, one fit, on the stream: NDCG@10 0.0182 as trained,
+gives way (`recsys.nested_model.trust`). ML-1M, one fit, on the stream: NDCG@10 0.0182 as trained,
 0.0222 with the population weight ×3, 0.0238 with ×3 and fade 0.3.
 
 Both are chosen the way the replay scores, on a held-out tail of the *history* (never the
 stream): the model is trained on the history before the tail, its fast state absorbs that
 part, then the tail is replayed micro-batch by micro-batch with the state from before each
 batch, seen items filtered. Every pair of the grid is ranked from the same two score
-parts, so the whole grid costs one pass.
+parts, so the whole grid costs one pass. That pass has written the whole history into
+the fast state, which is returned for the caller to start from.
 
     >>> fit_part, tail = split_history(history, 0.1)
-    >>> multiplier, fade = calibrate(model, fit_part, tail)
+    >>> multiplier, fade, state = calibrate(model, fit_part, tail)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recsys.nested_model import NestedModel
+from offline_eval.metrics import ranks_of_targets
+from recsys.nested_model import FastState, NestedModel, trust, write_log
 
 # Geometric, wide enough for "popularity barely matters" and "popularity is nearly all".
 MULTIPLIERS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -38,16 +40,14 @@ def split_history(history, tail_fraction: float):
 
 @torch.no_grad()
 def calibrate(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb_batch: int = 4096,
-              score_every: int = 2, multipliers=MULTIPLIERS, fades=FADES) -> tuple[float, float]:
+              score_every: int = 2, multipliers=MULTIPLIERS, fades=FADES) -> tuple[float, float, FastState]:
     """(population weight multiplier, fade) with the best NDCG@10 on ``tail`` replayed after
-    ``fit_part``; ties go to the pair nearest the trained model (×1, no fade). Every batch
-    is applied; one in ``score_every`` is scored (the grid is the costly part)."""
+    ``fit_part`` (ties go to the pair nearest the trained model: ×1, no fade), and the fast
+    state after both. Every batch is applied; one in ``score_every`` is scored (the grid is
+    the costly part)."""
     n_users = max(fit_part.n_users_known, tail.n_users_known)
     n_items = max(fit_part.n_items_known, tail.n_items_known)
-    state = model.init_state(n_users, n_items)
-    for lo in range(0, fit_part.n_events, absorb_batch):
-        part = fit_part.slice(lo, lo + absorb_batch)
-        state = model.update(state, *(torch.from_numpy(a) for a in (part.users, part.items, part.ts)))
+    state = write_log(model, model.init_state(n_users, n_items), fit_part, absorb_batch)
     seen = torch.zeros(n_users, n_items, dtype=torch.bool)
     seen[torch.from_numpy(fit_part.users), torch.from_numpy(fit_part.items)] = True
 
@@ -58,23 +58,17 @@ def calibrate(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb_
     fade = model.fade.clone()
     model.fade.zero_()  # the grid applies its own
     for b, lo in enumerate(range(0, tail.n_events, batch_size)):
-        batch = tail.slice(lo, lo + batch_size)
-        users, items, ts = (torch.from_numpy(a) for a in (batch.users, batch.items, batch.ts))
-        n_known = int(known_upto[lo])
-        scored = (items < n_known) & (b % score_every == 0)  # a first sighting is a miss for every pair
-        u, targets = users[scored], items[scored]
-        personal, population = model.score_parts(state, u, n_known)  # (b, N), (N,)
-        days = (state.last_ts.max() - state.last_ts[u]).clamp(min=0).to(personal.dtype) / 86400
-        trust = 1 / (1 + f * torch.log1p(days).view(1, -1, 1))  # (G, b, 1)
-        personal = torch.where(seen[u, :n_known], float("-inf"), personal)
-        scores = trust * personal + k * population  # (G, b, N)
-        target = scores.gather(2, targets.view(1, -1, 1).expand(len(grid), -1, 1))  # (G, b, 1)
-        rank = (scores >= target).sum(2)  # 1-based, ties against the target
-        gain += torch.where((rank <= 10) & (target.squeeze(2) > float("-inf")),
-                            1.0 / torch.log2(rank.double() + 1), 0.0).sum(1)
+        users, items, ts = (torch.from_numpy(a[lo:lo + batch_size]) for a in (tail.users, tail.items, tail.ts))
+        if b % score_every == 0:
+            n_known = int(known_upto[lo])
+            personal, population = model.score_parts(state, users, n_known)  # (B, N), (N,)
+            weight = trust(state.absent_s(users).to(personal.dtype).view(1, -1, 1), f)  # (G, B, 1)
+            scores = torch.where(seen[users, :n_known], float("-inf"), weight * personal + k * population)
+            ranks = ranks_of_targets(scores.flatten(0, 1), items.repeat(len(grid)), None).view(len(grid), -1)
+            gain += torch.where(ranks <= 10, 1 / torch.log2(ranks + 1), 0.0).sum(1)  # misses rank inf
         state = model.update(state, users, items, ts)
         seen[users, items] = True
     model.fade.copy_(fade)
     distance = grid[:, 0].log().abs() + grid[:, 1]
     best = max(range(len(grid)), key=lambda i: (round(float(gain[i]), 6), -float(distance[i])))
-    return float(grid[best, 0]), float(grid[best, 1])
+    return float(grid[best, 0]), float(grid[best, 1]), state

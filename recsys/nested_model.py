@@ -93,6 +93,14 @@ class FastState:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def clock(self) -> torch.Tensor:
+        """() the time of the latest event applied: the same offline and online."""
+        return self.last_ts.max()
+
+    def absent_s(self, users: torch.Tensor) -> torch.Tensor:
+        """(B,) seconds from each user's latest event to the clock."""
+        return self.clock() - self.last_ts[users]
+
 
 class NestedModel(nn.Module):
     def __init__(self, cfg: NestedConfig):
@@ -258,12 +266,9 @@ class NestedModel(nn.Module):
         population level's (n_items,), shared by everyone."""
         E, b = self.all_items(n_items)
         z = self.user_vectors(state.M[users], state.last[users], state.mid[users])  # (B, D)
-        if self.cfg.use_fast:  # the clock is the latest event applied: the same offline and online
-            z = z * self.trust(state.last_ts.max() - state.last_ts[users]).unsqueeze(1)
+        if self.cfg.use_fast:
+            z = z * trust(state.absent_s(users).to(z.dtype), self.fade).unsqueeze(1)
         return z @ E.T + b, self.pop_term(state.pop[:n_items])
-
-    def trust(self, absent_s: torch.Tensor) -> torch.Tensor:
-        return trust(absent_s.to(self.user0.dtype), self.fade)
 
     @torch.no_grad()
     def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor) -> FastState:
@@ -365,6 +370,15 @@ def trust(absent_s: torch.Tensor, fade: torch.Tensor) -> torch.Tensor:
     tastes read from old events say less about today than what everyone watches now.
     The one formula for replay, the stream worker and the exported serving graph."""
     return 1 / (1 + fade * torch.log1p(absent_s.clamp(min=0) / 86400))
+
+
+def write_log(model: NestedModel, state: FastState, log, batch_size: int) -> FastState:
+    """Apply a whole time-ordered log (anything with ``users``, ``items``, ``ts`` arrays) in
+    micro-batches of ``batch_size``."""
+    for lo in range(0, len(log.users), batch_size):
+        part = (torch.from_numpy(a[lo:lo + batch_size]) for a in (log.users, log.items, log.ts))
+        state = model.update(state, *part)
+    return state
 
 
 def load_item_ids(path) -> list[str]:

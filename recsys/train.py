@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from recsys.calibration import calibrate, split_history
-from recsys.nested_model import NestedConfig, NestedModel, load_state, population_defaults, save_state
+from recsys.nested_model import (FastState, NestedConfig, NestedModel, load_state, population_defaults, save_state,
+                                 write_log)
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,21 @@ def _user_sequences(history, max_len: int) -> list[np.ndarray]:
     return sorted(seqs, key=len, reverse=True)
 
 
-def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfig = TrainConfig()) -> NestedModel:
+def train_nested(history, model_cfg: NestedConfig | None = None,
+                 cfg: TrainConfig = TrainConfig()) -> tuple[NestedModel, FastState]:
     """Meta-train on the history but its latest ``calibration_tail``, then set the mix of the
-    population and personal levels (weight multiplier, fade) on that tail."""
+    population and personal levels (weight multiplier, fade) on that tail. Returns the model
+    and the fast state after the whole history."""
     model_cfg = model_cfg or NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events))
     if not model_cfg.use_fast or cfg.calibration_tail <= 0:
-        return _meta_train(history, model_cfg, cfg)
+        model = _meta_train(history, model_cfg, cfg)
+        with torch.no_grad():
+            return model, write_log(model, model.init_state(history.n_users_known, history.n_items_known), history,
+                                    cfg.absorb_batch)
     fit_part, tail = split_history(history, cfg.calibration_tail)
     model = _meta_train(fit_part, model_cfg, cfg)
     t0 = time.perf_counter()
-    multiplier, fade = calibrate(model.cpu(), fit_part, tail, absorb_batch=cfg.absorb_batch)
+    multiplier, fade, state = calibrate(model.cpu(), fit_part, tail, absorb_batch=cfg.absorb_batch)
     model.to(cfg.device)
     with torch.no_grad():
         model.pop_weight.mul_(multiplier)
@@ -81,7 +87,7 @@ def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfi
     if cfg.progress and distributed_rank()[0] == 0:
         print(f"calibrated on the history's latest {cfg.calibration_tail:.0%} in {time.perf_counter() - t0:.0f}s: "
               f"population weight ×{multiplier:g} → {model.pop_weight.item():.3f}, fade {fade:g}")
-    return model
+    return model, state.to(cfg.device)
 
 
 def _meta_train(history, model_cfg: NestedConfig, cfg: TrainConfig) -> NestedModel:
@@ -256,7 +262,7 @@ def train_artifact(ds, out, cfg: TrainConfig = TrainConfig(), history_fraction: 
 
     log = encode(ds, ProtocolConfig(history_fraction=history_fraction))
     history = log.history()
-    model = train_nested(history, cfg=cfg)
+    model, _ = train_nested(history, cfg=cfg)
     if distributed_rank()[0] == 0:  # the replicas are identical: one writes
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         model.save(out, item_ids=log.item_ids[:history.n_items_known])
@@ -275,10 +281,7 @@ class NestedReplay:
     def fit(self, history) -> None:
         model_cfg = NestedConfig(n_items=history.n_items_known, use_fast=self.use_fast,
                                  **population_defaults(history.n_events))
-        self.model = train_nested(history, model_cfg, self.train_cfg)
-        self.state = self.model.init_state(history.n_users_known, history.n_items_known)
-        for lo in range(0, history.n_events, self.train_cfg.absorb_batch):
-            self.update(history.slice(lo, lo + self.train_cfg.absorb_batch))
+        self.model, self.state = train_nested(history, model_cfg, self.train_cfg)
 
     # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------
     def fit_key(self) -> str:

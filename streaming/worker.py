@@ -275,7 +275,7 @@ class StreamWorker:
             ids = [self.users.ids[r] for r in rows.tolist()] + [POPULATION_KEY]
             events = np.append(s.cnt[rows].cpu().numpy(), int(s.seen))
             recent = [r[r >= 0] for r in s.recent[rows].cpu().numpy()] + [np.zeros(0, np.int64)]
-            last_ts = np.append(s.last_ts[rows].cpu().numpy(), int(s.last_ts.max()))  # population: the clock
+            last_ts = np.append(s.last_ts[rows].cpu().numpy(), int(s.clock()))  # population: the clock
             stamps = np.concatenate(self.unpushed_ms) if self.unpushed_ms else np.zeros(0)
             self.push_job = self.pusher.submit(self._write, ids, [*z, pop], events, recent, last_ts, stamps)
             if wait:

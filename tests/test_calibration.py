@@ -8,7 +8,7 @@ from offline_eval.protocol import EncodedLog, ProtocolConfig, encode
 from offline_eval.replay import replay_model
 from recsys.calibration import calibrate, split_history
 from recsys.datasets import load_dataset
-from recsys.nested_model import NestedConfig, NestedModel, population_defaults
+from recsys.nested_model import NestedConfig, NestedModel, population_defaults, write_log
 from recsys.train import NestedReplay, TrainConfig, train_nested
 
 
@@ -35,13 +35,13 @@ def test_the_chosen_pair_is_the_one_the_replay_scores_best():
     history = encode(load_dataset("synthetic", n_users=300, n_items=400, n_events=12_000, seed=3)).history()
     fit_part, tail = split_history(history, 0.25)
     cfg = NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events))
-    model = train_nested(fit_part, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0))
+    model, _ = train_nested(fit_part, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0))
     grid = dict(multipliers=(0.5, 1.0, 4.0), fades=(0.0, 2.0))
 
-    chosen = calibrate(model, fit_part, tail, score_every=1, **grid)
+    multiplier, fade, _ = calibrate(model, fit_part, tail, score_every=1, **grid)
 
     by_replay = {(k, f): _replay_ndcg(model, fit_part, tail, k, f) for k in grid["multipliers"] for f in grid["fades"]}
-    assert by_replay[chosen] == max(by_replay.values()), by_replay
+    assert by_replay[multiplier, fade] == max(by_replay.values()), by_replay
     assert len(set(by_replay.values())) > 1  # the pairs really rank differently
     assert float(model.fade) == 0.0  # calibrating leaves the model as it was
 
@@ -50,9 +50,14 @@ def test_training_sets_the_calibrated_mix_on_the_model():
     history = encode(load_dataset("synthetic", n_users=200, n_items=300, n_events=8_000, seed=5)).history()
     cfg = NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events))
     fit_part, _ = split_history(history, 0.1)
-    plain = train_nested(fit_part, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0))
-    calibrated = train_nested(history, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0.1))
+    plain, _ = train_nested(fit_part, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0))
+    calibrated, state = train_nested(history, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0.1))
     # Trained on the same 90%, then the mix set on the last 10%: the weights differ by the grid's factor.
     ratio = (calibrated.pop_weight / plain.pop_weight).item()
     assert any(abs(ratio - k) < 1e-5 for k in (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)), ratio
     assert torch.equal(calibrated.item_table(), plain.item_table())
+    # The calibration's pass wrote the whole history: the state it hands back is the one a
+    # fresh write of the history gives.
+    fresh = write_log(calibrated, calibrated.init_state(history.n_users_known, history.n_items_known), history, 4096)
+    for name, value in fresh.tensors().items():
+        assert torch.allclose(state.tensors()[name], value, atol=1e-5), name
