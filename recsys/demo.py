@@ -23,6 +23,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -117,7 +119,7 @@ def _live_part(ds, cfg: DemoConfig, stack: contextlib.ExitStack) -> bool:
     print(f"[stream] all {sent.sent:,} applied and in the online store "
           f"{time.perf_counter() - t:.1f}s after the last was produced")
 
-    ok = _before_and_after(ds, cfg, url)
+    ok = _before_and_after(ds, cfg, url, model, repo)
     for proc in (worker, server):
         proc.stop()
     # uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is its clean exit.
@@ -127,12 +129,15 @@ def _live_part(ds, cfg: DemoConfig, stack: contextlib.ExitStack) -> bool:
     return ok and clean
 
 
-def _before_and_after(ds, cfg: DemoConfig, url: str) -> bool:
+def _before_and_after(ds, cfg: DemoConfig, url: str, model: Path, repo) -> bool:
     """Take an active user, show their ranking, post a few events from one taste group
     absent from it, and show the ranking once the worker's push makes the change visible.
-    The whole served list (top 100) is compared, so movement below the top k shows too."""
+    The whole served list (top 100) is compared, so movement below the top k shows too;
+    so is the personal part of the score alone, the levels the events wrote to."""
     import httpx
     import polars as pl
+
+    from recsys.nested_model import NestedModel, load_item_ids
 
     inter = ds.interactions
     activity = inter.group_by("user_id").len().sort(["len", "user_id"])
@@ -144,7 +149,10 @@ def _before_and_after(ds, cfg: DemoConfig, url: str) -> bool:
         answer = httpx.get(f"{url}/recommendations/{user}", params={"k": 100}, timeout=5).json()
         return answer["source"], answer["items"]
 
+    nested, item_ids = NestedModel.load(model), load_item_ids(model)
+    table = nested.item_table().detach().numpy()
     source, before = ranking()
+    personal_before = _personal_top(table, item_ids, repo, user, cfg.k, seen)
     shown = Counter(group.get(r["item_id"]) for r in before[:cfg.k])
     volume = Counter(group.get(str(i)) for i in inter["item_id"].to_list())
     target = next(g for g, _ in volume.most_common() if g is not None and shown[g] == 0)
@@ -177,8 +185,23 @@ def _before_and_after(ds, cfg: DemoConfig, url: str) -> bool:
     moved = len(set(ids(before[:cfg.k])) - set(ids(after[:cfg.k])))
     print(f"[user {user}] other {target!r} items: best rank {b_best} → {a_best}, {b_n} → {a_n} of the top "
           f"{len(after)}; "
-          f"{moved} of the top {cfg.k} replaced; the items just seen are masked from the list\n")
+          f"{moved} of the top {cfg.k} replaced; the items just seen are masked from the list")
+    personal_after = _personal_top(table, item_ids, repo, user, cfg.k, seen | set(fresh))
+    in_target = lambda items: sum(group.get(i) == target for i in items)  # noqa: E731
+    print(f"[user {user}] the personal part alone (slow + user levels, before the population term is added): "
+          f"{in_target(personal_before)} → {in_target(personal_after)} of its top {cfg.k} from {target!r}; "
+          f"the mix calibrated on the history weighs the population term {nested.pop_weight.item():.2f} × "
+          f"log(1 + count) and fades a returning user's personal part with fade {nested.fade.item():g}\n")
     return ids(after) != ids(before)
+
+
+def _personal_top(table: np.ndarray, item_ids: list[str], repo, user: str, k: int, exclude: set[str]) -> list[str]:
+    """The user's top items by their pushed vector alone: what the fast levels changed."""
+    vector = repo.user_state([user])["state"][0]
+    if vector is None:  # no state pushed yet
+        return []
+    scores = table @ np.asarray(vector, dtype=np.float32)
+    return [item_ids[i] for i in np.argsort(-scores) if item_ids[i] not in exclude][:k]
 
 
 def _item_groups(ds):
