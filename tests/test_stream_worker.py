@@ -65,6 +65,14 @@ class Worker:
             assert time.monotonic() < deadline, f"no {needle!r} in the worker log:\n{self.text()[-3000:]}"
             time.sleep(0.05)
 
+    def assigned(self) -> set[int]:
+        """The partitions of the worker's latest assignment, from its log."""
+        lines = [ln for ln in self.text().splitlines() if "assigned partitions [" in ln]
+        if not lines:
+            return set()
+        listed = lines[-1].split("assigned partitions [", 1)[1].split("]", 1)[0]
+        return {int(p) for p in listed.split(",") if p.strip()}
+
     def kill(self) -> None:
         self.proc.kill()  # SIGKILL: no last checkpoint, no leaving the group
         self.proc.wait()
@@ -113,30 +121,64 @@ def assert_exactly_once(rows, stream: pl.DataFrame, reference=None) -> None:
             assert torch.allclose(rows[uid][f].double(), ref[f].double(), atol=1e-4, rtol=1e-4), (uid, f)
 
 
+def checkpointed(path: Path) -> int:
+    """Events a worker's checkpoint includes (0 before its first)."""
+    return sum(read_offsets(path)[1].values()) if path.exists() else 0
+
+
+def wait_until(condition, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class ProducerAhead(threading.Thread):
+    """Produces the stream in chunks, never more than ``lead`` events ahead of the worker's
+    checkpoint: however fast the worker drains, events are still in flight when a kill lands."""
+
+    def __init__(self, broker, topic, frame: pl.DataFrame, ckpt: Path, lead: int = 12_000, chunk: int = 2_000):
+        super().__init__(daemon=True)
+        self.broker, self.topic, self.frame, self.ckpt = broker, topic, frame, ckpt
+        self.lead, self.chunk = lead, chunk
+        self.sent = 0
+        self.unthrottled = threading.Event()  # set once no more kills are coming
+
+    def run(self) -> None:
+        cfg = ProducerConfig(self.broker.bootstrap_servers, self.topic, progress=False)
+        while self.sent < self.frame.height:
+            while not self.unthrottled.is_set() and self.sent - checkpointed(self.ckpt) >= self.lead:
+                time.sleep(0.02)
+            produce(self.frame.slice(self.sent, self.chunk), cfg)
+            self.sent = min(self.frame.height, self.sent + self.chunk)
+
+
 def test_kill_9_at_random_points_loses_nothing_and_applies_each_event_once(broker, topic, stream, model_path,
                                                                           tmp_path):
     ckpt = tmp_path / "ckpt"
-    flowing = threading.Thread(target=produce, args=(stream, ProducerConfig(broker.bootstrap_servers, topic,
-                                                                             progress=False)))
+    own = ckpt / "w1.safetensors"
+    flowing = ProducerAhead(broker, topic, stream, own)
     flowing.start()
+    # Each kill strikes once the checkpoint passes a random target: progress, not a clock, decides.
     rng = random.Random(7)
+    targets = sorted(rng.sample(range(1_000, stream.height - 2 * flowing.lead), 10))
     progress = []  # events checkpointed when each kill struck
-    for _ in range(10):
+    for target in targets:
         w = Worker(broker, topic, model_path, ckpt, "w1", "--batch-size", "128", "--checkpoint-every", "0.5")
-        w.wait_for("assigned partitions")
-        time.sleep(rng.uniform(0.5, 3.0))
+        wait_until(lambda: checkpointed(own) >= target or w.proc.poll() is not None, f"checkpoint past {target}")
+        assert w.proc.poll() is None, f"worker exited early:\n{w.text()[-3000:]}"
         w.kill()
-        progress.append(sum(read_offsets(ckpt / "w1.safetensors")[1].values()) if (ckpt / "w1.safetensors").exists()
-                        else 0)
+        progress.append(checkpointed(own))
+    flowing.unthrottled.set()
     flowing.join()
-    assert sum(0 < n < stream.height for n in progress) >= 5, f"most kills should strike mid-stream: {progress}"
+    assert all(t <= n < stream.height for t, n in zip(targets, progress)), f"kills must strike mid-stream: {progress}"
     last = Worker(broker, topic, model_path, ckpt, "w1", "--idle-exit", "5")
     last.finish()
 
-    _, offsets = read_offsets(ckpt / "w1.safetensors")
+    _, offsets = read_offsets(own)
     assert sum(offsets.values()) == stream.height
     assert_exactly_once(merged_checkpoints(ckpt, topic), stream, reference_rows(model_path, stream))
-    assert int(read_checkpoint(ckpt / "w1.safetensors").population["seen"]) == stream.height
+    assert int(read_checkpoint(own).population["seen"]) == stream.height
 
 
 MALFORMED = [
@@ -192,13 +234,12 @@ def test_two_workers_split_partitions_and_a_killed_one_hands_over_its_users(brok
     part = stream.head(60_000)
     a = Worker(broker, topic, model_path, ckpt, "a", "--checkpoint-every", "0.5")
     b = Worker(broker, topic, model_path, ckpt, "b", "--checkpoint-every", "0.5", "--idle-exit", "20")
+    # Produce only once both have joined and split the topic: who gets the first events is then fixed.
+    wait_until(lambda: (a.assigned() and b.assigned() and not a.assigned() & b.assigned())
+               or a.proc.poll() is not None or b.proc.poll() is not None, "both workers to own partitions")
     produce(part.head(30_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
-    a.wait_for("assigned partitions")
-    b.wait_for("assigned partitions")
-    deadline = time.monotonic() + 60
-    while not ((ckpt / "a.safetensors").exists() and (ckpt / "b.safetensors").exists()):
-        assert time.monotonic() < deadline, "both workers should own partitions and checkpoint them"
-        time.sleep(0.1)
+    wait_until(lambda: checkpointed(ckpt / "a.safetensors") + checkpointed(ckpt / "b.safetensors") == 30_000,
+               "both workers to checkpoint the first half")
     owned_a, owned_b = read_offsets(ckpt / "a.safetensors")[1], read_offsets(ckpt / "b.safetensors")[1]
     assert owned_a and owned_b and not set(owned_a) & set(owned_b)  # the group split the partitions
 
@@ -217,8 +258,12 @@ def test_a_killed_worker_leaves_no_feast_writer_behind(broker, topic, stream, mo
     repo.apply()
     produce(stream.head(5_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
     w = Worker(broker, topic, model_path, tmp_path / "ckpt", "w1", "--feature-repo", str(repo.path))
-    w.wait_for("freshness p50/p99 ")
-    w.wait_for(" ms\n")  # a push has landed: the writer process is up and working
+    from features.store import POPULATION_KEY
+
+    # A push has landed (the population row is in the store): the writer process is up and working.
+    wait_until(lambda: repo.user_state([POPULATION_KEY])["events"][0] is not None or w.proc.poll() is not None,
+               "the worker's first push")
+    assert w.proc.poll() is None, w.text()[-3000:]
     writers = _children(w.proc.pid)
     assert writers, "the Feast writer runs in a child process of the worker"
     w.kill()
