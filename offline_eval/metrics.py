@@ -22,7 +22,7 @@ def ranks_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch
     cannot gain from constant scores.
     """
     B, N = scores.shape
-    scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    scores = torch.nan_to_num(scores.float(), nan=float("-inf"), neginf=float("-inf"))  # filtered stays filtered
     if exclude is not None:
         scores = scores.masked_fill(exclude, float("-inf"))
     known = targets < N

@@ -9,7 +9,7 @@ and cannot see an item before its first event, and an event whose item index is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import polars as pl
@@ -24,8 +24,17 @@ class ProtocolConfig:
     seen_filter: bool = True
     history_fraction: float = 0.8
     slices: int = 10
+    # "event" (version 2, the headline): each event ranked from its user's state after every
+    # earlier event of theirs, this batch's included. "batch" (version 1): from the batch start.
+    user_freshness: str = "event"
+
+    @property
+    def version(self) -> int:
+        return 2 if self.user_freshness == "event" else 1
 
     def __post_init__(self) -> None:
+        if self.user_freshness not in ("event", "batch"):
+            raise ValueError(f"user_freshness must be 'event' or 'batch', got {self.user_freshness!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 < self.history_fraction < 1:
@@ -53,6 +62,10 @@ class EncodedLog:
     def slice(self, lo: int, hi: int) -> EncodedLog:
         return EncodedLog(self.users[lo:hi], self.items[lo:hi], self.ts[lo:hi], max(0, min(hi, self.n_history) - lo),
                           self.user_ids, self.item_ids)
+
+    def resplit(self, history_fraction: float) -> EncodedLog:
+        """The same events split anew: the history's own replay (settings chosen on it see no stream)."""
+        return replace(self, n_history=int(np.floor(history_fraction * self.n_events)))
 
     @property
     def n_users_known(self) -> int:

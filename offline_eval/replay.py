@@ -1,9 +1,11 @@
 """Replay a log through models, exactly as EVAL_PROTOCOL.md says.
 
-Per stream micro-batch: every event is ranked against all known items with the
-state from *before* the batch (seen items filtered out), then the whole batch is
-revealed to the model. The models are the same objects the stream worker drives:
-anything with ``fit(history)``, ``score(users, n_items)`` and ``update(events)``.
+Per stream micro-batch: every event is ranked against all known items, from its user's
+state after every earlier event of theirs (version 2, "fresh users": this batch's earlier
+events included) or from the batch start (version 1), seen items filtered out; then the
+whole batch is revealed to the model. The models are the same objects the stream worker
+drives: anything with ``fit(history)``, ``score(users, n_items)`` and ``update(events)``;
+a model with per-user state adds ``score_fresh(batch, n_items)``.
 
     >>> result = replay_model(PopOnline(), log, ProtocolConfig(batch_size=256))
     >>> summarize(result.ranks)["ndcg@10"]
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from offline_eval.metrics import ranks_of_targets
 from offline_eval.protocol import EncodedLog, ProtocolConfig
+from recsys.batch_users import earlier_same_user
 
 
 NEG_INF = torch.tensor(float("-inf"))
@@ -34,6 +37,21 @@ class ReplayModel(Protocol):
 
     def update(self, batch: EncodedLog) -> None:
         """Reveal a micro-batch of events (time-ordered) to the model."""
+
+
+class FreshReplayModel(ReplayModel, Protocol):
+    def score_fresh(self, batch: EncodedLog, n_items: int) -> torch.Tensor:
+        """A batch's events → (B, n_items) scores, row ``j`` from the state of event ``j``'s user
+        after their earlier events of this batch (global state as before the batch). The
+        replay then calls ``update`` with the same ``batch`` object."""
+
+
+def score_batch(model: ReplayModel, batch: EncodedLog, n_items: int, fresh: bool) -> torch.Tensor:
+    """The replay's one call into a model: a row per event. A model without per-user state
+    has no ``score_fresh``: its batch-start row is every event's row."""
+    if fresh and hasattr(model, "score_fresh"):
+        return model.score_fresh(batch, n_items)
+    return model.score(torch.from_numpy(batch.users), n_items)
 
 
 @dataclass
@@ -61,6 +79,14 @@ class SeenItems:
     def rows(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
         return self.mask[users, :n_items]
 
+    def before_each(self, users: torch.Tensor, items: torch.Tensor, n_items: int) -> torch.Tensor:
+        """(B, n_items): what each event's user had before it, this batch's earlier events included."""
+        mask = self.rows(users, n_items).clone()
+        j, k = earlier_same_user(users).nonzero(as_tuple=True)
+        known = items[k] < n_items  # an item first seen in this batch is no candidate anyway
+        mask[j[known], items[k][known]] = True
+        return mask
+
 
 def batch_bounds(log: EncodedLog, batch_size: int) -> list[tuple[int, int]]:
     starts = range(log.n_history, log.n_events, batch_size)
@@ -82,20 +108,22 @@ def replay_model(model: ReplayModel, log: EncodedLog, cfg: ProtocolConfig, name:
     covered = torch.zeros(n_items, dtype=torch.bool)
     ranks = np.empty(log.n_events - log.n_history)
 
+    fresh = cfg.user_freshness == "event"
     t1 = time.perf_counter()
     bounds = batch_bounds(log, cfg.batch_size)
     for lo, hi in tqdm(bounds, desc=f"replay {name}", unit="batch", disable=not progress, mininterval=1.0):
         n_known = int(known_upto[lo - 1])
-        users = torch.from_numpy(log.users[lo:hi])
-        targets = torch.from_numpy(log.items[lo:hi])
+        batch = log.slice(lo, hi)
+        users, targets = torch.from_numpy(batch.users), torch.from_numpy(batch.items)
         with torch.no_grad():  # not inference_mode: models grow their tables (cold start) while scoring
-            scores = model.score(users, n_known)  # (B, n_known)
+            scores = score_batch(model, batch, n_known, fresh)  # (B, n_known)
             if cfg.seen_filter:  # masked once, for the ranks and the coverage (where beats masked_fill 2×)
-                scores = torch.where(seen.rows(users, n_known), NEG_INF, scores)
+                had = seen.before_each(users, targets, n_known) if fresh else seen.rows(users, n_known)
+                scores = torch.where(had, NEG_INF, scores)
             ranks[lo - log.n_history: hi - log.n_history] = ranks_of_targets(scores, targets, None).numpy()
             top = scores.topk(min(10, n_known), dim=1)
             covered[top.indices[top.values > float("-inf")]] = True  # filtered items are not recommended
-        model.update(log.slice(lo, hi))
+        model.update(batch)
         seen.add(log.users[lo:hi], log.items[lo:hi])
     replay_seconds = time.perf_counter() - t1
     return ReplayResult(ranks, covered.numpy(), n_items, fit_seconds, replay_seconds)

@@ -15,33 +15,37 @@ from typing import Callable
 import numpy as np
 
 from offline_eval.fit_cache import FitCache, cacheable
+from offline_eval.hybrid import Hybrid
 from offline_eval.metrics import summarize
 from offline_eval.protocol import EncodedLog, ProtocolConfig, encode
 from offline_eval.replay import ReplayResult, replay_model
 from recsys.datasets import Dataset
 
 
-def _registry(log: EncodedLog) -> dict[str, Callable[[], object]]:
+def _registry(log: EncodedLog, progress: bool) -> dict[str, Callable[[], object]]:
+    """Every model by name; ``progress``: the fits show progress bars (a long fit is never silent)."""
     from recsys.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
     from recsys.mf import mf_online, mf_static
-    from recsys.sasrec import SASRecStatic
-    from recsys.train import NestedReplay
+    from recsys.sasrec import SASRecConfig, SASRecStatic
+    from recsys.train import NestedReplay, TrainConfig
 
+    train = TrainConfig(progress=progress)
     return {
         "pop_static": PopStatic,
         "pop_online": PopOnline,
         "pop_online_decay": lambda: pop_online_decay(log.n_history),
         "itemknn_online": ItemKNNOnline,
-        "mf_static": mf_static,
-        "mf_online": mf_online,
-        "sasrec_static": SASRecStatic,
-        "nested": NestedReplay,
-        "nested_slow_only": lambda: NestedReplay(use_fast=False),
+        "hybrid": lambda: Hybrid(progress=progress),
+        "mf_static": lambda: mf_static(progress=progress),
+        "mf_online": lambda: mf_online(progress=progress),
+        "sasrec_static": lambda: SASRecStatic(SASRecConfig(progress=progress)),
+        "nested": lambda: NestedReplay(train_cfg=train),
+        "nested_slow_only": lambda: NestedReplay(use_fast=False, train_cfg=train),
     }
 
 
-AVAILABLE_MODELS = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "mf_static", "mf_online",
-                    "sasrec_static", "nested", "nested_slow_only")
+AVAILABLE_MODELS = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "hybrid", "mf_static",
+                    "mf_online", "sasrec_static", "nested", "nested_slow_only")
 DEFAULT_MODELS = AVAILABLE_MODELS
 
 
@@ -97,12 +101,13 @@ def _versions() -> dict:
 def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
     t0 = time.perf_counter()
     log = encode(ds, cfg.protocol)
-    factories = _registry(log)
+    factories = _registry(log, cfg.progress)
     report = {
         "dataset": {"name": ds.name, "sha256": ds.sha256, "events": log.n_events,
                     "history_events": log.n_history, "stream_events": log.n_events - log.n_history,
                     "users": int(len(log.user_ids)), "items": int(len(log.item_ids))},
-        "protocol": {"batch_size": cfg.protocol.batch_size, "k": list(cfg.protocol.ks),
+        "protocol": {"version": cfg.protocol.version, "user_freshness": cfg.protocol.user_freshness,
+                     "batch_size": cfg.protocol.batch_size, "k": list(cfg.protocol.ks),
                      "seen_filter": cfg.protocol.seen_filter, "history_fraction": cfg.protocol.history_fraction},
         "models": {},
         "versions": _versions(),

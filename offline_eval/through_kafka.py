@@ -105,11 +105,33 @@ class WorkerPath:
         rows = w.users.index(self.log.user_ids[users.numpy()], add=False)
         blank = len(w.users)  # users the worker has not seen yet score from an empty row
         rows = torch.from_numpy(np.where(rows >= 0, rows, blank))
-        cols = w.items.index(self.log.item_ids[:n_items], add=False)
+        state = w.model.grow_state(w.state, blank + 1, len(w.items))  # no copy where it has room
+        return w.model.score(state, rows, len(w.items))[:, torch.from_numpy(self._columns(n_items))]
+
+    def _columns(self, n_items: int) -> np.ndarray:
+        """The worker's index of each of the replay's first ``n_items`` items."""
+        cols = self.worker.items.index(self.log.item_ids[:n_items], add=False)
         if (cols < 0).any():
             raise RuntimeError("the stream worker is missing items the replay has revealed")
-        state = w.model.grow_state(w.state, blank + 1, len(w.items))  # no copy where it has room
-        return w.model.score(state, rows, len(w.items))[:, torch.from_numpy(cols)]
+        return cols
+
+    def score_fresh(self, batch: EncodedLog, n_items: int) -> torch.Tensor:
+        """Each event from its user's state after their earlier events of the batch, run ahead
+        on a copy of the worker's rows for these users (the worker's state is untouched: it
+        applies the batch from Kafka)."""
+        w = self.worker
+        local_users, local = np.unique(batch.users, return_inverse=True)
+        rows = w.users.index(self.log.user_ids[local_users], add=False)
+        blank = len(w.users)  # users the worker has not seen yet start from an empty row
+        state = w.model.grow_state(w.state, blank + 1, len(w.items))
+        ahead = state.take(torch.from_numpy(np.where(rows >= 0, rows, blank)))
+        item_cols = w.items.index(self.log.item_ids[batch.items], add=False)
+        # An item new to this batch is new to the model's table too: any index past it reads as cold.
+        item_cols = np.where(item_cols >= 0, item_cols, len(w.items))
+        _, reads = w.model.update_reading(ahead, torch.from_numpy(local.astype(np.int64)),
+                                          torch.from_numpy(item_cols.astype(np.int64)), torch.from_numpy(batch.ts))
+        personal, population = w.model.mix_parts(reads.z, state.clock() - reads.last_ts, state.pop, len(w.items))
+        return (personal + population)[:, torch.from_numpy(self._columns(n_items))]
 
     def update(self, batch: EncodedLog) -> None:
         frame = pl.DataFrame({"user_id": self.log.user_ids[batch.users], "item_id": self.log.item_ids[batch.items],

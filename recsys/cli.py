@@ -87,7 +87,8 @@ def cmd_replay(args) -> int:
     from offline_eval.report import ReplayConfig, markdown_table, run_replay
 
     cfg = ReplayConfig(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
-                       protocol=ProtocolConfig(batch_size=args.batch_size, seen_filter=not args.no_seen_filter),
+                       protocol=ProtocolConfig(batch_size=args.batch_size, seen_filter=not args.no_seen_filter,
+                                               user_freshness=args.user_freshness),
                        out=Path(args.out), fit_cache=None if args.no_fit_cache else Path(args.fit_cache))
     broker = None
     if args.through_kafka and args.bootstrap_servers is None:  # the embedded default, for this run only
@@ -190,8 +191,8 @@ def cmd_demo(args) -> int:
 
 
 # Kept here (not imported from offline_eval) so `recsys --help` stays free of torch imports.
-DEFAULT_MODELS_HELP = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "mf_static", "mf_online",
-                       "sasrec_static", "nested", "nested_slow_only")
+DEFAULT_MODELS_HELP = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "hybrid", "mf_static",
+                       "mf_online", "sasrec_static", "nested", "nested_slow_only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS_HELP), help="comma-separated model names")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-seen-filter", action="store_true", help="rank already-seen items too (re-consumption)")
+    p.add_argument("--user-freshness", choices=("event", "batch"), default="event",
+                   help="event (protocol v2, default): each event ranked from its user's state after all their "
+                        "earlier events; batch (v1): every event of a batch from the batch-start state")
     p.add_argument("--out", default="runs/replay")
     p.add_argument("--fit-cache", default="runs/cache/fits",
                    help="fitted models are kept here and reused for the same data, settings and code")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from recsys.baselines import grow
+from recsys.batch_users import earlier_same_user
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,12 @@ class MF:
         bias = torch.nn.Parameter(torch.log(counts + 1) - torch.log(counts + 1).mean())
         opt = torch.optim.Adam([user, item, bias], lr=cfg.lr)
         users, items = torch.from_numpy(history.users), torch.from_numpy(history.items)
-        steps = range(cfg.epochs)
-        for _ in tqdm(steps, desc="fit mf", disable=not cfg.progress):
+        per_epoch = -(-len(users) // cfg.batch_size)
+        bar = tqdm(total=cfg.epochs * per_epoch, desc="fit mf", unit="step", disable=not cfg.progress, mininterval=1.0)
+        for _ in range(cfg.epochs):
             perm = torch.randperm(len(users), generator=self.gen)
             for lo in range(0, len(perm), cfg.batch_size):
+                bar.update()
                 idx = perm[lo:lo + cfg.batch_size]
                 u, i = user[users[idx]], item[items[idx]]
                 logits = u @ item.T + bias  # (B, N)
@@ -70,6 +73,7 @@ class MF:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+        bar.close()
         self.user, self.item, self.bias = user.detach().clone(), item.detach().clone(), bias.detach().clone()
 
     # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------
@@ -89,24 +93,39 @@ class MF:
         self._ensure(int(users.max()) + 1, n_items)
         return self.user[users] @ self.item[:n_items].T + self.bias[:n_items]  # (B, N)
 
+    def score_fresh(self, batch, n_items: int) -> torch.Tensor:
+        """Each event from its user's vector after the online steps of their earlier events in
+        the batch (the same per-event gradients ``update`` then applies; items as at the batch start)."""
+        users = torch.from_numpy(batch.users)
+        scores = self.score(users, n_items)
+        if self.cfg.online_lr <= 0:
+            return scores
+        gu = self._gradients(batch)[0]  # (B, D)
+        shift = -self.cfg.online_lr * (earlier_same_user(users).to(gu.dtype) @ gu)  # (B, D)
+        return scores + shift @ self.item[:n_items].T
+
     def update(self, batch) -> None:
         if self.cfg.online_lr <= 0:
             return
+        gu, gi, gb, n_known = self._gradients(batch)
+        lr, users = self.cfg.online_lr, torch.from_numpy(batch.users)
+        # Sum the per-event user gradients per user (a user may appear several times).
+        self.user.index_add_(0, users, -lr * gu)
+        self.item[:n_known] -= lr * gi / len(users)
+        self.bias[:n_known] -= lr * gb / len(users)
+
+    def _gradients(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Per-event user gradients (B, D), summed item (n, D) and bias (n,) gradients of the
+        batch's next-item softmax at the current weights, and n, the items they cover."""
         self._ensure(batch.n_users_known, batch.n_items_known)
         users, items = torch.from_numpy(batch.users), torch.from_numpy(batch.items)
-        N = int(items.max()) + 1
-        n_known = max(N, batch.n_items_known)
+        n_known = max(int(items.max()) + 1, batch.n_items_known)
         u, it = self.user[users], self.item[:n_known]
         # The softmax cross-entropy's gradient in closed form (no autograd graph per batch):
         # d loss / d logits = softmax − one-hot.
         g = torch.softmax(u @ it.T + self.bias[:n_known], dim=1)  # (B, N)
         g[torch.arange(len(items)), items] -= 1
-        gu, gi, gb = g @ it, g.T @ u, g.sum(0)
-        lr = self.cfg.online_lr
-        # Sum the per-event user gradients per user (a user may appear several times).
-        self.user.index_add_(0, users, -lr * gu)
-        self.item[:n_known] -= lr * gi / len(users)
-        self.bias[:n_known] -= lr * gb / len(users)
+        return g @ it, g.T @ u, g.sum(0), n_known
 
 
 def mf_static(**kw) -> MF:

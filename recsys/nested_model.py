@@ -29,6 +29,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,12 @@ class FastState:
         """The per-user fields of ``rows`` (for checkpoints split by owner)."""
         return {name: getattr(self, name)[rows] for name in USER_FIELDS}
 
+    def take(self, rows: torch.Tensor) -> FastState:
+        """A copy holding only ``rows`` (as rows 0..len-1) and the population level: the model
+        can run ahead on it without touching this state."""
+        population = {name: getattr(self, name).clone() for name in POPULATION_FIELDS}
+        return FastState(**self.user_rows(rows), **population)
+
     def with_user_rows(self, users: dict[str, torch.Tensor]) -> FastState:
         """This state's population level with exactly the given user rows."""
         return replace(self, **users)
@@ -100,6 +107,13 @@ class FastState:
     def absent_s(self, users: torch.Tensor) -> torch.Tensor:
         """(B,) seconds from each user's latest event to the clock."""
         return self.clock() - self.last_ts[users]
+
+
+class Reads(NamedTuple):
+    """Each event's user just before the event, in event order."""
+
+    z: torch.Tensor  # (B, D) user vector (the levels combined, as `user_vectors`)
+    last_ts: torch.Tensor  # (B,) time of the user's previous event, -1 = none
 
 
 class NestedModel(nn.Module):
@@ -264,15 +278,33 @@ class NestedModel(nn.Module):
     def score_parts(self, state: FastState, users: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The scores' two parts: personal (B, n_items) from the slow and user levels, and the
         population level's (n_items,), shared by everyone."""
-        E, b = self.all_items(n_items)
         z = self.user_vectors(state.M[users], state.last[users], state.mid[users])  # (B, D)
+        return self.mix_parts(z, state.absent_s(users), state.pop, n_items)
+
+    def mix_parts(self, z: torch.Tensor, absent_s: torch.Tensor, pop: torch.Tensor,
+                  n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) user vectors, (B,) seconds since each one's latest event, the population's
+        counts → (personal (B, n_items), population (n_items,)): personal fades with absence."""
+        E, b = self.all_items(n_items)
         if self.cfg.use_fast:
-            z = z * trust(state.absent_s(users).to(z.dtype), self.fade).unsqueeze(1)
-        return z @ E.T + b, self.pop_term(state.pop[:n_items])
+            z = z * trust(absent_s.to(z.dtype), self.fade).unsqueeze(1)
+        return z @ E.T + b, self.pop_term(pop[:n_items])
 
     @torch.no_grad()
     def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor) -> FastState:
-        """Apply a time-ordered micro-batch of events; a user's events apply in their order.
+        """Apply a time-ordered micro-batch of events; a user's events apply in their order."""
+        return self._recur(state, users, items, ts, read=False)[0]
+
+    @torch.no_grad()
+    def update_reading(self, state: FastState, users: torch.Tensor, items: torch.Tensor,
+                       ts: torch.Tensor) -> tuple[FastState, Reads]:
+        """``update``, and what each event's user looked like just before it (their earlier
+        events of the batch applied): the fresh-user query of replay v2 and of serving."""
+        return self._recur(state, users, items, ts, read=True)
+
+    def _recur(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
+               read: bool) -> tuple[FastState, Reads | None]:
+        """The recurrence behind ``update`` and ``update_reading``.
 
         Batched: the events are laid out step-major (step t holds the t-th event of every
         user that has one) with users ordered by event count, so each step's users are a
@@ -305,11 +337,16 @@ class NestedModel(nn.Module):
         M, S = state.M[uniq], state.S[uniq]
         mid, acc, cnt = state.mid[uniq], state.acc[uniq], state.cnt[uniq]
         ends, rates = self.chunk_ends(cnt[srow] + spos + 1), self.mid_rates_now()
-        if fused_update.usable(M, self.cfg.dim, self.cfg.mem_dim):  # CUDA: one kernel for all steps
+        if read:  # each event's query context: the user's previous item
+            last_before = torch.where((spos > 0).unsqueeze(1), x[prev], state.last[uniq][srow])
+            z = torch.empty_like(x)  # (B, D) step-major
+        if not read and fused_update.usable(M, self.cfg.dim, self.cfg.mem_dim):  # CUDA: one kernel for all steps
             fused_update.recurrence(M, S, mid, acc, terms, ends, step_start, counts, rates)
         else:
             for lo, n in zip(starts, active.tolist()):
                 term = {name: v[lo:lo + n] for name, v in terms.items()}
+                if read:
+                    z[lo:lo + n] = self.user_vectors(M[:n], last_before[lo:lo + n], mid[:n])
                 M[:n], S[:n] = self.memory_step(M[:n], S[:n], term)
                 mid[:n], acc[:n] = self.mid_step(mid[:n], acc[:n], term["mid_target"], ends[lo:lo + n], rates)
 
@@ -322,7 +359,11 @@ class NestedModel(nn.Module):
         for name, value in (("M", M), ("S", S), ("mid", mid), ("acc", acc), ("cnt", cnt + counts),
                             ("recent", recent), ("last", x[latest]), ("last_ts", s_ts[latest])):
             getattr(state, name).index_copy_(0, uniq, value)
-        return self._update_population(state, items)
+        reads = None
+        if read:  # back to event order
+            reads = Reads(z=torch.empty_like(z).index_copy_(0, sm, z),
+                          last_ts=torch.empty_like(prev_ts).index_copy_(0, sm, prev_ts))
+        return self._update_population(state, items), reads
 
     def _update_population(self, state: FastState, items: torch.Tensor) -> FastState:
         """Population-fast: counts accumulate per chunk of c_pop global events; at each chunk

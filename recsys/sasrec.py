@@ -14,7 +14,7 @@ token 0 is padding.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from recsys.baselines import grow
+from recsys.batch_users import sequences_before, user_positions
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,12 @@ class SASRecStatic:
         opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
         gen = torch.Generator().manual_seed(cfg.seed)
         self.net.train()
-        for _ in tqdm(range(cfg.epochs), desc="fit sasrec", disable=not cfg.progress):
+        per_epoch = -(-len(windows) // cfg.batch_size)
+        bar = tqdm(total=cfg.epochs * per_epoch, desc="fit sasrec", unit="step", disable=not cfg.progress,
+                   mininterval=1.0)
+        for _ in range(cfg.epochs):
             for idx in torch.randperm(len(windows), generator=gen).split(cfg.batch_size):
+                bar.update()
                 w = windows[idx]
                 inputs, targets = w[:, :-1], w[:, 1:]
                 logits = self.net.logits(self.net(inputs))  # (B, L, N)
@@ -112,6 +117,7 @@ class SASRecStatic:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+        bar.close()
         self.net.eval()
         self.seq = torch.zeros(0, cfg.max_len, dtype=torch.int64)
         self.update(history)
@@ -120,14 +126,28 @@ class SASRecStatic:
         self.seq = grow(self.seq, int(users.max()) + 1)
         # A batch holds few distinct users (sessions come in bursts): encode each once.
         distinct, row = torch.unique(users, return_inverse=True)
+        return self._scores(self.seq[distinct], n_items)[row]
+
+    def score_fresh(self, batch, n_items: int) -> torch.Tensor:
+        """Each event from the sequence up to it: its user's earlier events of the batch included."""
+        users = torch.from_numpy(batch.users)
+        self.seq = grow(self.seq, int(users.max()) + 1)
+        return self._scores(sequences_before(self.seq[users], users, self._tokens(batch.items)), n_items)
+
+    def _scores(self, seqs: torch.Tensor, n_items: int) -> torch.Tensor:
+        """(B, L) token sequences → (B, n_items) scores of the item after each."""
         with torch.inference_mode():
-            hidden = self.net(self.seq[distinct])[:, -1]  # the state after the user's latest item
-            known = self.net.logits(hidden)[row, :n_items]  # (B, min(N, n_items))
+            hidden = self.net(seqs)[:, -1]  # the state after the latest item
+            known = self.net.logits(hidden)[:, :n_items]  # (B, min(N, n_items))
         if n_items <= known.shape[1]:
             return known.clone()  # out of inference mode: the replay masks it in place
         # Items first seen online: below every known item (the static model cannot place them).
         floor = known.min(dim=1, keepdim=True).values - 1
         return torch.cat([known, floor.expand(-1, n_items - known.shape[1])], dim=1)
+
+    def _tokens(self, items: np.ndarray) -> torch.Tensor:
+        """Item indices → tokens; items unknown at fit time are padding."""
+        return torch.from_numpy(np.where(items < self.n_items, items + 1, 0))
 
     def update(self, batch) -> None:
         """Append the revealed events to their users' sequences, in log order, for all the
@@ -136,12 +156,9 @@ class SASRecStatic:
             return
         L = self.cfg.max_len
         users = torch.from_numpy(batch.users)
-        tokens = torch.from_numpy(np.where(batch.items < self.n_items, batch.items + 1, 0))
+        tokens = self._tokens(batch.items)
         self.seq = grow(self.seq, int(users.max()) + 1)
-        uniq, row, counts = torch.unique(users, return_inverse=True, return_counts=True)
-        order = torch.argsort(row, stable=True)  # events grouped by user, log order kept inside
-        pos = torch.empty_like(row)
-        pos[order] = torch.arange(len(row)) - (torch.cumsum(counts, 0) - counts)[row[order]]
+        uniq, row, pos, counts = user_positions(users)
         # Only a user's latest L events can survive (at fit: the history's older ones are skipped).
         skip = (counts - L).clamp(min=0)
         keep = pos >= skip[row]
@@ -153,7 +170,7 @@ class SASRecStatic:
 
     # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------
     def fit_key(self) -> str:
-        return repr(self.cfg)
+        return repr(replace(self.cfg, progress=False))  # showing progress fits alike
 
     def save_fit(self, folder: Path) -> None:
         save_file(self.net.state_dict() | {"sequences": self.seq}, str(folder / "sasrec.safetensors"),

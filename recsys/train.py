@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +277,7 @@ class NestedReplay:
         self.use_fast, self.train_cfg = use_fast, train_cfg
         self.model: NestedModel | None = None
         self.state = None
+        self.applied = None  # the batch score_fresh has applied already
 
     def fit(self, history) -> None:
         model_cfg = NestedConfig(n_items=history.n_items_known, use_fast=self.use_fast,
@@ -285,7 +286,7 @@ class NestedReplay:
 
     # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------
     def fit_key(self) -> str:
-        return repr((self.use_fast, self.train_cfg))
+        return repr((self.use_fast, replace(self.train_cfg, progress=False)))  # showing progress fits alike
 
     def save_fit(self, folder: Path) -> None:
         self.model.save(folder / "model.safetensors")
@@ -299,6 +300,22 @@ class NestedReplay:
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
         return self.model.score(self.state, users, n_items)
 
+    def score_fresh(self, batch, n_items: int) -> torch.Tensor:
+        """Each event from its user's vector after their earlier events of the batch. That takes
+        the batch's recurrence, so it is applied here; ``update`` with this batch then has
+        nothing left to do. Global state (population, clock) stays as at the batch start."""
+        users = torch.from_numpy(batch.users)
+        self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
+        clock, pop = self.state.clock(), self.state.pop[:n_items].clone()
+        self.state, reads = self.model.update_reading(self.state, users, torch.from_numpy(batch.items),
+                                                      torch.from_numpy(batch.ts))
+        self.applied = batch
+        personal, population = self.model.mix_parts(reads.z, clock - reads.last_ts, pop, n_items)
+        return personal + population
+
     def update(self, batch) -> None:
+        if batch is self.applied:  # score_fresh applied it already
+            self.applied = None
+            return
         self.state = self.model.update(self.state, torch.from_numpy(batch.users), torch.from_numpy(batch.items),
                                        torch.from_numpy(batch.ts))

@@ -100,12 +100,98 @@ def test_unknown_model_names_are_refused_with_the_list():
 
 
 @pytest.mark.skipif(not DEFAULT_ML1M.exists(), reason="shared/data/ml-1m is not beside the checkout")
-def test_ml1m_matches_the_independent_check_values():
+def test_ml1m_matches_the_independent_check_values_of_both_versions():
     log = encode(load_dataset("ml-1m"))
     assert (log.n_events, log.n_history) == (999_611, 799_688)
     stream_users = log.users[log.n_history:]
     assert (~np.isin(stream_users, log.users[: log.n_history])).sum() == 95_458
-    static = summarize(replay_model(PopStatic(), log, ProtocolConfig(), progress=False).ranks)
-    online = summarize(replay_model(PopOnline(), log, ProtocolConfig(), progress=False).ranks)
-    assert (round(static["hr@10"], 4), round(static["ndcg@10"], 4), round(static["mrr"], 4)) == (0.0376, 0.0179, 0.0192)
-    assert (round(online["hr@10"], 4), round(online["ndcg@10"], 4)) == (0.0380, 0.0184)
+
+    def check(model, freshness):
+        s = summarize(replay_model(model, log, ProtocolConfig(user_freshness=freshness), progress=False).ranks)
+        return round(s["hr@10"], 4), round(s["ndcg@10"], 4), round(s["mrr"], 4)
+
+    assert check(PopStatic(), "event") == (round(0.043547, 4), round(0.021469, 4), round(0.022448, 4))
+    assert check(PopOnline(), "event") == (round(0.044012, 4), round(0.021941, 4), round(0.023000, 4))
+    assert check(PopStatic(), "batch") == (round(0.037644, 4), round(0.017873, 4), round(0.019236, 4))
+    assert check(PopOnline(), "batch") == (round(0.038045, 4), round(0.018428, 4), round(0.019912, 4))
+
+
+# -- version 2: fresh users ------------------------------------------------------------------
+
+# History: u1 A B, u2 A C, u3 A B C, u4 B. Stream, one batch: u1 takes C, then D; u2 takes B.
+BURST = _log([(1, "A"), (1, "B"), (2, "A"), (2, "C"), (3, "A"), (3, "B"), (3, "C"), (4, "B"),
+              (1, "C"), (1, "D")])
+
+
+class FollowsLast:
+    """Scores each item by how often it followed the user's latest item: the smallest model
+    whose ranking depends on the user's own latest event."""
+
+    def __init__(self):
+        self.knn = None
+
+    def fit(self, history):
+        from recsys.baselines import ItemKNNConfig, ItemKNNOnline
+
+        self.knn = ItemKNNOnline(ItemKNNConfig(recent=1, window=1, pop_weight=0.0))
+        self.knn.fit(history)
+
+    def score(self, users, n_items):
+        return self.knn.score(users, n_items)
+
+    def score_fresh(self, batch, n_items):
+        return self.knn.score_fresh(batch, n_items)
+
+    def update(self, batch):
+        self.knn.update(batch)
+
+
+def test_a_users_second_event_in_a_batch_is_ranked_from_a_state_that_includes_the_first():
+    log = encode(BURST)
+    # "What followed the latest item": A→B (u1, u3), A→C (u2), B→C (u3). u1's latest is B
+    # before the batch: C (followed B once) ranks 1st of the unseen {C}. For u1's 2nd event D
+    # is unknown at the batch start: a miss either way. So look at the seen filter and state:
+    fresh = replay_model(FollowsLast(), log, ProtocolConfig(batch_size=2), progress=False)
+    stale = replay_model(FollowsLast(), log, ProtocolConfig(batch_size=2, user_freshness="batch"), progress=False)
+    assert fresh.ranks.tolist() == [1.0, math.inf] == stale.ranks.tolist()
+
+    # u1 takes C then B again after a history of A only: fresh, C is seen before the 2nd event.
+    log = encode(_log([(1, "A"), (2, "A"), (2, "C"), (2, "B"), (3, "A"), (3, "C"), (3, "B"), (4, "A"),
+                       (1, "C"), (1, "B")]))
+    # Follows: A→C (u2, u3), C→B (u2, u3); none A→B. u1's 2nd event (B):
+    #   v1: latest item A → B scores 0 behind C (2): rank 2.
+    #   v2: latest item C (the batch's first event) → B scores 2, and C is filtered as seen: rank 1.
+    fresh = replay_model(FollowsLast(), log, ProtocolConfig(batch_size=2), progress=False)
+    stale = replay_model(FollowsLast(), log, ProtocolConfig(batch_size=2, user_freshness="batch"), progress=False)
+    assert stale.ranks.tolist() == [1.0, 2.0]
+    assert fresh.ranks.tolist() == [1.0, 1.0]
+
+
+def test_an_events_own_item_and_later_events_never_move_its_rank():
+    base = [(1, "A"), (2, "A"), (2, "C"), (2, "B"), (3, "A"), (3, "C"), (3, "B"), (4, "A"), (1, "C")]
+    ranks = []
+    for tail in ([(1, "B"), (1, "C")], [(1, "B"), (1, "D")], [(1, "B"), (2, "A")]):
+        log = encode(_log(base + tail))
+        result = replay_model(FollowsLast(), log, ProtocolConfig(batch_size=3), progress=False)
+        ranks.append(result.ranks[:2].tolist())  # u1's C, then B: unchanged whatever follows them
+    assert ranks[0] == ranks[1] == ranks[2]
+
+
+def test_an_item_the_user_took_earlier_in_the_batch_is_a_miss_and_not_a_candidate():
+    log = encode(_log([(1, "A"), (2, "A"), (2, "B"), (3, "B"), (3, "C"), (4, "C"), (4, "A"), (4, "B"),
+                       (1, "B"), (1, "B")]))
+    result = replay_model(PopStatic(), log, ProtocolConfig(batch_size=2), progress=False)
+    assert result.ranks.tolist() == [1.0, math.inf]  # B again: u1 had it one event ago
+    stale = replay_model(PopStatic(), log, ProtocolConfig(batch_size=2, user_freshness="batch"), progress=False)
+    assert stale.ranks.tolist() == [1.0, 1.0]  # v1 filters only what u1 had before the batch
+
+
+def test_the_report_records_the_protocol_version(tmp_path):
+    ds = load_dataset("synthetic", n_users=100, n_items=120, n_events=3_000, seed=3)
+    v2 = run_replay(ds, ReplayConfig(models=("pop_online",), progress=False))
+    v1 = run_replay(ds, ReplayConfig(models=("pop_online",), progress=False,
+                                     protocol=ProtocolConfig(user_freshness="batch")))
+    assert (v2["protocol"]["version"], v2["protocol"]["user_freshness"]) == (2, "event")
+    assert (v1["protocol"]["version"], v1["protocol"]["user_freshness"]) == (1, "batch")
+    with pytest.raises(ValueError, match="user_freshness"):
+        ProtocolConfig(user_freshness="sometimes")
