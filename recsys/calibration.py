@@ -10,8 +10,9 @@ gives way (`recsys.nested_model.trust`). ML-1M, one fit, on the stream: NDCG@10 
 
 Both are chosen the way the replay scores, on a held-out tail of the *history* (never the
 stream): the model is trained on the history before the tail, its fast state absorbs that
-part, then the tail is replayed micro-batch by micro-batch with the state from before each
-batch, seen items filtered. Every pair of the grid is ranked from the same two score
+part, then the tail is replayed micro-batch by micro-batch as protocol v2 scores it (each
+event from its user's state after their earlier events, global state as before the batch),
+seen items filtered. Every pair of the grid is ranked from the same two score
 parts, so the whole grid costs one pass. That pass has written the whole history into
 the fast state, which is returned for the caller to start from.
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from offline_eval.metrics import ranks_of_targets
+from offline_eval.replay import SeenItems
 from recsys.nested_model import FastState, NestedModel, trust, write_log
 
 # Geometric, wide enough for "popularity barely matters" and "popularity is nearly all".
@@ -48,8 +50,8 @@ def calibrate(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb_
     n_users = max(fit_part.n_users_known, tail.n_users_known)
     n_items = max(fit_part.n_items_known, tail.n_items_known)
     state = write_log(model, model.init_state(n_users, n_items), fit_part, absorb_batch)
-    seen = torch.zeros(n_users, n_items, dtype=torch.bool)
-    seen[torch.from_numpy(fit_part.users), torch.from_numpy(fit_part.items)] = True
+    seen = SeenItems(n_users, n_items)
+    seen.add(fit_part.users, fit_part.items)
 
     grid = torch.cartesian_prod(torch.tensor(multipliers), torch.tensor(fades)).to(model.user0.dtype)  # (G, 2)
     k, f = grid[:, 0].view(-1, 1, 1), grid[:, 1].view(-1, 1, 1)
@@ -59,15 +61,20 @@ def calibrate(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb_
     model.fade.zero_()  # the grid applies its own
     for b, lo in enumerate(range(0, tail.n_events, batch_size)):
         users, items, ts = (torch.from_numpy(a[lo:lo + batch_size]) for a in (tail.users, tail.items, tail.ts))
-        if b % score_every == 0:
+        if b % score_every:
+            state = model.update(state, users, items, ts)
+        else:  # protocol v2: each event from its user's state after their earlier events (replay's score_fresh)
             n_known = int(known_upto[lo])
-            personal, population = model.score_parts(state, users, n_known)  # (B, N), (N,)
-            weight = trust(state.absent_s(users).to(personal.dtype).view(1, -1, 1), f)  # (G, B, 1)
-            scores = torch.where(seen[users, :n_known], float("-inf"), weight * personal + k * population)
+            clock, pop = state.clock(), state.pop[:n_known].clone()
+            state, reads = model.update_reading(state, users, items, ts)
+            absent = clock - reads.last_ts
+            personal, population = model.mix_parts(reads.z, absent, pop, n_known)  # (B, N), (N,)
+            weight = trust(absent.to(personal.dtype).view(1, -1, 1), f)  # (G, B, 1)
+            scores = torch.where(seen.before_each(users, items, n_known), float("-inf"),
+                                 weight * personal + k * population)
             ranks = ranks_of_targets(scores.flatten(0, 1), items.repeat(len(grid)), None).view(len(grid), -1)
             gain += torch.where(ranks <= 10, 1 / torch.log2(ranks + 1), 0.0).sum(1)  # misses rank inf
-        state = model.update(state, users, items, ts)
-        seen[users, items] = True
+        seen.add(users.numpy(), items.numpy())
     model.fade.copy_(fade)
     distance = grid[:, 0].log().abs() + grid[:, 1]
     best = max(range(len(grid)), key=lambda i: (round(float(gain[i]), 6), -float(distance[i])))

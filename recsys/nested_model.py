@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys import fused_update
+from recsys.batch_users import sequences_before
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class NestedConfig:
     c_pop: int = 1000  # population level: update every c_pop global events
     pop_half_life: float = 8000.0  # population counts halve every this many events
     recent_items: int = 50  # the user's latest items, kept so serving can mask what was just seen
+    # The user's latest items read through the slow level's successor table ("what follows
+    # these, across everyone"): the fresh-user signal a live stream is about. 0: off.
+    sequence_items: int = 8
     use_fast: bool = True  # False: the `nested_slow_only` ablation
     # False: the slow level learns no item bias and no population vector (both stay zero);
     # popularity comes from the population-fast level alone. A bias fit on the whole
@@ -58,6 +62,8 @@ class NestedConfig:
     def __post_init__(self) -> None:
         if min(self.n_items, self.dim, self.mem_dim, self.c_mid, self.c_pop) <= 0:
             raise ValueError(f"NestedConfig sizes must be positive: {self}")
+        if not 0 <= self.sequence_items <= self.recent_items:
+            raise ValueError(f"sequence_items must be in [0, recent_items={self.recent_items}]: {self}")
 
 
 USER_FIELDS = ("M", "S", "last", "last_ts", "mid", "acc", "cnt", "recent")  # one row per user
@@ -128,6 +134,13 @@ class NestedModel(nn.Module):
             name="item", embedding_dim=D, num_embeddings=cfg.n_items, feature_names=["item"],
             pooling=PoolingType.SUM)], device=torch.device("cpu"))
         nn.init.normal_(self.tables.embedding_bags["item"].weight, std=0.05)
+        if cfg.sequence_items:  # each item's successor vector: a query for the items that follow it
+            self.successors = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+                name="next", embedding_dim=D, num_embeddings=cfg.n_items, feature_names=["next"],
+                pooling=PoolingType.SUM)], device=torch.device("cpu"))
+            nn.init.normal_(self.successors.embedding_bags["next"].weight, std=0.05)
+            # Per position, oldest first: the latest item starts loudest.
+            self.sequence_weights = nn.Parameter(0.8 ** torch.arange(cfg.sequence_items - 1, -1, -1.0))
         self.sharded = False  # True once `recsys.train.shard_item_table` splits the table across processes
         self.item_bias = nn.Parameter(torch.zeros(cfg.n_items))
         self.user0 = nn.Parameter(torch.zeros(D))  # the population's user vector
@@ -162,8 +175,9 @@ class NestedModel(nn.Module):
             return self.item_vectors(torch.arange(self.cfg.n_items, device=self.user0.device))
         return self.tables.embedding_bags["item"].weight
 
-    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        """(…,) item ids → (…, D) via the TorchRec table; ids past the table are cold (zeros)."""
+    def item_vectors(self, items: torch.Tensor, table: str = "item") -> torch.Tensor:
+        """(…,) item ids → (…, D) via a TorchRec table (``item``: embeddings, ``next``: successor
+        vectors); ids past the table, and -1, are cold (zeros)."""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
         flat = items.reshape(-1)
@@ -171,8 +185,8 @@ class NestedModel(nn.Module):
         lengths = known.to(torch.int64)
         # Offsets by plain torch: fbgemm's cumsum kernel is not in every build (CPU-only fbgemm on a GPU host).
         offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-        kjt = KeyedJaggedTensor(keys=["item"], values=flat[known], lengths=lengths, offsets=offsets)
-        pooled = self.tables(kjt)["item"]  # (len(flat), D): an empty bag pools to zeros
+        kjt = KeyedJaggedTensor(keys=[table], values=flat[known], lengths=lengths, offsets=offsets)
+        pooled = (self.tables if table == "item" else self.successors)(kjt)[table]  # an empty bag pools to zeros
         # TorchRec pools in float32; the fast levels run in the model's dtype (float64 in tests).
         return pooled.to(self.user0.dtype).reshape(*items.shape, self.cfg.dim)
 
@@ -215,13 +229,28 @@ class NestedModel(nn.Module):
         return FastState(**out)
 
     # -- the fast levels: read and write ------------------------------------------------------
-    def user_vectors(self, M, last, mid) -> torch.Tensor:
-        """Combine the levels into the query vector: population + user-mid + user-fast read."""
+    def user_vectors(self, M, last, mid, seq=None) -> torch.Tensor:
+        """Combine the levels into the query vector: population + user-mid + user-fast read
+        (+ ``seq``, the user's latest items read through the successor table: `sequence_read`)."""
         if not self.cfg.use_fast:
             return self.user0.expand(len(M), -1)
         q = F.normalize(self.W_q(last), dim=-1)  # (U, m)
         read = torch.einsum("uij,uj->ui", M, q)  # (U, m)
-        return self.user0 + mid + self.W_o(read)  # (U, D)
+        z = self.user0 + mid + self.W_o(read)  # (U, D)
+        return z if seq is None else z + seq
+
+    def read_users(self, state: FastState, rows: torch.Tensor) -> torch.Tensor:
+        """(U,) state rows → (U, D) their user vectors: what serving scores with."""
+        return self.user_vectors(state.M[rows], state.last[rows], state.mid[rows], self.sequence_read(state.recent[rows]))
+
+    def sequence_read(self, recent: torch.Tensor) -> torch.Tensor | None:
+        """(…, R) the user's latest items, oldest first (-1: none) → (…, D) the weighted sum of
+        the latest ``sequence_items`` ones' successor vectors; None when the model reads none."""
+        K = self.cfg.sequence_items
+        if not K or not self.cfg.use_fast:
+            return None
+        V = self.item_vectors(recent[..., -K:], table="next")  # (…, K, D)
+        return torch.einsum("...kd,k->...d", V, self.sequence_weights[-recent.shape[-1]:])
 
     def pop_term(self, pop: torch.Tensor) -> torch.Tensor:
         return self.pop_weight * torch.log1p(pop) if self.cfg.use_fast else torch.zeros_like(pop)
@@ -278,8 +307,7 @@ class NestedModel(nn.Module):
     def score_parts(self, state: FastState, users: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The scores' two parts: personal (B, n_items) from the slow and user levels, and the
         population level's (n_items,), shared by everyone."""
-        z = self.user_vectors(state.M[users], state.last[users], state.mid[users])  # (B, D)
-        return self.mix_parts(z, state.absent_s(users), state.pop, n_items)
+        return self.mix_parts(self.read_users(state, users), state.absent_s(users), state.pop, n_items)
 
     def mix_parts(self, z: torch.Tensor, absent_s: torch.Tensor, pop: torch.Tensor,
                   n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,8 +365,9 @@ class NestedModel(nn.Module):
         M, S = state.M[uniq], state.S[uniq]
         mid, acc, cnt = state.mid[uniq], state.acc[uniq], state.cnt[uniq]
         ends, rates = self.chunk_ends(cnt[srow] + spos + 1), self.mid_rates_now()
-        if read:  # each event's query context: the user's previous item
+        if read:  # each event's query context: the user's previous item, and latest items
             last_before = torch.where((spos > 0).unsqueeze(1), x[prev], state.last[uniq][srow])
+            seq = self.sequence_read(sequences_before(state.recent[users], users, items)[sm])
             z = torch.empty_like(x)  # (B, D) step-major
         if not read and fused_update.usable(M, self.cfg.dim, self.cfg.mem_dim):  # CUDA: one kernel for all steps
             fused_update.recurrence(M, S, mid, acc, terms, ends, step_start, counts, rates)
@@ -346,7 +375,8 @@ class NestedModel(nn.Module):
             for lo, n in zip(starts, active.tolist()):
                 term = {name: v[lo:lo + n] for name, v in terms.items()}
                 if read:
-                    z[lo:lo + n] = self.user_vectors(M[:n], last_before[lo:lo + n], mid[:n])
+                    z[lo:lo + n] = self.user_vectors(M[:n], last_before[lo:lo + n], mid[:n],
+                                                     None if seq is None else seq[lo:lo + n])
                 M[:n], S[:n] = self.memory_step(M[:n], S[:n], term)
                 mid[:n], acc[:n] = self.mid_step(mid[:n], acc[:n], term["mid_target"], ends[lo:lo + n], rates)
 

@@ -198,6 +198,11 @@ def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: Train
     ts = torch.where(valid, ts_t[idx.clamp(min=0)], 0)
     chunk_of = idx.clamp(min=0) // model.cfg.c_pop  # (U, L) population chunk of each event
 
+    # Each position's latest sequence_items items before it (-1: none), as the state's `recent` holds them.
+    K = max(model.cfg.sequence_items, 1)
+    before = torch.cat([torch.full((U, K), -1, dtype=torch.long, device=dev), torch.where(valid, items, -1)], 1)
+    before = before.unfold(1, K, 1)[:, :L]  # (U, L, K)
+
     state = model.init_state(U, model.cfg.n_items, device=dev)
     M, S, mid, acc = state.M, state.S, state.mid, state.acc
     cnt = torch.from_numpy(phases).to(dev)
@@ -211,11 +216,12 @@ def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: Train
         prev_ts = torch.cat([last_ts.unsqueeze(1), ts[:, lo:lo + cfg.unroll][:, :-1]], 1)
         dt = torch.where(prev_ts >= 0, (ts[:, lo:lo + cfg.unroll] - prev_ts).clamp(min=0), 0)
         terms = model.event_terms(X, dt)  # (U, t, …)
+        seq = model.sequence_read(before[:, lo:lo + cfg.unroll])  # (U, t, D) or None
         rates = model.mid_rates_now()
         for t in range(X.shape[1]):
             j = lo + t
             keep = valid[:, j]
-            z = model.user_vectors(M, last, mid)  # state before event j
+            z = model.user_vectors(M, last, mid, None if seq is None else seq[:, t])  # state before event j
             logits = z @ E.T + b + model.pop_term(snaps[chunk_of[:, j]])  # (U, N)
             losses.append(F.cross_entropy(logits, items[:, j], reduction="none") * keep)
             term = {name: v[:, t] for name, v in terms.items()}

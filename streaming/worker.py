@@ -270,7 +270,7 @@ class StreamWorker:
             rows = torch.tensor(sorted(self.dirty), device=self.device)
             s = self.state
             with torch.no_grad():
-                z = self.model.user_vectors(s.M[rows], s.last[rows], s.mid[rows]).float().cpu().numpy()
+                z = self.model.read_users(s, rows).float().cpu().numpy()
                 pop = self.model.pop_term(s.pop[:self.model.n_items]).float().cpu().numpy()
             ids = [self.users.ids[r] for r in rows.tolist()] + [POPULATION_KEY]
             events = np.append(s.cnt[rows].cpu().numpy(), int(s.seen))

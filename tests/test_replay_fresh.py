@@ -84,7 +84,7 @@ def test_the_nested_reads_equal_the_state_after_the_users_earlier_events_one_by_
     one_by_one = copy.deepcopy(state)
     for j in range(10, 40):
         u = users[j:j + 1]
-        expect = model.user_vectors(one_by_one.M[u], one_by_one.last[u], one_by_one.mid[u])[0]
+        expect = model.read_users(one_by_one, u)[0]
         torch.testing.assert_close(reads.z[j - 10], expect, rtol=1e-10, atol=1e-12)
         assert reads.last_ts[j - 10] == one_by_one.last_ts[u][0]
         one_by_one = model.update(one_by_one, u, items[j:j + 1], ts[j:j + 1])
