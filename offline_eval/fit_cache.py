@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # is never one that the current code would not produce.
 # The command line and the demo are not model code.
 CODE = sorted(p for p in (ROOT / "recsys").glob("*.py") if p.name not in ("cli.py", "demo.py")) \
-    + [ROOT / "offline_eval" / "protocol.py"]
+    + [ROOT / "offline_eval" / f for f in ("protocol.py", "replay.py", "metrics.py")]  # calibration ranks with these
 
 
 def cacheable(model) -> bool:
@@ -49,8 +48,9 @@ class FitCache:
         self._code = code_digest()
 
     def key(self, model, dataset_sha256: str, protocol) -> str:
+        # Of the protocol only the split decides a fit; the rest is the replay's.
         spec = {"model": type(model).__qualname__, "settings": model.fit_key(), "dataset": dataset_sha256,
-                "protocol": asdict(protocol), "code": self._code}
+                "history_fraction": protocol.history_fraction, "code": self._code}
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
     def _entry(self, model, key: str) -> Path:

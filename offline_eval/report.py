@@ -17,13 +17,15 @@ import numpy as np
 from offline_eval.fit_cache import FitCache, cacheable
 from offline_eval.hybrid import Hybrid
 from offline_eval.metrics import summarize
+from offline_eval.oracle import Oracle
 from offline_eval.protocol import EncodedLog, ProtocolConfig, encode
 from offline_eval.replay import ReplayResult, replay_model
 from recsys.datasets import Dataset
 
 
-def _registry(log: EncodedLog, progress: bool) -> dict[str, Callable[[], object]]:
-    """Every model by name; ``progress``: the fits show progress bars (a long fit is never silent)."""
+def _registry(log: EncodedLog, progress: bool, truth: dict) -> dict[str, Callable[[], object]]:
+    """Every model by name; ``progress``: the fits show progress bars (a long fit is never silent);
+    ``truth``: a synthetic log's ground truth, for the oracle."""
     from recsys.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
     from recsys.mf import mf_online, mf_static
     from recsys.sasrec import SASRecConfig, SASRecStatic
@@ -41,12 +43,19 @@ def _registry(log: EncodedLog, progress: bool) -> dict[str, Callable[[], object]
         "sasrec_static": lambda: SASRecStatic(SASRecConfig(progress=progress)),
         "nested": lambda: NestedReplay(train_cfg=train),
         "nested_slow_only": lambda: NestedReplay(use_fast=False, train_cfg=train),
+        "nested_no_user_fast": lambda: NestedReplay(train_cfg=train, user_fast=False),
+        "nested_no_user_mid": lambda: NestedReplay(train_cfg=train, user_mid=False),
+        "nested_no_population": lambda: NestedReplay(train_cfg=train, population=False),
+        "nested_no_sequence": lambda: NestedReplay(train_cfg=train, sequence_items=0),
+        "oracle": lambda: Oracle(truth, log),
     }
 
 
-AVAILABLE_MODELS = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "hybrid", "mf_static",
-                    "mf_online", "sasrec_static", "nested", "nested_slow_only")
-DEFAULT_MODELS = AVAILABLE_MODELS
+DEFAULT_MODELS = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "hybrid", "mf_static",
+                  "mf_online", "sasrec_static", "nested", "nested_slow_only")
+# Each retrains the nested model without one level (`--models ablations` runs them all).
+ABLATIONS = ("nested_no_user_fast", "nested_no_user_mid", "nested_no_population", "nested_no_sequence")
+AVAILABLE_MODELS = DEFAULT_MODELS + ABLATIONS + ("oracle",)  # oracle: synthetic logs only
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,11 @@ def _versions() -> dict:
 def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
     t0 = time.perf_counter()
     log = encode(ds, cfg.protocol)
-    factories = _registry(log, cfg.progress)
+    factories = _registry(log, cfg.progress, ds.extra)
+    if "oracle" in cfg.models and "session_cluster" not in ds.extra:
+        raise ValueError(f"the oracle needs a synthetic log's ground truth; {ds.name!r} has none")
+    if "oracle" in cfg.models and cfg.protocol.user_freshness != "event":
+        raise ValueError("the oracle ranks each event from its true distribution: use --user-freshness event")
     report = {
         "dataset": {"name": ds.name, "sha256": ds.sha256, "events": log.n_events,
                     "history_events": log.n_history, "stream_events": log.n_events - log.n_history,
@@ -138,6 +151,10 @@ def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
         if cfg.progress:
             o = report["models"][name]["overall"]
             print(f"  {name:<18} ndcg@10 {o['ndcg@10']:.4f}  hr@10 {o['hr@10']:.4f}  mrr {o['mrr']:.4f}")
+    if "oracle" in report["models"]:  # the learnable ceiling: how much of it each model found
+        ceiling = report["models"]["oracle"]["overall"]["ndcg@10"]
+        for m in report["models"].values():
+            m["oracle_fraction"] = round(m["overall"]["ndcg@10"] / ceiling, 4) if ceiling else None
     report["wall_seconds"] = round(time.perf_counter() - t0, 2)
     if cfg.out is not None:
         write_report(report, Path(cfg.out))
@@ -145,14 +162,16 @@ def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| model | NDCG@10 | HR@10 | MRR | NDCG@10 cold | NDCG@10 warm | coverage@10 | fit s | replay ev/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    oracle = "oracle" in report["models"]
+    lines = ["| model | NDCG@10 | HR@10 | MRR | NDCG@10 cold | NDCG@10 warm | coverage@10 | fit s | replay ev/s |"
+             + (" of oracle |" if oracle else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if oracle else "")]
     for name, m in report["models"].items():
         o = m["overall"]
         lines.append(f"| {name} | {o['ndcg@10']:.4f} | {o['hr@10']:.4f} | {o['mrr']:.4f} | "
                      f"{m['cold']['ndcg@10']:.4f} | {m['warm']['ndcg@10']:.4f} | {o['coverage@10']:.3f} | "
                      f"{m['fit_seconds']:.1f}{' (cached)' if m.get('fit_cached') else ''} | "
-                     f"{m['replay_events_per_second']:,.0f} |")
+                     f"{m['replay_events_per_second']:,.0f} |" + (f" {m['oracle_fraction']:.1%} |" if oracle else ""))
     return "\n".join(lines)
 
 

@@ -30,8 +30,8 @@ from offline_eval.replay import SeenItems
 from recsys.nested_model import FastState, NestedModel, trust, write_log
 
 # Geometric, wide enough for "popularity barely matters" and "popularity is nearly all".
-MULTIPLIERS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
-FADES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+MULTIPLIERS = (0.5, 1.0, 2.0, 4.0, 8.0)
+FADES = (0.0, 0.5, 2.0, 8.0, 32.0)
 
 
 def split_history(history, tail_fraction: float):

@@ -84,9 +84,11 @@ def cmd_consume(args) -> int:
 
 def cmd_replay(args) -> int:
     from offline_eval.protocol import ProtocolConfig
-    from offline_eval.report import ReplayConfig, markdown_table, run_replay
+    from offline_eval.report import ABLATIONS, ReplayConfig, markdown_table, run_replay
 
-    cfg = ReplayConfig(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    names = [n for name in names for n in (ABLATIONS if name == "ablations" else (name,))]
+    cfg = ReplayConfig(models=tuple(dict.fromkeys(names)),
                        protocol=ProtocolConfig(batch_size=args.batch_size, seen_filter=not args.no_seen_filter,
                                                user_freshness=args.user_freshness),
                        out=Path(args.out), fit_cache=None if args.no_fit_cache else Path(args.fit_cache))
@@ -207,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="offline replay evaluation (EVAL_PROTOCOL.md) of models side by side")
     _data_args(p)
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS_HELP), help="comma-separated model names")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS_HELP), help="comma-separated model names; 'ablations' adds the nested model's level ablations")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-seen-filter", action="store_true", help="rank already-seen items too (re-consumption)")
     p.add_argument("--user-freshness", choices=("event", "batch"), default="event",

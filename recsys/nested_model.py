@@ -58,6 +58,12 @@ class NestedConfig:
     # learns to trust it, and it is stale on the stream: NDCG@10 synthetic 0.0457 → 0.0505,
     # ML-1M 0.0178 → 0.0182, and no collapse with more epochs (synthetic, 6: 0.0142 → 0.0512).
     static_popularity: bool = False
+    # Ablations, each a level switched off (trained and replayed without it): the user-fast
+    # memory, the user-mid adapter, the population level (its popularity then comes from a
+    # learned static item bias, as in the slow-only ablation).
+    user_fast: bool = True
+    user_mid: bool = True
+    population: bool = True
 
     def __post_init__(self) -> None:
         if min(self.n_items, self.dim, self.mem_dim, self.c_mid, self.c_pop) <= 0:
@@ -159,7 +165,7 @@ class NestedModel(nn.Module):
         # How fast a returning user's personal score gives way to the population level, per
         # log-day of absence; 0 in meta-training, set on the history's tail (recsys/calibration.py).
         self.register_buffer("fade", torch.zeros(()))
-        if cfg.use_fast and not cfg.static_popularity:  # the slow-only ablation keeps them: nothing else ranks
+        if cfg.use_fast and cfg.population and not cfg.static_popularity:  # else nothing else ranks by popularity
             self.item_bias.requires_grad_(False)
             self.user0.requires_grad_(False)
 
@@ -234,9 +240,23 @@ class NestedModel(nn.Module):
         (+ ``seq``, the user's latest items read through the successor table: `sequence_read`)."""
         if not self.cfg.use_fast:
             return self.user0.expand(len(M), -1)
-        q = F.normalize(self.W_q(last), dim=-1)  # (U, m)
-        read = torch.einsum("uij,uj->ui", M, q)  # (U, m)
-        z = self.user0 + mid + self.W_o(read)  # (U, D)
+        return self.combine(mid, self.memory_read(M, self.query(last)), seq)
+
+    def query(self, last: torch.Tensor) -> torch.Tensor:
+        """(…, D) the user's latest item → (…, m) the user-fast memory's query."""
+        return F.normalize(self.W_q(last), dim=-1)
+
+    @staticmethod
+    def memory_read(M: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(M, q.unsqueeze(-1)).squeeze(-1)  # (U, m)
+
+    def combine(self, mid: torch.Tensor, read: torch.Tensor, seq: torch.Tensor | None) -> torch.Tensor:
+        """The levels' parts → (U, D) user vector."""
+        z = self.user0
+        if self.cfg.user_mid:
+            z = z + mid
+        if self.cfg.user_fast:
+            z = z + self.W_o(read)
         return z if seq is None else z + seq
 
     def read_users(self, state: FastState, rows: torch.Tensor) -> torch.Tensor:
@@ -253,7 +273,7 @@ class NestedModel(nn.Module):
         return torch.einsum("...kd,k->...d", V, self.sequence_weights[-recent.shape[-1]:])
 
     def pop_term(self, pop: torch.Tensor) -> torch.Tensor:
-        return self.pop_weight * torch.log1p(pop) if self.cfg.use_fast else torch.zeros_like(pop)
+        return self.pop_weight * torch.log1p(pop) if self.cfg.use_fast and self.cfg.population else torch.zeros_like(pop)
 
     def event_terms(self, x: torch.Tensor, dt: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything the write rules need from the events alone, for any batch shape at once,
@@ -368,15 +388,16 @@ class NestedModel(nn.Module):
         if read:  # each event's query context: the user's previous item, and latest items
             last_before = torch.where((spos > 0).unsqueeze(1), x[prev], state.last[uniq][srow])
             seq = self.sequence_read(sequences_before(state.recent[users], users, items)[sm])
-            z = torch.empty_like(x)  # (B, D) step-major
+            q = self.query(last_before)  # (B, m) step-major
+            read_before, mid_before = q.new_empty(q.shape), torch.empty_like(x)
         if not read and fused_update.usable(M, self.cfg.dim, self.cfg.mem_dim):  # CUDA: one kernel for all steps
             fused_update.recurrence(M, S, mid, acc, terms, ends, step_start, counts, rates)
         else:
             for lo, n in zip(starts, active.tolist()):
                 term = {name: v[lo:lo + n] for name, v in terms.items()}
-                if read:
-                    z[lo:lo + n] = self.user_vectors(M[:n], last_before[lo:lo + n], mid[:n],
-                                                     None if seq is None else seq[lo:lo + n])
+                if read:  # the state before this step; the levels are combined once, after the loop
+                    read_before[lo:lo + n] = self.memory_read(M[:n], q[lo:lo + n])
+                    mid_before[lo:lo + n] = mid[:n]
                 M[:n], S[:n] = self.memory_step(M[:n], S[:n], term)
                 mid[:n], acc[:n] = self.mid_step(mid[:n], acc[:n], term["mid_target"], ends[lo:lo + n], rates)
 
@@ -391,6 +412,7 @@ class NestedModel(nn.Module):
             getattr(state, name).index_copy_(0, uniq, value)
         reads = None
         if read:  # back to event order
+            z = self.combine(mid_before, read_before, seq) if self.cfg.use_fast else self.user0.expand_as(x)
             reads = Reads(z=torch.empty_like(z).index_copy_(0, sm, z),
                           last_ts=torch.empty_like(prev_ts).index_copy_(0, sm, prev_ts))
         return self._update_population(state, items), reads

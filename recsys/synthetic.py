@@ -86,8 +86,12 @@ def generate(cfg: SyntheticConfig = SyntheticConfig()) -> Dataset:
     if frame.height > cfg.n_events:
         keep = np.sort(rng.choice(frame.height, cfg.n_events, replace=False))
         frame = frame[keep]
+    # Each event's true distribution, for the `oracle` model: the world, and per event the
+    # user's session cluster at that moment (rows in log order, as the frame's).
     truth = {"item_cluster": world["item_cluster"], "user_taste": world["user_taste"],
-             "trending": world["trending"] + 1, "config": asdict(cfg)}
+             "trending": world["trending"] + 1, "config": asdict(cfg), "item_pop": world["item_pop"],
+             "item_birth": world["item_birth"], "session_cluster": frame["session_cluster"].to_numpy().copy()}
+    frame = frame.drop("session_cluster")
     # Stable across processes (str hashes are salted): the config decides the data.
     digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()
     return Dataset("synthetic", frame, sha256=digest, extra=truth)
@@ -137,4 +141,5 @@ def _draw_events(rng, cfg: SyntheticConfig, world: dict, E: int) -> pl.DataFrame
         "user_id": users.astype(np.int64) + 1,
         "item_id": items + 1,
         "ts": (cfg.start_ts + t * cfg.span_s).astype(np.int64),
+        "session_cluster": session_cluster[users, session],
     })

@@ -93,3 +93,24 @@ def test_the_nested_reads_equal_the_state_after_the_users_earlier_events_one_by_
     after = model.update(copy.deepcopy(state), users[10:], items[10:], ts[10:])
     for name, value in after.tensors().items():
         torch.testing.assert_close(getattr(after_read, name), value)
+
+
+def test_the_oracle_knows_the_synthetic_logs_true_distribution_and_tops_every_model():
+    from offline_eval.report import ReplayConfig, run_replay
+
+    ds = load_dataset("synthetic", n_users=200, n_items=300, n_events=10_000, seed=8)
+    report = run_replay(ds, ReplayConfig(models=("pop_online_decay", "itemknn_online", "oracle"), progress=False))
+    ndcg = {name: m["overall"]["ndcg@10"] for name, m in report["models"].items()}
+    assert ndcg["oracle"] > max(ndcg["pop_online_decay"], ndcg["itemknn_online"])
+    assert report["models"]["oracle"]["oracle_fraction"] == 1.0
+    assert 0 < report["models"]["itemknn_online"]["oracle_fraction"] < 1
+    with pytest.raises(ValueError, match="ground truth"):
+        run_replay(_no_truth(), ReplayConfig(models=("oracle",), progress=False))
+
+
+def _no_truth():
+    import polars as pl
+
+    from recsys.datasets import Dataset
+
+    return Dataset("plain", pl.DataFrame({"user_id": [1, 2, 1], "item_id": [1, 2, 2], "ts": [1, 2, 3]}))
