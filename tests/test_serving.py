@@ -124,21 +124,20 @@ def test_a_new_model_file_is_hot_swapped_under_load_with_no_failed_request(data,
         threads = [threading.Thread(target=hammer) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        wait_until(lambda: len(statuses) >= 20, "requests under way before the swap")
         os.replace(tmp_path / "b.onnx", live)  # atomic, as a deploy should do it
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{url}/healthz").json()["items"] != 100:
-            assert time.monotonic() < deadline, "the new model was never swapped in"
-            time.sleep(0.05)
-        time.sleep(1.0)
+        wait_until(lambda: httpx.get(f"{url}/healthz").json()["items"] == 100, "the new model to be swapped in")
+        swapped = len(statuses)
+        wait_until(lambda: len(statuses) >= swapped + 20, "requests served by the new model")
         stop.set()
         for t in threads:
             t.join()
-    assert len(statuses) > 50 and set(statuses) == {200}
+    assert set(statuses) == {200}, "no request fails during a hot swap"
 
 
 @pytest.mark.slow
-def test_a_posted_event_changes_the_users_recommendations_within_2s(data, repo, broker, topic, tmp_path):
+def test_a_posted_event_changes_the_users_recommendations(data, repo, broker, topic, tmp_path):
+    # How fast is a benchmark's question (bench/stream_throughput.py: freshness p50/p99); here, that it happens.
     # No population vector: the ranking a user gets is theirs alone, untrained as the model is.
     checkpoint = save_model(data, tmp_path / "model.safetensors", seed=4, population_vector=False)
     model = tmp_path / "model.onnx"
@@ -160,7 +159,7 @@ def test_a_posted_event_changes_the_users_recommendations_within_2s(data, repo, 
             assert before["source"] == "population"
 
             items = data.interactions["item_id"].unique(maintain_order=True).cast(str).to_list()[:3]
-            t0 = time.monotonic()
+            deadline = time.monotonic() + 60
             for n, item in enumerate(items):
                 r = httpx.post(f"{url}/events", json={"user_id": "carol", "item_id": item, "ts": 1_700_000_000 + n})
                 assert r.status_code == 202, r.text
@@ -170,8 +169,15 @@ def test_a_posted_event_changes_the_users_recommendations_within_2s(data, repo, 
                 if after["source"] == "user" and ranked(after) != ranked(before) and not set(items) & set(
                         ranked(after)):  # changed, and what she just saw is not recommended back
                     break
-                assert time.monotonic() - t0 < 2.0, "carol's events did not change her recommendations in 2 s"
+                assert time.monotonic() < deadline, "carol's events did not change her recommendations"
                 time.sleep(0.02)
     finally:
         worker.terminate()
         assert worker.wait(30) == 0  # SIGTERM: a clean stop with a last checkpoint
+
+
+def wait_until(condition, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

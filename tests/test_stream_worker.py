@@ -80,6 +80,13 @@ class Worker:
     def finish(self, timeout_s: float = 180) -> None:
         assert self.proc.wait(timeout_s) == 0, self.text()[-3000:]
 
+    def finish_at(self, ckpt: Path, events: int, timeout_s: float = 180) -> None:
+        """Once the worker's checkpoint includes ``events`` messages, a clean stop (SIGTERM)."""
+        wait_until(lambda: checkpointed(ckpt) >= events or self.proc.poll() is not None,
+                   f"a checkpoint of {events} messages", timeout_s)
+        self.proc.terminate()
+        self.finish()
+
 
 def reference_rows(model_path: Path, frame: pl.DataFrame) -> dict[str, dict[str, torch.Tensor]]:
     """Every user's rows after all of ``frame`` applied in one in-process pass."""
@@ -172,8 +179,8 @@ def test_kill_9_at_random_points_loses_nothing_and_applies_each_event_once(broke
     flowing.unthrottled.set()
     flowing.join()
     assert all(t <= n < stream.height for t, n in zip(targets, progress)), f"kills must strike mid-stream: {progress}"
-    last = Worker(broker, topic, model_path, ckpt, "w1", "--idle-exit", "5")
-    last.finish()
+    last = Worker(broker, topic, model_path, ckpt, "w1", "--checkpoint-every", "0.5")
+    last.finish_at(own, stream.height)
 
     _, offsets = read_offsets(own)
     assert sum(offsets.values()) == stream.height
@@ -213,8 +220,8 @@ def test_malformed_messages_go_to_the_dead_letter_topic_with_their_reason(broker
                 f'{{"user_id":"{r["user_id"]}","item_id":"{r["item_id"]}","ts":{r["ts"]}}}').encode())
     producer.flush()
 
-    w = Worker(broker, topic, model_path, tmp_path / "ckpt", "w1", "--idle-exit", "4")
-    w.finish()
+    w = Worker(broker, topic, model_path, tmp_path / "ckpt", "w1", "--checkpoint-every", "0.5")
+    w.finish_at(tmp_path / "ckpt" / "w1.safetensors", 30_000)  # offsets count the dead letters too
     assert_exactly_once(merged_checkpoints(tmp_path / "ckpt", topic), good)
 
     dlq = KafkaConsumer(f"{topic}.dead-letters", bootstrap_servers=broker.bootstrap_servers,
@@ -233,7 +240,7 @@ def test_two_workers_split_partitions_and_a_killed_one_hands_over_its_users(brok
     ckpt = tmp_path / "ckpt"
     part = stream.head(60_000)
     a = Worker(broker, topic, model_path, ckpt, "a", "--checkpoint-every", "0.5")
-    b = Worker(broker, topic, model_path, ckpt, "b", "--checkpoint-every", "0.5", "--idle-exit", "20")
+    b = Worker(broker, topic, model_path, ckpt, "b", "--checkpoint-every", "0.5")
     # Produce only once both have joined and split the topic: who gets the first events is then fixed.
     wait_until(lambda: (a.assigned() and b.assigned() and not a.assigned() & b.assigned())
                or a.proc.poll() is not None or b.proc.poll() is not None, "both workers to own partitions")
@@ -245,7 +252,7 @@ def test_two_workers_split_partitions_and_a_killed_one_hands_over_its_users(brok
 
     a.kill()
     produce(part.tail(30_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
-    b.finish()
+    b.finish_at(ckpt / "b.safetensors", part.height)
     _, offsets = read_offsets(ckpt / "b.safetensors")
     assert set(owned_a) <= set(offsets) and sum(offsets.values()) == part.height  # b took over a's partitions
     assert_exactly_once(merged_checkpoints(ckpt, topic), part, reference_rows(model_path, part))
