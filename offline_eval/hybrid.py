@@ -40,18 +40,19 @@ class Hybrid:
     def parts(self, batch: EncodedLog, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N) neighbour votes, each event's earlier batch events voting, and (N,) popularity;
         both scaled to a maximum of 1."""
-        knn = self.knn.score_fresh(batch, n_items)
-        pop = torch.log1p(self.pop.score(torch.from_numpy(batch.users[:1]), n_items)[0])
-        return knn / knn.amax(1, keepdim=True).clamp(min=1e-12), pop / pop.max().clamp(min=1e-12)
+        return self._scaled(self.knn.score_fresh(batch, n_items), n_items)
 
     def score_fresh(self, batch: EncodedLog, n_items: int) -> torch.Tensor:
         knn, pop = self.parts(batch, n_items)
         return knn + self.weight * pop
 
     def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
-        knn = self.knn.score(users, n_items)
-        pop = torch.log1p(self.pop.score(users[:1], n_items)[0])
-        return knn / knn.amax(1, keepdim=True).clamp(min=1e-12) + self.weight * pop / pop.max().clamp(min=1e-12)
+        knn, pop = self._scaled(self.knn.score(users, n_items), n_items)
+        return knn + self.weight * pop
+
+    def _scaled(self, knn: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pop = torch.log1p(self.pop.score(torch.zeros(1, dtype=torch.long), n_items)[0])  # the same for everyone
+        return knn / knn.amax(1, keepdim=True).clamp(min=1e-12), pop / pop.max().clamp(min=1e-12)
 
     def update(self, batch: EncodedLog) -> None:
         self.knn.update(batch)

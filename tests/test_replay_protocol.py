@@ -96,7 +96,7 @@ def test_report_has_the_protocol_shape(tmp_path):
 
 def test_unknown_model_names_are_refused_with_the_list():
     with pytest.raises(ValueError, match="available: pop_static"):
-        ReplayConfig(models=("pop_static", "oracle"))
+        ReplayConfig(models=("pop_static", "clairvoyant"))
 
 
 @pytest.mark.skipif(not DEFAULT_ML1M.exists(), reason="shared/data/ml-1m is not beside the checkout")
