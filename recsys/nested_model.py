@@ -2,10 +2,13 @@
 
 | level | state | updated |
 | --- | --- | --- |
-| slow | item table (TorchRec), projections, gates — `NestedModel` parameters | offline (`recsys train`) |
+| slow | item and successor tables (TorchRec), projections, gates — `NestedModel` parameters | offline (`recsys train`) |
 | population-fast | decayed item counts `pop` | every `C_pop` global events |
 | user-mid | taste adapter `mid` + gradient accumulator | every `C_mid` of the user's events |
-| user-fast | matrix memory `M` + momentum `S` (Titans delta rule) | every event |
+| user-fast | matrix memory `M` + momentum `S` (Titans delta rule); the latest items `recent` | every event |
+
+The user vector adds the user-mid adapter, the memory's read and the user's latest items
+read through the successor table (what follows them, across everyone).
 
 Scores mix them as ``trust(time away) · personal + pop_weight · log(1 + pop)``; the mix is
 set on the history's tail after training (`recsys/calibration.py`).
@@ -15,6 +18,7 @@ The fast state is a value (`FastState`), passed in and returned:
     >>> state = model.init_state(n_users=100, n_items=model.n_items)
     >>> state = model.update(state, users, items, ts)      # a micro-batch, time-ordered
     >>> scores = model.score(state, users[:4], n_items)    # (4, n_items)
+    >>> state, reads = model.update_reading(state, users, items, ts)  # + each user just before each event
 
 The update rule of the fast levels is the same code in meta-training (with
 gradients), in replay and in the stream worker (without).
