@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from offline_eval.metrics import ranks_of_targets
+from offline_eval.metrics import grid_ndcg_sums
 from offline_eval.protocol import EncodedLog, ProtocolConfig
 from offline_eval.replay import SeenItems, batch_bounds
 from recsys.baselines import ItemKNNOnline, PopOnline, pop_online_decay
@@ -73,8 +73,7 @@ class Hybrid:
             users, targets = torch.from_numpy(batch.users), torch.from_numpy(batch.items)
             knn, pop = self.parts(batch, n_known)
             scores = torch.where(seen.before_each(users, targets, n_known), float("-inf"), knn + w * pop)  # (G, B, N)
-            ranks = ranks_of_targets(scores.flatten(0, 1), targets.repeat(len(w)), None).view(len(w), -1)
-            gain += torch.where(ranks <= 10, 1 / torch.log2(ranks + 1), 0.0).sum(1)
+            gain += grid_ndcg_sums(scores, targets)
             self.update(batch)
             seen.add(batch.users, batch.items)
         return self.weights[int(torch.argmax(gain))]  # argmax: the first of equal gains

@@ -20,7 +20,7 @@ from offline_eval.protocol import EncodedLog
 class Oracle:
     def __init__(self, truth: dict, log: EncodedLog):
         cfg = truth["config"]
-        self.cfg, self.log = cfg, log
+        self.cfg = cfg
         # Replay item index → generator index (items are 1-based ids there).
         self.gen_item = torch.from_numpy(log.item_ids.astype(np.int64) - 1)
         self.gen_user = torch.from_numpy(log.user_ids.astype(np.int64) - 1)

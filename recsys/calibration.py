@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from offline_eval.metrics import ranks_of_targets
+from offline_eval.metrics import grid_ndcg_sums
 from offline_eval.replay import SeenItems
 from recsys.nested_model import FastState, NestedModel, trust, write_log
 
@@ -72,8 +72,7 @@ def calibrate(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb_
             weight = trust(absent.to(personal.dtype).view(1, -1, 1), f)  # (G, B, 1)
             scores = torch.where(seen.before_each(users, items, n_known), float("-inf"),
                                  weight * personal + k * population)
-            ranks = ranks_of_targets(scores.flatten(0, 1), items.repeat(len(grid)), None).view(len(grid), -1)
-            gain += torch.where(ranks <= 10, 1 / torch.log2(ranks + 1), 0.0).sum(1)  # misses rank inf
+            gain += grid_ndcg_sums(scores, items)
         seen.add(users.numpy(), items.numpy())
     model.fade.copy_(fade)
     distance = grid[:, 0].log().abs() + grid[:, 1]

@@ -41,6 +41,7 @@ class MF:
         self.user = torch.zeros(0, cfg.dim)
         self.item = torch.zeros(0, cfg.dim)
         self.bias = torch.zeros(0)
+        self.pending = None  # (batch, its gradients) from score_fresh, for update to apply
 
     def _ensure(self, n_users: int, n_items: int) -> None:
         self.user = grow(self.user, n_users)
@@ -100,14 +101,16 @@ class MF:
         scores = self.score(users, n_items)
         if self.cfg.online_lr <= 0:
             return scores
-        gu = self._gradients(batch)[0]  # (B, D)
+        self.pending = (batch, self._gradients(batch))  # update applies these same gradients
+        gu = self.pending[1][0]  # (B, D)
         shift = -self.cfg.online_lr * (earlier_same_user(users).to(gu.dtype) @ gu)  # (B, D)
         return scores + shift @ self.item[:n_items].T
 
     def update(self, batch) -> None:
         if self.cfg.online_lr <= 0:
             return
-        gu, gi, gb, n_known = self._gradients(batch)
+        pending, self.pending = self.pending, None
+        gu, gi, gb, n_known = pending[1] if pending is not None and pending[0] is batch else self._gradients(batch)
         lr, users = self.cfg.online_lr, torch.from_numpy(batch.users)
         # Sum the per-event user gradients per user (a user may appear several times).
         self.user.index_add_(0, users, -lr * gu)

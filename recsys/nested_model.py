@@ -274,7 +274,7 @@ class NestedModel(nn.Module):
         if not K or not self.cfg.use_fast:
             return None
         V = self.item_vectors(recent[..., -K:], table="next")  # (…, K, D)
-        return torch.einsum("...kd,k->...d", V, self.sequence_weights[-recent.shape[-1]:])
+        return torch.einsum("...kd,k->...d", V, self.sequence_weights)
 
     def pop_term(self, pop: torch.Tensor) -> torch.Tensor:
         return self.pop_weight * torch.log1p(pop) if self.cfg.use_fast and self.cfg.population else torch.zeros_like(pop)

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +19,7 @@ from recsys.datasets import load_dataset
 from recsys.nested_model import NestedConfig, NestedModel
 from serving.app import BackgroundServer, ServeConfig, create_app
 from serving.export import export_onnx, scorer_from_checkpoint
+from waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -113,22 +113,29 @@ def test_a_new_model_file_is_hot_swapped_under_load_with_no_failed_request(data,
     live = tmp_path / "live.onnx"
     export_onnx(save_model(data, tmp_path / "a.safetensors", seed=1), live)
     export_onnx(save_model(data, tmp_path / "b.safetensors", seed=2, n_items=100), tmp_path / "b.onnx")
-    statuses, stop = [], threading.Event()
+    statuses, stop, answered = [], threading.Event(), threading.Condition()
     cfg = ServeConfig(model=live, feature_repo=repo.path, reload_every_s=0.1)
+
+    def answers(n: int) -> None:
+        with answered:
+            assert answered.wait_for(lambda: len(statuses) >= n, timeout=60), f"only {len(statuses)} of {n} answers"
+
     with BackgroundServer(create_app(cfg)) as url:
         def hammer():
             with httpx.Client() as client:
                 while not stop.is_set():
-                    statuses.append(client.get(f"{url}/recommendations/anyone", params={"k": 10}).status_code)
+                    status = client.get(f"{url}/recommendations/anyone", params={"k": 10}).status_code
+                    with answered:
+                        statuses.append(status)
+                        answered.notify_all()
 
         threads = [threading.Thread(target=hammer) for _ in range(4)]
         for t in threads:
             t.start()
-        wait_until(lambda: len(statuses) >= 20, "requests under way before the swap")
+        answers(20)  # under way before the swap
         os.replace(tmp_path / "b.onnx", live)  # atomic, as a deploy should do it
         wait_until(lambda: httpx.get(f"{url}/healthz").json()["items"] == 100, "the new model to be swapped in")
-        swapped = len(statuses)
-        wait_until(lambda: len(statuses) >= swapped + 20, "requests served by the new model")
+        answers(len(statuses) + 20)  # served by the new model
         stop.set()
         for t in threads:
             t.join()
@@ -151,33 +158,25 @@ def test_a_posted_event_changes_the_users_recommendations(data, repo, broker, to
         cfg = ServeConfig(model=model, feature_repo=repo.path, bootstrap_servers=broker.bootstrap_servers,
                           topic=topic, population_every_s=0.1)
         with BackgroundServer(create_app(cfg)) as url:
-            deadline = time.monotonic() + 60
-            while "assigned partitions" not in (tmp_path / "worker.log").read_text():
-                assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
-                time.sleep(0.1)
+            log = tmp_path / "worker.log"
+            wait_until(lambda: "assigned partitions" in log.read_text() or worker.poll() is not None,
+                       "the worker to join its group")
+            assert worker.poll() is None, log.read_text()
             before = httpx.get(f"{url}/recommendations/carol", params={"k": 10}).json()
             assert before["source"] == "population"
 
             items = data.interactions["item_id"].unique(maintain_order=True).cast(str).to_list()[:3]
-            deadline = time.monotonic() + 60
             for n, item in enumerate(items):
                 r = httpx.post(f"{url}/events", json={"user_id": "carol", "item_id": item, "ts": 1_700_000_000 + n})
                 assert r.status_code == 202, r.text
             ranked = lambda answer: [r["item_id"] for r in answer["items"]]  # noqa: E731
-            while True:
+
+            def changed():  # from her own state, and what she just saw is not recommended back
                 after = httpx.get(f"{url}/recommendations/carol", params={"k": 10}).json()
-                if after["source"] == "user" and ranked(after) != ranked(before) and not set(items) & set(
-                        ranked(after)):  # changed, and what she just saw is not recommended back
-                    break
-                assert time.monotonic() < deadline, "carol's events did not change her recommendations"
-                time.sleep(0.02)
+                return (after["source"] == "user" and ranked(after) != ranked(before)
+                        and not set(items) & set(ranked(after)))
+
+            wait_until(changed, "carol's events to change her recommendations")
     finally:
         worker.terminate()
         assert worker.wait(30) == 0  # SIGTERM: a clean stop with a last checkpoint
-
-
-def wait_until(condition, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)

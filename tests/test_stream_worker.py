@@ -25,6 +25,7 @@ from recsys.nested_model import USER_FIELDS, NestedConfig, NestedModel
 from recsys.vocab import Vocab
 from streaming.checkpoint import latest_for_partitions, read_checkpoint, read_offsets
 from streaming.producer import ProducerConfig, make_producer, produce
+from waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -59,11 +60,9 @@ class Worker:
         return self.log.read_text()
 
     def wait_for(self, needle: str, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while needle not in self.text():
-            assert self.proc.poll() is None, f"worker exited early:\n{self.text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no {needle!r} in the worker log:\n{self.text()[-3000:]}"
-            time.sleep(0.05)
+        wait_until(lambda: needle in self.text() or self.proc.poll() is not None, f"{needle!r} in the worker log",
+                   timeout_s)
+        assert needle in self.text(), f"worker exited early:\n{self.text()[-3000:]}"
 
     def assigned(self) -> set[int]:
         """The partitions of the worker's latest assignment, from its log."""
@@ -133,13 +132,6 @@ def checkpointed(path: Path) -> int:
     return sum(read_offsets(path)[1].values()) if path.exists() else 0
 
 
-def wait_until(condition, what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 class ProducerAhead(threading.Thread):
     """Produces the stream in chunks, never more than ``lead`` events ahead of the worker's
     checkpoint: however fast the worker drains, events are still in flight when a kill lands."""
@@ -154,8 +146,8 @@ class ProducerAhead(threading.Thread):
     def run(self) -> None:
         cfg = ProducerConfig(self.broker.bootstrap_servers, self.topic, progress=False)
         while self.sent < self.frame.height:
-            while not self.unthrottled.is_set() and self.sent - checkpointed(self.ckpt) >= self.lead:
-                time.sleep(0.02)
+            wait_until(lambda: self.unthrottled.is_set() or self.sent - checkpointed(self.ckpt) < self.lead,
+                       "the worker to catch up", timeout_s=600)
             produce(self.frame.slice(self.sent, self.chunk), cfg)
             self.sent = min(self.frame.height, self.sent + self.chunk)
 
@@ -274,10 +266,8 @@ def test_a_killed_worker_leaves_no_feast_writer_behind(broker, topic, stream, mo
     writers = _children(w.proc.pid)
     assert writers, "the Feast writer runs in a child process of the worker"
     w.kill()
-    deadline = time.monotonic() + 10
-    while any(_running(pid) for pid in writers):
-        assert time.monotonic() < deadline, f"writer processes {writers} outlived their worker"
-        time.sleep(0.1)
+    wait_until(lambda: not any(_running(pid) for pid in writers), f"writer processes {writers} to exit with their worker",
+               timeout_s=30)
 
 
 def _children(pid: int) -> list[int]:
