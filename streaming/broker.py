@@ -103,23 +103,36 @@ class EmbeddedBroker:
         return broker
 
     def is_running(self) -> bool:
-        return _alive(self.pid) and _accepts(self.host, self.port)
+        return self.is_ours() and _accepts(self.host, self.port)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def is_ours(self) -> bool:
+        """Whether ``pid`` is still this broker: a dead broker's pid may since name any process."""
+        try:
+            argv = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return (_alive(self.pid) and bool(argv) and Path(argv[0].decode(errors="replace")).name == "tansu"
+                and f"tcp://{self.host}:{self.port}".encode() in argv)
+
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Stop the broker; False (and nothing signalled) when ``pid`` is no longer it."""
+        if not self.is_ours():
+            return False
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
-                return
+                return True
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 try:  # reap it if it is our child, so it does not linger as a zombie
                     if os.waitpid(self.pid, os.WNOHANG)[0]:
-                        return
+                        return True
                 except ChildProcessError:
                     if not _alive(self.pid):
-                        return
+                        return True
                 time.sleep(0.02)
+        return True
 
     # The CLI's start/stop/status run in different processes: they share a small state file.
     def save(self, state_dir: Path = DEFAULT_STATE_DIR) -> None:

@@ -1,3 +1,4 @@
+import subprocess
 from collections import Counter
 
 import pytest
@@ -13,6 +14,23 @@ def test_broker_starts_stops_and_reports_status(tmp_path):
     assert b.is_running()
     b.stop()
     assert not b.is_running()
+
+
+def test_broker_stop_never_signals_a_process_that_now_holds_a_dead_brokers_pid(tmp_path, capsys):
+    from recsys.cli import main
+
+    b = EmbeddedBroker.start(log_dir=tmp_path)
+    b.stop()
+    stranger = subprocess.Popen(["sleep", "300"])
+    try:
+        EmbeddedBroker(stranger.pid, b.host, b.port, b.log_path).save(tmp_path)  # the state file, now stale
+        assert main(["broker", "stop", "--state-dir", str(tmp_path)]) == 0
+        assert "nothing was signalled" in capsys.readouterr().out
+        assert stranger.poll() is None, "stop killed a process that is not the broker"
+        assert EmbeddedBroker.load(tmp_path) is None  # the stale record is gone
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_ten_thousand_events_through_the_broker_none_lost_none_duplicated(broker, topic):
