@@ -7,7 +7,7 @@ where `recsys features apply` writes the parquet sources from the history.
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
-from feast.types import Array, Float32, Int64, String
+from feast.types import Array, Bytes, Float32, Int64, String
 
 USER_STATE_DIM = 64  # the fast levels' user vector pushed by the stream worker
 
@@ -50,7 +50,8 @@ user_state = FeatureView(
     name="user_state", entities=[user], ttl=timedelta(days=365 * 30), source=user_state_push,
     schema=[Field(name="user_id", dtype=String), Field(name="state", dtype=Array(Float32)),
             Field(name="events", dtype=Int64), Field(name="recent_items", dtype=Array(Int64)),
-            Field(name="last_ts", dtype=Int64)])
+            Field(name="last_ts", dtype=Int64),
+            Field(name="fast_state", dtype=Bytes)])  # an evicted user's whole row (stream worker's user TTL)
 
 # What serving reads for one user.
 serving_features = FeatureService(name="serving", features=[user_profile, user_state])

@@ -68,7 +68,7 @@ def write_sources(ds: Dataset, repo: Path, history_fraction: float = 0.8) -> dic
         frame.write_parquet(data / f"{name}.parquet")
     log = data / "user_state.parquet"  # the push source's batch log starts empty
     schema = {"user_id": pl.Utf8, "state": pl.List(pl.Float32), "events": pl.Int64, "recent_items": pl.List(pl.Int64),
-              "last_ts": pl.Int64, "event_timestamp": pl.Datetime("us", "UTC")}
+              "last_ts": pl.Int64, "fast_state": pl.Binary, "event_timestamp": pl.Datetime("us", "UTC")}
     if not log.exists() or dict(pl.read_parquet_schema(log)) != schema:
         pl.DataFrame(schema=schema).write_parquet(log)
     return {name: frame.height for name, frame in frames.items()}

@@ -47,9 +47,10 @@ def cmd_broker(args) -> int:
         if current is None:
             print("not running")
             return 0
-        current.stop()
+        stopped = current.stop()
         EmbeddedBroker.forget(state_dir)
-        print(f"stopped broker pid {current.pid}")
+        print(f"stopped broker pid {current.pid}" if stopped else
+              f"the broker (pid {current.pid}) had already exited; that pid is not it now, so nothing was signalled")
         return 0
     if current and current.is_running():
         print(f"already running: {current.bootstrap_servers}")
@@ -163,7 +164,9 @@ def cmd_stream(args) -> int:
                        batch_size=args.batch_size, max_wait_s=args.max_wait_ms / 1000,
                        checkpoint_every_s=args.checkpoint_every, feature_repo=args.feature_repo and Path(args.feature_repo),
                        device=args.device or WorkerConfig.device, metrics_port=args.metrics_port,
-                       log_every_s=args.log_every, idle_exit_s=args.idle_exit)
+                       metrics_host=args.metrics_host, log_every_s=args.log_every, idle_exit_s=args.idle_exit,
+                       max_clock_skew_s=args.max_clock_skew, checkpoint_give_up_s=args.checkpoint_give_up,
+                       user_ttl_s=args.user_ttl)
     return run_worker(cfg)
 
 
@@ -273,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-repo", default=None, help="push fresh user vectors to this Feast repo")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds (0.0.0.0: all)")
+    p.add_argument("--max-clock-skew", type=float, default=3600.0,
+                   help="seconds an event may be stamped ahead of this host's clock; later ones are dead-lettered")
+    p.add_argument("--checkpoint-give-up", type=float, default=600.0,
+                   help="exit after failing to write a checkpoint for this many seconds (events go on meanwhile)")
+    p.add_argument("--user-ttl", type=float, default=None,
+                   help="seconds idle before a user's state leaves memory for the online store (needs "
+                        "--feature-repo; default: keep every user)")
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between log lines")
     p.add_argument("--idle-exit", type=float, default=None, help="exit cleanly after this many idle seconds")
     p.set_defaults(func=cmd_stream)

@@ -7,20 +7,36 @@ disagree, because they are one file written atomically (write, fsync, rename, fs
 the folder). A worker that takes over a partition reads that partition's rows from
 whichever file holds it at the highest offset (its previous owner's, usually).
 
+Files are checked, not trusted: each carries a SHA-256 of its tensors and metadata, and
+the previous file is kept beside it (``….safetensors.prev``). A file that is truncated,
+altered or holds a non-finite number is skipped with one log line naming it, and the
+next-best file for those partitions is used; with none left, the partition starts from
+the beginning of the log.
+
     >>> write_checkpoint(Path("ckpt/w1.safetensors"), snapshot)
-    >>> latest_for_partitions(Path("ckpt"), topic="interactions", partitions=[0, 3])
-    {0: Path("ckpt/w1.safetensors"), 3: Path("ckpt/w2.safetensors")}
+    >>> restore(Path("ckpt"), topic="interactions", partitions=[0, 3, 5])
+    Restored(snapshots=[(Path("ckpt/w1.safetensors"), Snapshot(...), [0, 3])], missing=[5])
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("recsys.stream")
+
+SUFFIXES = (".safetensors", ".safetensors.prev")
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that cannot be trusted; the message names the file and the fault."""
 
 
 @dataclass
@@ -34,9 +50,18 @@ class Snapshot:
     users: dict[str, torch.Tensor]  # the per-user fields of FastState, (U, ...)
     population: dict[str, torch.Tensor]  # pop, pop_acc, seen
     item_ids: list[str]  # index -> external item id (the model's table, then items first seen online)
+    topic_id: str | None = None  # the broker's id of the topic: a recreated topic gets a new one
+    ends: dict[int, int] = field(default_factory=dict)  # partition -> log end offset seen at write time
 
 
-def write_checkpoint(path: Path, snap: Snapshot) -> None:
+def previous(path: Path) -> Path:
+    """Where the file before ``path`` is kept."""
+    return path.with_name(path.name + ".prev")
+
+
+def write_checkpoint(path: Path, snap: Snapshot, keep_previous: bool = True) -> None:
+    """Write ``snap`` to ``path`` atomically; the file it replaces becomes the previous one
+    (``keep_previous``: pass False when that file is known damaged, to keep the good one)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -44,19 +69,36 @@ def write_checkpoint(path: Path, snap: Snapshot) -> None:
     tensors = {f"user.{k}": v.contiguous() for k, v in snap.users.items()}
     tensors |= {f"population.{k}": v.contiguous() for k, v in snap.population.items()}
     tensors["partitions"] = snap.partitions.contiguous()
-    metadata = {"topic": snap.topic, "offsets": json.dumps({str(p): o for p, o in snap.offsets.items()}),
+    metadata = {"topic": snap.topic, "topic_id": snap.topic_id or "",
+                "offsets": json.dumps({str(p): o for p, o in snap.offsets.items()}),
+                "ends": json.dumps({str(p): o for p, o in snap.ends.items()}),
                 "user_ids": json.dumps(snap.user_ids), "item_ids": json.dumps(snap.item_ids),
                 "written_at": f"{time.time():.3f}"}
+    metadata["sha256"] = _digest(tensors, metadata)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, previous(path))  # the last good file stays, should the new one be damaged
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a mix
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
+        os.fsync(dir_fd)  # the renames themselves survive a power cut
     finally:
         os.close(dir_fd)
+
+
+def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != "sha256":
+            h.update(f"{key}={metadata[key]}\0".encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -66,41 +108,129 @@ def _metadata(path: Path) -> dict[str, str]:
         return f.metadata()
 
 
-def _offsets(meta: dict[str, str]) -> dict[int, int]:
-    return {int(p): o for p, o in json.loads(meta["offsets"]).items()}
+def _int_map(text: str | None) -> dict[int, int]:
+    return {int(p): o for p, o in json.loads(text or "{}").items()}
 
 
 def read_offsets(path: Path) -> tuple[str, dict[int, int]]:
     """(topic, offsets) from the metadata alone: cheap enough to scan every worker's file."""
     meta = _metadata(path)
-    return meta["topic"], _offsets(meta)
+    return meta["topic"], _int_map(meta["offsets"])
 
 
 def read_checkpoint(path: Path) -> Snapshot:
+    """The file's snapshot, verified: raises `CorruptCheckpoint` naming the file and the fault."""
     from safetensors.torch import load_file
 
-    meta = _metadata(path)
-    tensors = load_file(str(path))
-    return Snapshot(topic=meta["topic"], offsets=_offsets(meta),
+    try:
+        meta = _metadata(path)
+        tensors = load_file(str(path))
+    except Exception as e:  # truncated, not safetensors, unreadable
+        raise CorruptCheckpoint(f"{path}: unreadable ({e})") from None
+    if "sha256" in meta and meta["sha256"] != _digest(tensors, meta):
+        raise CorruptCheckpoint(f"{path}: checksum mismatch (the file was altered after it was written)")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CorruptCheckpoint(f"{path}: non-finite values in {', '.join(bad)}")
+    return Snapshot(topic=meta["topic"], offsets=_int_map(meta["offsets"]),
                     user_ids=json.loads(meta["user_ids"]), partitions=tensors["partitions"],
                     users={k.removeprefix("user."): v for k, v in tensors.items() if k.startswith("user.")},
                     population={k.removeprefix("population."): v for k, v in tensors.items()
                                 if k.startswith("population.")},
-                    item_ids=json.loads(meta["item_ids"]))
+                    item_ids=json.loads(meta["item_ids"]), topic_id=meta.get("topic_id") or None,
+                    ends=_int_map(meta.get("ends")))
 
 
-def latest_for_partitions(folder: Path, topic: str, partitions) -> dict[int, Path]:
-    """For each partition, the checkpoint file that holds it at the highest offset.
+def checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(p for suffix in SUFFIXES for p in Path(folder).glob(f"*{suffix}"))
 
-    Offsets only grow, so the highest one is the newest owner's last word on it."""
-    best: dict[int, tuple[int, Path]] = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
+
+def _candidates(folder: Path, topic: str, partitions) -> dict[int, list[tuple[int, Path]]]:
+    """For each partition, the files holding it, highest offset first (offsets only grow,
+    so the highest is the newest owner's last word on it)."""
+    found: dict[int, list[tuple[int, Path]]] = {}
+    for path in checkpoint_files(folder):
         try:
             file_topic, offsets = read_offsets(path)
         except Exception as e:  # a foreign or damaged file must not stop the worker
-            print(f"[checkpoint] skipping unreadable {path}: {e}")
+            log.warning("checkpoint %s is unreadable, skipped: %s", path, e)
             continue
         for p, off in offsets.items():
-            if file_topic == topic and p in partitions and off > best.get(p, (-1, None))[0]:
-                best[p] = (off, path)
-    return {p: path for p, (_, path) in best.items()}
+            if file_topic == topic and p in partitions:
+                found.setdefault(p, []).append((off, path))
+    return {p: sorted(c, key=lambda oc: (-oc[0], oc[1].suffix == ".prev")) for p, c in found.items()}
+
+
+def latest_for_partitions(folder: Path, topic: str, partitions) -> dict[int, Path]:
+    """For each partition, the file that claims it at the highest offset (metadata only)."""
+    return {p: c[0][1] for p, c in _candidates(folder, topic, set(partitions)).items()}
+
+
+@dataclass
+class Restored:
+    snapshots: list[tuple[Path, Snapshot, list[int]]]  # each verified file and the partitions taken from it
+    missing: list[int]  # partitions no good file holds: they start from the beginning of the log
+
+
+def restore(folder: Path, topic: str, partitions) -> Restored:
+    """Each partition from the newest file that verifies, falling back file by file."""
+    partitions = set(partitions)
+    loaded: dict[Path, Snapshot | None] = {}
+    taken: dict[Path, list[int]] = {}
+    for p, candidates in sorted(_candidates(folder, topic, partitions).items()):
+        for _, path in candidates:
+            if path not in loaded:
+                loaded[path] = read_or_none(path)
+            if loaded[path] is not None:
+                taken.setdefault(path, []).append(p)
+                break
+        else:
+            log.warning("partition %d: no checkpoint file that holds it is intact; it starts from the beginning "
+                        "of the log", p)
+    missing = sorted(partitions - {p for ps in taken.values() for p in ps})
+    return Restored([(path, loaded[path], ps) for path, ps in taken.items()], missing)
+
+
+def read_or_none(path: Path) -> Snapshot | None:
+    """The verified snapshot, or None after one log line naming the file and the fault."""
+    try:
+        return read_checkpoint(path)
+    except CorruptCheckpoint as e:
+        log.warning("skipping checkpoint: %s", e)
+        return None
+
+
+def read_own(path: Path) -> tuple[Path, Snapshot] | None:
+    """A worker's own newest good file and its snapshot: ``path``, else the one kept before it."""
+    for candidate in (path, previous(path)):
+        if candidate.exists() and (snap := read_or_none(candidate)) is not None:
+            return candidate, snap
+    return None
+
+
+@dataclass
+class UserRow:
+    """One user's whole fast state, as an evicted user keeps it in the online store."""
+
+    fields: dict[str, torch.Tensor]  # the per-user fields of FastState but ``recent``
+    recent: list[str | None]  # the item ids in the recent slots (None: empty), by id: indices are per worker
+    through: int  # the offset of the latest event the row holds, in the user's partition ...
+    topic_id: str | None = None  # ... of this topic (a recreated topic starts its offsets over)
+
+
+def encode_user_row(row: UserRow) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in row.fields.items()},
+                metadata={"recent": json.dumps(row.recent), "through": str(row.through),
+                          "topic_id": row.topic_id or ""})
+
+
+def decode_user_row(blob: bytes) -> UserRow:
+    from safetensors.torch import load
+
+    # safetensors has no reader for the metadata of in-memory bytes: its header is 8 bytes of
+    # length, then JSON holding "__metadata__" (the format's spec).
+    n = int.from_bytes(blob[:8], "little")
+    meta = json.loads(blob[8:8 + n])["__metadata__"]
+    return UserRow(load(blob), json.loads(meta["recent"]), int(meta["through"]), meta.get("topic_id") or None)

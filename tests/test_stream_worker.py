@@ -8,128 +8,19 @@ in-process by the model's own `update`.
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
-import torch
 
-from recsys.datasets import load_dataset
-from recsys.nested_model import USER_FIELDS, NestedConfig, NestedModel
-from recsys.vocab import Vocab
-from streaming.checkpoint import latest_for_partitions, read_checkpoint, read_offsets
+from streaming.checkpoint import read_checkpoint, read_offsets
 from streaming.producer import ProducerConfig, make_producer, produce
 from waiting import wait_until
+from workers import Worker, assert_exactly_once, checkpointed, merged_checkpoints, reference_rows
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def stream():
-    return load_dataset("synthetic", n_users=1500, n_items=2000, n_events=100_000, seed=5).interactions
-
-
-@pytest.fixture(scope="module")
-def model_path(stream, tmp_path_factory) -> Path:
-    """An untrained model is enough: the test is about delivery, not quality."""
-    torch.manual_seed(0)
-    items = stream["item_id"].unique(maintain_order=True).head(1500)  # the rest arrive as new items
-    model = NestedModel(NestedConfig(n_items=len(items), c_pop=100, pop_half_life=2000.0))
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    model.save(path, item_ids=items.to_list())
-    return path
-
-
-class Worker:
-    """One `recsys stream` process, its log in a file."""
-
-    def __init__(self, broker, topic, model_path, ckpt_dir, worker_id, *extra: str):
-        self.log = Path(ckpt_dir).parent / f"{worker_id}-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "recsys.cli", "stream", "--bootstrap-servers", broker.bootstrap_servers,
-               "--topic", topic, "--group", f"g-{topic}", "--model", str(model_path), "--checkpoint-dir",
-               str(ckpt_dir), "--worker-id", worker_id, "--log-every", "1", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, needle: str, timeout_s: float = 60) -> None:
-        wait_until(lambda: needle in self.text() or self.proc.poll() is not None, f"{needle!r} in the worker log",
-                   timeout_s)
-        assert needle in self.text(), f"worker exited early:\n{self.text()[-3000:]}"
-
-    def assigned(self) -> set[int]:
-        """The partitions of the worker's latest assignment, from its log."""
-        lines = [ln for ln in self.text().splitlines() if "assigned partitions [" in ln]
-        if not lines:
-            return set()
-        listed = lines[-1].split("assigned partitions [", 1)[1].split("]", 1)[0]
-        return {int(p) for p in listed.split(",") if p.strip()}
-
-    def kill(self) -> None:
-        self.proc.kill()  # SIGKILL: no last checkpoint, no leaving the group
-        self.proc.wait()
-
-    def finish(self, timeout_s: float = 180) -> None:
-        assert self.proc.wait(timeout_s) == 0, self.text()[-3000:]
-
-    def finish_at(self, ckpt: Path, events: int, timeout_s: float = 180) -> None:
-        """Once the worker's checkpoint includes ``events`` messages, a clean stop (SIGTERM)."""
-        wait_until(lambda: checkpointed(ckpt) >= events or self.proc.poll() is not None,
-                   f"a checkpoint of {events} messages", timeout_s)
-        self.proc.terminate()
-        self.finish()
-
-
-def reference_rows(model_path: Path, frame: pl.DataFrame) -> dict[str, dict[str, torch.Tensor]]:
-    """Every user's rows after all of ``frame`` applied in one in-process pass."""
-    from recsys.nested_model import load_item_ids
-
-    model = NestedModel.load(model_path).eval()
-    users, items = Vocab(), Vocab(load_item_ids(model_path))
-    state = model.init_state(0, len(items))
-    u = torch.from_numpy(users.index(frame["user_id"].cast(pl.Utf8)))
-    i = torch.from_numpy(items.index(frame["item_id"].cast(pl.Utf8)))
-    ts = torch.from_numpy(frame["ts"].to_numpy().copy())
-    for lo in range(0, len(u), 4096):
-        state = model.update(state, u[lo:lo + 4096], i[lo:lo + 4096], ts[lo:lo + 4096])
-    return {uid: _named({f: getattr(state, f)[r] for f in USER_FIELDS}, items.ids) for r, uid in enumerate(users.ids)}
-
-
-def _named(row: dict, item_ids: list[str]) -> dict:
-    """Recent items by id: beyond the model's table, item indices are each worker's own naming."""
-    return row | {"recent": [item_ids[i] for i in row["recent"].tolist() if i >= 0]}
-
-
-def merged_checkpoints(ckpt_dir: Path, topic: str) -> dict[str, dict[str, torch.Tensor]]:
-    """User rows as the group would restore them: each partition from its newest file."""
-    rows = {}
-    for p, path in latest_for_partitions(ckpt_dir, topic, range(64)).items():
-        snap = read_checkpoint(path)
-        for r in (snap.partitions == p).nonzero().flatten().tolist():
-            rows[snap.user_ids[r]] = _named({f: snap.users[f][r] for f in USER_FIELDS}, snap.item_ids)
-    return rows
-
-
-def assert_exactly_once(rows, stream: pl.DataFrame, reference=None) -> None:
-    expected = Counter(stream["user_id"].cast(pl.Utf8).to_list())
-    got = {uid: int(r["cnt"]) for uid, r in rows.items()}
-    assert got == dict(expected), "some user's events were lost or applied twice"
-    for uid, ref in (reference or {}).items():
-        assert rows[uid]["recent"] == ref["recent"], uid
-        for f in set(USER_FIELDS) - {"recent"}:
-            assert torch.allclose(rows[uid][f].double(), ref[f].double(), atol=1e-4, rtol=1e-4), (uid, f)
-
-
-def checkpointed(path: Path) -> int:
-    """Events a worker's checkpoint includes (0 before its first)."""
-    return sum(read_offsets(path)[1].values()) if path.exists() else 0
 
 
 class ProducerAhead(threading.Thread):

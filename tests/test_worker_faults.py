@@ -1,0 +1,292 @@
+"""The stream worker under attack, against the real broker: poison messages, a recreated
+topic, a future clock, damaged checkpoints, a failing disk and a locked online store.
+
+In each case the worker goes on, loses nothing, and says what happened: the user rows in
+its checkpoints are compared with the same events applied in-process (`reference_rows`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from kafka.serializer import Serializer
+
+from streaming.broker import EmbeddedBroker, free_port
+from streaming.checkpoint import previous, read_checkpoint
+from streaming.producer import ProducerConfig, make_producer, produce
+from waiting import wait_until
+from workers import Worker, assert_exactly_once, checkpointed, merged_checkpoints, metric, reference_rows
+
+pytestmark = pytest.mark.slow
+
+YEAR_2099 = 4_102_444_799
+
+
+def dead_letters(broker, topic: str) -> list:
+    from kafka import KafkaConsumer
+
+    dlq = KafkaConsumer(f"{topic}.dead-letters", bootstrap_servers=broker.bootstrap_servers,
+                        auto_offset_reset="earliest", consumer_timeout_ms=5000,
+                        fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=4 * 1024 * 1024)
+    letters = list(dlq)
+    dlq.close()
+    return letters
+
+
+class NullAs(Serializer):
+    """b"NULL" serialises to null: a record with neither key nor value, which send() refuses to build."""
+
+    def serialize(self, topic, value):
+        return None if value == b"NULL" else value
+
+
+def test_poison_a_broker_would_refuse_as_a_dead_letter_never_stops_the_worker(broker, topic, stream, model_path,
+                                                                             tmp_path):
+    good = stream.head(6_000)
+    produce(good.head(3_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, max_request_size=4 * 1024 * 1024,
+                             key_serializer=NullAs(), value_serializer=NullAs())
+    producer.send(topic, key=b"big", value=b'{"user_id": "' + b"x" * 1_500_000 + b'"}')  # 1.5 MB
+    producer.send(topic, key=b"NULL", value=b"NULL")
+    producer.send(topic, key=b"u-future", value=b'{"user_id": "u-future", "item_id": "1", "ts": %d}' % YEAR_2099)
+    producer.flush()
+    producer.close()
+    produce(good.tail(3_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+
+    w = Worker(broker, topic, model_path, tmp_path / "ckpt", "w1", "--checkpoint-every", "0.5")
+    w.finish_at(tmp_path / "ckpt" / "w1.safetensors", good.height + 3)  # exits 0: it never stopped
+    assert_exactly_once(merged_checkpoints(tmp_path / "ckpt", topic), good, reference_rows(model_path, good))
+
+    letters = {dict(m.headers)["reason"].decode(): m for m in dead_letters(broker, topic)}
+    assert set(letters) == {"oversized", "not_json", "future_timestamp"}
+    big = letters["oversized"]
+    assert int(dict(big.headers)["truncated_from"]) > 1_500_000 and 0 < len(big.value) <= 64 * 1024
+    assert letters["not_json"].key is None and letters["not_json"].value == b""
+    # The stream clock is moved by accepted events only: 2099 never reached the state.
+    snap = read_checkpoint(tmp_path / "ckpt" / "w1.safetensors")
+    assert int(snap.users["last_ts"].max()) == int(good["ts"].max())
+
+
+def test_a_dead_letter_the_broker_refuses_is_counted_logged_and_skipped(broker, topic, stream, model_path, tmp_path):
+    good = stream.head(2_000)
+    producer = make_producer(broker.bootstrap_servers)
+    producer.send(topic, key=b"bad", value=b"{not json")
+    producer.flush()
+    produce(good, ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+    port = free_port()
+    # A dead-letter topic name the broker cannot create: every dead letter is refused.
+    w = Worker(broker, topic, model_path, tmp_path / "ckpt", "w1", "--checkpoint-every", "0.5",
+               "--dead-letter-topic", "no spaces/allowed here", "--metrics-port", str(port))
+    wait_until(lambda: metric(port, "recsys_stream_dead_letters_lost_total", reason="not_json") == 1
+               or w.proc.poll() is not None, "the refused dead letter to be counted")
+    w.finish_at(tmp_path / "ckpt" / "w1.safetensors", good.height + 1)
+    assert_exactly_once(merged_checkpoints(tmp_path / "ckpt", topic), good)
+    assert "offset" in w.text() and "not delivered, skipped" in w.text()
+
+
+def test_a_recreated_topic_is_detected_and_applied_from_its_beginning(stream, model_path, tmp_path):
+    port = free_port()
+    ckpt = tmp_path / "ckpt" / "w1.safetensors"
+    first, second = stream.head(8_000), stream.slice(8_000, 3_000)
+    old = EmbeddedBroker.start(port=port, log_dir=tmp_path / "broker")
+    try:
+        produce(first, ProducerConfig(old.bootstrap_servers, "events", progress=False))
+        w = Worker(old, "events", model_path, tmp_path / "ckpt", "w1", "--checkpoint-every", "0.3",
+                   "--metrics-port", str(metrics := free_port()))
+        wait_until(lambda: checkpointed(ckpt) == first.height or w.proc.poll() is not None, "the first log applied")
+    finally:
+        old.stop()
+    new = EmbeddedBroker.start(port=port, log_dir=tmp_path / "broker")  # same address, empty memory
+    try:
+        produce(second, ProducerConfig(new.bootstrap_servers, "events", progress=False))
+        # The stored offsets (8,000 in all) lie past the new log's end: the worker must notice and start over.
+        wait_until(lambda: checkpointed(ckpt) == second.height and _events_held(ckpt) == 11_000
+                   or w.proc.poll() is not None, "the new log applied from its beginning", timeout_s=180)
+        assert w.proc.poll() is None, w.text()[-3000:]
+        assert metric(metrics, "recsys_stream_partition_resets_total") >= 1
+        wait_until(lambda: metric(metrics, "recsys_stream_lag") == 0, "the lag gauge to read the new log's end")
+        w.proc.terminate()
+        w.finish()
+    finally:
+        new.stop()
+    assert "recreated or truncated" in w.text()
+    both = pl.concat([first, second])
+    assert_exactly_once(merged_checkpoints(tmp_path / "ckpt", "events"), both)  # user rows were kept
+
+
+def _events_held(path: Path) -> int:
+    try:
+        return int(read_checkpoint(path).users["cnt"].sum())
+    except Exception:
+        return 0
+
+
+def test_damaged_checkpoints_fall_back_to_the_previous_file_then_to_the_log(broker, topic, stream, model_path,
+                                                                           tmp_path):
+    ckpt = tmp_path / "ckpt"
+    own = ckpt / "w1.safetensors"
+    cfg = ProducerConfig(broker.bootstrap_servers, topic, progress=False)
+
+    def run_until(events: int) -> Worker:
+        w = Worker(broker, topic, model_path, ckpt, "w1", "--checkpoint-every", "0.3")
+        w.finish_at(own, events)
+        return w
+
+    for start in (0, 5_000):  # two runs, each ending with a checkpoint
+        produce(stream.slice(start, 5_000), cfg)
+        run_until(start + 5_000)
+    assert checkpointed(previous(own)) == 5_000 and checkpointed(own) == 10_000  # the last two files are kept
+
+    own.write_bytes(own.read_bytes()[:len(own.read_bytes()) // 2])  # truncated
+    produce(stream.slice(10_000, 10_000), cfg)
+    w = run_until(20_000)
+    assert f"skipping checkpoint: {own}: unreadable" in w.text()
+    assert_exactly_once(merged_checkpoints(ckpt, topic), stream.head(20_000))
+
+    for path in (own, previous(own)):  # bytes flipped to NaN in both files: nothing intact is left
+        _poison_with_nan(path)
+    produce(stream.slice(20_000, 5_000), cfg)
+    w = run_until(25_000)
+    assert "checksum mismatch" in w.text() and "starts from the beginning of the log" in w.text()
+    head = stream.head(25_000)
+    assert_exactly_once(merged_checkpoints(ckpt, topic), head, reference_rows(model_path, head))
+    assert all(torch.isfinite(v).all() for v in read_checkpoint(own).users.values() if v.is_floating_point())
+
+
+def _poison_with_nan(path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["user.M"][: len(tensors["user.M"]) // 2] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_a_failing_disk_is_retried_while_events_go_on_being_applied(broker, topic, stream, model_path, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    own = ckpt / "w1.safetensors"
+    port = free_port()
+    cfg = ProducerConfig(broker.bootstrap_servers, topic, progress=False)
+    produce(stream.head(5_000), cfg)
+    w = Worker(broker, topic, model_path, ckpt, "w1", "--checkpoint-every", "0.3", "--metrics-port", str(port))
+    wait_until(lambda: checkpointed(own) == 5_000 or w.proc.poll() is not None, "the first checkpoint")
+    blocker = ckpt / ".w1.safetensors.tmp"
+    blocker.mkdir()  # the temporary file cannot be created: every write fails (root ignores read-only bits)
+    produce(stream.slice(5_000, 5_000), cfg)
+    wait_until(lambda: (metric(port, "recsys_stream_events_total") == 10_000
+                        and metric(port, "recsys_stream_checkpoint_failures_total") >= 1) or w.proc.poll() is not None,
+               "events applied while checkpoints fail")
+    assert w.proc.poll() is None, w.text()[-3000:]
+    assert checkpointed(own) == 5_000
+    blocker.rmdir()
+    w.finish_at(own, 10_000)
+    assert "Is a directory" in w.text()
+    head = stream.head(10_000)
+    assert_exactly_once(merged_checkpoints(ckpt, topic), head)
+
+
+def test_a_disk_that_stays_broken_stops_the_worker_with_a_clear_error(broker, topic, stream, model_path, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / ".w1.safetensors.tmp").mkdir(parents=True)
+    produce(stream.head(1_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+    w = Worker(broker, topic, model_path, ckpt, "w1", "--checkpoint-every", "0.2", "--checkpoint-give-up", "2")
+    assert w.proc.wait(180) != 0  # for a supervisor to restart it elsewhere
+    assert "no checkpoint written to" in w.text() and "exiting for a restart" in w.text()
+
+
+def test_a_locked_online_store_delays_pushes_but_loses_no_user(broker, topic, stream, model_path, tmp_path):
+    from features.store import FeatureRepo
+
+    repo = FeatureRepo.create(tmp_path / "features")
+    repo.apply()
+    port = free_port()
+    cfg = ProducerConfig(broker.bootstrap_servers, topic, progress=False)
+    produce(stream.head(3_000), cfg)
+    w = Worker(broker, topic, model_path, tmp_path / "ckpt", "w1", "--feature-repo", str(repo.path),
+               "--metrics-port", str(port))
+    wait_until(lambda: metric(port, "recsys_stream_push_rows_count") >= 1 or w.proc.poll() is not None,
+               "the first push")
+    lock = sqlite3.connect(repo.path / "data" / "online.db")
+    lock.execute("BEGIN EXCLUSIVE")  # held by another writer: every push fails meanwhile
+    try:
+        produce(stream.slice(3_000, 3_000), cfg)
+        wait_until(lambda: (metric(port, "recsys_stream_events_total") == 6_000
+                            and metric(port, "recsys_stream_push_failures_total") >= 1) or w.proc.poll() is not None,
+                   "pushes failing while events are applied")
+    finally:
+        lock.rollback()
+        lock.close()
+    assert w.proc.poll() is None, w.text()[-3000:]
+    expected = Counter(stream.head(6_000)["user_id"].cast(pl.Utf8).to_list())
+    users = sorted(expected)
+
+    def store_is_current() -> bool:
+        return repo.user_state(users)["events"] == [expected[u] for u in users]
+
+    wait_until(store_is_current, "every user's latest vector in the online store")
+    w.proc.terminate()
+    w.finish()
+
+
+def test_an_idle_worker_writes_no_checkpoint(broker, topic, stream, model_path, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    own = ckpt / "w1.safetensors"
+    produce(stream.head(2_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+    port = free_port()
+    w = Worker(broker, topic, model_path, ckpt, "w1", "--checkpoint-every", "0.1", "--metrics-port", str(port))
+    wait_until(lambda: checkpointed(own) == 2_000 or w.proc.poll() is not None, "the stream applied")
+    stamp = own.stat().st_mtime_ns
+    # Twenty checkpoint intervals of silence, by the worker's own checkpoint-age gauge (a rewrite resets it).
+    wait_until(lambda: metric(port, "recsys_stream_checkpoint_age_seconds") > 2.0 or own.stat().st_mtime_ns != stamp,
+               "twenty idle checkpoint intervals")
+    assert own.stat().st_mtime_ns == stamp, "an idle worker rewrote its checkpoint"
+    assert metric(port, "recsys_stream_users") == stream.head(2_000)["user_id"].n_unique()
+    w.proc.terminate()
+    w.finish()
+
+
+def test_idle_users_leave_memory_for_the_online_store_and_return_where_they_left(broker, topic, stream, model_path,
+                                                                                 tmp_path):
+    from features.store import FeatureRepo
+    from streaming.checkpoint import decode_user_row
+
+    repo = FeatureRepo.create(tmp_path / "features")
+    repo.apply()
+    ckpt = tmp_path / "ckpt"
+    own = ckpt / "w1.safetensors"
+    port = free_port()
+    cfg = ProducerConfig(broker.bootstrap_servers, topic, progress=False)
+    first = stream.head(4_000)
+    produce(first, cfg)
+    w = Worker(broker, topic, model_path, ckpt, "w1", "--feature-repo", str(repo.path), "--user-ttl", "1",
+               "--checkpoint-every", "0.3", "--metrics-port", str(port))
+    # Everyone idles past the TTL: memory and the checkpoint hold no user, the online store holds them all.
+    wait_until(lambda: checkpointed(own) == first.height and len(read_checkpoint(own).user_ids) == 0
+               or w.proc.poll() is not None, "every idle user evicted", timeout_s=180)
+    assert w.proc.poll() is None, w.text()[-3000:]
+    assert metric(port, "recsys_stream_users") == 0
+    assert metric(port, "recsys_stream_users_evicted_total") == first["user_id"].n_unique()
+
+    produce(stream.slice(4_000, 4_000), cfg)  # most of them come back
+    wait_until(lambda: metric(port, "recsys_stream_users_rehydrated_total") > 0 or w.proc.poll() is not None,
+               "returning users taken back from the online store")
+    w.finish_at(own, 8_000)
+
+    # Every user's row, wherever it lives now, equals the same events applied without eviction.
+    head = stream.head(8_000)
+    rows = merged_checkpoints(ckpt, topic)
+    away = sorted(set(head["user_id"].cast(pl.Utf8).to_list()) - set(rows))
+    for uid, blob in zip(away, repo.evicted(away)):
+        assert blob is not None, f"user {uid} is neither held nor in the online store"
+        row = decode_user_row(blob)
+        rows[uid] = row.fields | {"recent": [i for i in row.recent if i is not None]}
+    assert_exactly_once(rows, head, reference_rows(model_path, head))
