@@ -27,6 +27,9 @@ def test_integer_ids_become_strings_and_defaults_apply():
     (b'{"user_id": "1", "item_id": "2", "ts": 1700000000000}', "ts_out_of_range"),
     (b'{"user_id": "1", "item_id": "2", "ts": -5}', "ts_out_of_range"),
     (b'{"user_id": "", "item_id": "2", "ts": 1000}', "bad_id"),
+    (b'{"user_id": "a\\u0000b", "item_id": "2", "ts": 1000}', "bad_id"),
+    (b'{"user_id": "1", "item_id": "evil\\u202egpj.exe", "ts": 1000}', "bad_id"),
+    (b'{"user_id": "__population__", "item_id": "2", "ts": 1000}', "reserved_id"),
     (b'{"user_id": "1", "item_id": "2", "ts": 1000, "event_type": "teleport"}', "bad_event_type"),
     (b'{"user_id": "1", "item_id": "2", "ts": 1000, "colour": "red"}', "unknown_field"),
     (b'[1, 2, 3]', "not_an_object"),
@@ -43,8 +46,9 @@ def test_every_rejection_has_its_reason(payload, reason):
     assert decode_fields(payload).reason == reason  # the worker's fast path
 
 
+_ids = ["view", "rating", " 7", "7 ", "", "x" * 129, "a\x00b", "\u202ex", "__population__"]
 _values = st.one_of(st.none(), st.booleans(), st.integers(-10, 5_000_000_000), st.floats(allow_nan=True),
-                    st.text(max_size=6), st.sampled_from(["view", "rating", " 7", "7 ", "", "x" * 129]))
+                    st.text(max_size=6), st.sampled_from(_ids))
 
 
 @settings(max_examples=400, deadline=None)
