@@ -1,11 +1,15 @@
 """Serving: HTTP load over loopback at rising request rates, and torch eager vs ONNX Runtime.
 
-    python bench/serving_load.py [--seconds 30] [--rates 50,100,200,400]
+    python bench/serving_load.py [--seconds 30] [--rates 50,100,200,400] [--post-share 0.05]
+                                 [--ingest-rate 2000]
 
 The ML-1M catalogue (3,416 items), k = 10, user vectors for 2,000 users in a SQLite
 Feast online store; `recsys serve` runs as its own process (one uvicorn worker) and an
 open-loop asyncio client fires requests on a fixed schedule, so a slow server cannot
-slow the offered load. Prints a table and writes bench/results/serving_load.json.
+slow the offered load. The realistic mix: a share of the requests are `POST /events`
+(answered once the broker acknowledged), while a stream worker applies ML-1M at
+``--ingest-rate`` events/s and pushes to the same online store the server reads.
+Prints a table and writes bench/results/serving_load.json.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -28,18 +34,25 @@ from features.store import POPULATION_KEY, FeatureRepo
 from recsys.datasets import load_dataset
 from recsys.nested_model import NestedConfig, NestedModel
 from serving.export import export_onnx, scorer_from_checkpoint
-from streaming.broker import free_port
+from streaming.broker import EmbeddedBroker, free_port
 
 
-async def load_level(url: str, users: list[str], rate: float, seconds: float) -> dict:
-    latencies, errors = [], 0
+async def load_level(url: str, users: list[str], items: list[str], rate: float, seconds: float, post_share: float,
+                     key: str) -> dict:
+    latencies, errors, posts = [], 0, 0
+    rng = np.random.default_rng(int(rate))
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=500)) as client:
-        async def one(user: str) -> None:
+        async def one(user: str, post: bool) -> None:
             nonlocal errors
             t0 = time.perf_counter()
             try:
-                r = await client.get(f"{url}/recommendations/{user}", params={"k": 10}, timeout=10)
-                ok = r.status_code == 200
+                if post:
+                    event = {"user_id": user, "item_id": items[int(rng.integers(len(items)))], "ts": int(time.time())}
+                    r = await client.post(f"{url}/events", json=event, headers={"X-API-Key": key}, timeout=10)
+                    ok = r.status_code == 202
+                else:
+                    r = await client.get(f"{url}/recommendations/{user}", params={"k": 10}, timeout=10)
+                    ok = r.status_code == 200 and "degraded" not in r.json()
             except httpx.HTTPError:
                 ok = False
             latencies.append(time.perf_counter() - t0)
@@ -50,11 +63,13 @@ async def load_level(url: str, users: list[str], rate: float, seconds: float) ->
             delay = start + n / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(users[n % len(users)])))
+            post = rng.random() < post_share
+            posts += post
+            tasks.append(asyncio.create_task(one(users[n % len(users)], post)))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
     lat = np.asarray(latencies) * 1e3
-    return {"rate": rate, "requests": len(lat), "achieved_rps": len(lat) / wall, "errors": errors,
+    return {"rate": rate, "requests": len(lat), "posts": posts, "achieved_rps": len(lat) / wall, "errors": errors,
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
@@ -87,6 +102,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=30.0, help="per load level")
     ap.add_argument("--rates", default="50,100,200,400", help="requests per second, comma-separated")
+    ap.add_argument("--post-share", type=float, default=0.05, help="share of requests that are POST /events")
+    ap.add_argument("--ingest-rate", type=float, default=2000.0,
+                    help="events/s a stream worker applies and pushes to the same store meanwhile (0: none)")
     ap.add_argument("--out", default="bench/results/serving_load.json")
     args = ap.parse_args()
 
@@ -103,10 +121,20 @@ def main() -> None:
     vectors = np.random.default_rng(0).normal(size=(len(users), 64)).astype(np.float32)
     repo.push_user_state(users + [POPULATION_KEY], [*vectors, np.zeros(len(items), np.float32)])
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--model", str(work / "model.onnx"),
-                               "--feature-repo", str(repo.path), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker = EmbeddedBroker.start(log_dir=work / "broker")
+    recsys = [sys.executable, "-m", "recsys.cli"]
+    kafka = ["--bootstrap-servers", broker.bootstrap_servers, "--topic", "interactions"]
+    key, port = secrets.token_urlsafe(16), free_port()
+    procs = [subprocess.Popen([*recsys, "serve", "--model", str(work / "model.onnx"), "--feature-repo", str(repo.path),
+                               "--port", str(port), *kafka], env=os.environ | {"RECSYS_API_KEY": key},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    server = procs[0]
+    if args.ingest_rate > 0:
+        procs.append(subprocess.Popen([*recsys, "stream", *kafka, "--model", str(ckpt), "--checkpoint-dir",
+                                       str(work / "ckpt"), "--feature-repo", str(repo.path), "--log-every", "2"],
+                                      stdout=(work / "worker.log").open("w"), stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([*recsys, "produce", "--data", "ml-1m", "--rate", str(args.ingest_rate), *kafka],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -117,17 +145,26 @@ def main() -> None:
             except httpx.HTTPError:
                 assert time.monotonic() < deadline and server.poll() is None, "server did not start"
                 time.sleep(0.2)
-        levels = [asyncio.run(load_level(url, users, float(r), args.seconds)) for r in args.rates.split(",")]
+        while args.post_share and not httpx.get(f"{url}/healthz").json()["kafka"]:
+            assert time.monotonic() < deadline, "the server did not connect to the broker"
+            time.sleep(0.2)
+        item_ids = items.cast(str).to_list()
+        levels = [asyncio.run(load_level(url, users, item_ids, float(r), args.seconds, args.post_share, key))
+                  for r in args.rates.split(",")]
     finally:
-        server.terminate()
-        server.wait(30)
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(30)
+        broker.stop()
+    applied = [ln for ln in (work / "worker.log").read_text().splitlines() if "ev/s |" in ln] if args.ingest_rate else []
     scoring = eager_vs_onnx(ckpt, work / "model.onnx")
 
     print(f"ML-1M catalogue {check.n_items:,} items, k = 10, provider {health['provider']}, "
-          f"{args.seconds:.0f} s per level, export max |diff| {check.max_abs_diff:.1e}")
-    print(f"{'offered rps':>12}{'achieved':>10}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}")
+          f"{args.seconds:.0f} s per level, export max |diff| {check.max_abs_diff:.1e}, {args.post_share:.0%} POST, "
+          f"worker ingesting {args.ingest_rate:,.0f} ev/s (last log line: {applied[-1].split('] ')[-1] if applied else 'n/a'})")
+    print(f"{'offered rps':>12}{'achieved':>10}{'posts':>7}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}")
     for lv in levels:
-        print(f"{lv['rate']:>12,.0f}{lv['achieved_rps']:>10,.0f}{lv['errors']:>8}{lv['p50_ms']:>9.2f}"
+        print(f"{lv['rate']:>12,.0f}{lv['achieved_rps']:>10,.0f}{lv['posts']:>7}{lv['errors']:>8}{lv['p50_ms']:>9.2f}"
               f"{lv['p99_ms']:>9.2f}")
     print(f"{'scoring, batch 1':<18}{'p50 µs':>9}{'p99 µs':>9}")
     for name, r in scoring.items():
@@ -135,7 +172,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"levels": levels, "scoring_batch1": scoring, "provider": health["provider"],
-                               "seconds_per_level": args.seconds}, indent=2))
+                               "seconds_per_level": args.seconds, "post_share": args.post_share,
+                               "ingest_rate": args.ingest_rate, "worker_last_line": applied[-1] if applied else None},
+                              indent=2))
     print(f"wrote {out}")
 
 

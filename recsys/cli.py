@@ -176,15 +176,22 @@ def cmd_export(args) -> int:
     check = export_onnx(Path(args.checkpoint), Path(args.out))
     ok = check.max_abs_diff <= 1e-4 and check.same_items
     print(f"exported {check.path} ({check.n_items:,} items): ONNX Runtime vs torch max |diff| "
-          f"{check.max_abs_diff:.2e}, same top-K items: {check.same_items} -> {'OK' if ok else 'MISMATCH'}")
+          f"{check.max_abs_diff:.2e}, top-K items score alike (ties in either order): {check.same_items} "
+          f"-> {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1
 
 
 def cmd_serve(args) -> int:
     from serving.app import ServeConfig, serve
 
+    key = os.environ.get("RECSYS_API_KEY") or None
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip() or None
+        if key is None:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
     cfg = ServeConfig(model=Path(args.model), feature_repo=args.feature_repo and Path(args.feature_repo),
-                      bootstrap_servers=args.bootstrap_servers, topic=args.topic, api_key=args.api_key)
+                      bootstrap_servers=args.bootstrap_servers, topic=args.topic, api_key=key,
+                      allow_anonymous_writes=args.allow_anonymous_writes, max_body_bytes=args.max_body_bytes)
     return serve(cfg, host=args.host, port=args.port)
 
 
@@ -298,8 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-repo", default=None, help="Feast repo the stream worker pushes to")
     p.add_argument("--bootstrap-servers", default=None, help="Kafka for POST /events")
     p.add_argument("--topic", default="interactions")
-    p.add_argument("--api-key", default=os.environ.get("RECSYS_API_KEY"),
-                   help="require this X-API-Key on write endpoints (default: $RECSYS_API_KEY)")
+    p.add_argument("--api-key-file", default=None,
+                   help="a file holding the key POST /events needs (X-API-Key); or set RECSYS_API_KEY. Never a flag: "
+                        "command lines are visible to every user of the host")
+    p.add_argument("--allow-anonymous-writes", action="store_true",
+                   help="accept POST /events without a key (without a key and this flag, writes are refused)")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="larger request bodies are refused unread")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -103,9 +105,11 @@ def _live_part(ds, cfg: DemoConfig, stack: contextlib.ExitStack) -> bool:
         "stream", "--bootstrap-servers", broker.bootstrap_servers, "--topic", cfg.topic, "--model", str(model),
         "--checkpoint-dir", str(cfg.out / "checkpoints"), "--feature-repo", str(repo.path),
         "--worker-id", "demo", "--batch-size", "1024", "--log-every", "5"]))
+    key = secrets.token_urlsafe(24)  # writes need a key; this one lives as long as the demo
     server = stack.enter_context(_Process("server", cfg.out / "server.log", [
         "serve", "--model", str(model.with_suffix(".onnx")), "--feature-repo", str(repo.path),
-        "--bootstrap-servers", broker.bootstrap_servers, "--topic", cfg.topic, "--port", str(port)]))
+        "--bootstrap-servers", broker.bootstrap_servers, "--topic", cfg.topic, "--port", str(port)],
+        env={"RECSYS_API_KEY": key}))
     url = f"http://127.0.0.1:{port}"
     worker.wait_for("assigned partitions", lambda: True)
     server.wait_for(None, lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200)
@@ -119,7 +123,7 @@ def _live_part(ds, cfg: DemoConfig, stack: contextlib.ExitStack) -> bool:
     print(f"[stream] all {sent.sent:,} applied and in the online store "
           f"{time.perf_counter() - t:.1f}s after the last was produced")
 
-    ok = _before_and_after(ds, cfg, url, model, repo)
+    ok = _before_and_after(ds, cfg, url, key, model, repo)
     for proc in (worker, server):
         proc.stop()
     # uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is its clean exit.
@@ -129,7 +133,7 @@ def _live_part(ds, cfg: DemoConfig, stack: contextlib.ExitStack) -> bool:
     return ok and clean
 
 
-def _before_and_after(ds, cfg: DemoConfig, url: str, model: Path, repo) -> bool:
+def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo) -> bool:
     """Take an active user, show their ranking, post a few events from one taste group
     absent from it, and show the ranking once the worker's push makes the change visible.
     The whole served list (top 100) is compared, so movement below the top k shows too;
@@ -166,7 +170,7 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, model: Path, repo) -> bool:
     t = time.perf_counter()
     for n, item in enumerate(fresh):
         httpx.post(f"{url}/events", json={"user_id": user, "item_id": item, "ts": now + n},
-                   timeout=5).raise_for_status()
+                   headers={"X-API-Key": key}, timeout=5).raise_for_status()
     ids = lambda items: [r["item_id"] for r in items]  # noqa: E731
     after, deadline = before, time.monotonic() + 10
     while ids(after) == ids(before) and time.monotonic() < deadline:
@@ -228,14 +232,14 @@ class _Process:
     """One `recsys` subcommand as a child process with its log in a file; stopped with
     SIGTERM (then SIGKILL after a grace period) when the demo leaves, however it leaves."""
 
-    def __init__(self, name: str, log: Path, args: list[str]):
-        self.name, self.log, self.args = name, log, args
+    def __init__(self, name: str, log: Path, args: list[str], env: dict[str, str] | None = None):
+        self.name, self.log, self.args, self.env = name, log, args, env
         self.returncode: int | None = None
 
     def __enter__(self) -> _Process:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", *self.args],
-                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", *self.args], stdout=self.log.open("w"),
+                                     stderr=subprocess.STDOUT, env=os.environ | (self.env or {}))
         return self
 
     def wait_for(self, text: str | None, ready, timeout_s: float = 120) -> None:

@@ -1,22 +1,33 @@
 """`recsys serve`: ranked recommendations over HTTP from Feast + an ONNX Runtime session.
 
     GET  /recommendations/{user_id}?k=10   user vector (Feast) → ONNX Runtime → top-k item ids
-    POST /events                           a validated `Event`, produced to Kafka (API key if set)
-    GET  /healthz                          model file, execution provider, uptime
+    POST /events                           a validated `Event` (JSON), 202 once the broker has it
+    GET  /healthz                          ok | degraded (and why); model, provider, uptime
+    GET  /readyz                           200 while a model is loaded
     GET  /metrics                          Prometheus
 
-Users with no pushed state yet get the population level's ranking (the slow level's
-population vector), never an error. A new model file at the same path is loaded in
-the background and swapped in with one reference assignment: requests in flight
-finish on the old session, new ones start on the new one, none fail.
+Nothing slow runs on the event loop: online-store reads, broker sends and model scoring
+run on thread pools, each with a timeout. When the online store is slow or failing, a
+user is ranked by the population level — the answer says ``"degraded": reason`` and
+`/healthz` says degraded — never a 500. Users with no pushed state yet get the same
+population ranking. `POST /events` answers 202 only after the broker acknowledged, or a
+fast 503 with ``Retry-After``; the server starts without Kafka and connects when it can.
+
+A new model file at the same path is loaded in the background and swapped in with one
+reference assignment, if it fits what is served (same inputs and user dimension, an item
+table that extends or prefixes the current one); otherwise it is refused with a log line
+and a metric, and the current model stays.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +39,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from features.store import POPULATION_KEY  # a constant; feast itself loads lazily
-from streaming.events import Event, InvalidEvent
+from streaming.events import RESERVED_USER_IDS, Event, InvalidEvent
 
 log = logging.getLogger("recsys.serve")
 
@@ -39,10 +50,16 @@ class ServeConfig:
     feature_repo: Path | None = None  # where the stream worker pushes user vectors
     bootstrap_servers: str | None = None  # POST /events produces here; None: the endpoint answers 503
     topic: str = "interactions"
-    api_key: str | None = None  # required on write endpoints when set (header X-API-Key)
+    api_key: str | None = None  # writes need it (header X-API-Key) ...
+    allow_anonymous_writes: bool = False  # ... unless this is said explicitly
     reload_every_s: float = 1.0  # how often the model file is checked for a new version
     population_every_s: float = 1.0  # how often the population term is re-read from the store
     max_k: int = 100
+    max_body_bytes: int = 64 * 1024  # larger request bodies are refused before they are read
+    max_exclude: int = 500  # item ids one request may exclude
+    feature_timeout_s: float = 0.25  # a slower online-store read is answered from the population level
+    send_timeout_s: float = 2.0  # the broker's acknowledgement of POST /events, or 503
+    degraded_for_s: float = 10.0  # /healthz says degraded this long after a fault
 
 
 class Ranker:
@@ -62,11 +79,24 @@ class Ranker:
         opts.intra_op_num_threads = 1  # many small requests: parallelism is across requests
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.provider = self.session.get_providers()[0]
+        self.inputs = sorted(i.name for i in self.session.get_inputs())
         meta = self.session.get_modelmeta().custom_metadata_map
         self.item_ids: list[str] = json.loads(meta["item_ids"])
         self.user0 = np.asarray(json.loads(meta["user0"]), dtype=np.float32)
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         log.info("model %s: %d items, execution provider %s", path, len(self.item_ids), self.provider)
+
+    def misfit(self, current: Ranker) -> str | None:
+        """Why this model cannot replace ``current`` (None: it can). The online store holds
+        vectors of the current dimension and item indices of the current table."""
+        if self.inputs != current.inputs:
+            return f"inputs {self.inputs} differ from the served model's {current.inputs}"
+        if self.user0.shape != current.user0.shape:
+            return f"user vectors of {self.user0.shape[0]} dims, the online store holds {current.user0.shape[0]}"
+        shared = min(len(self.item_ids), len(current.item_ids))
+        if self.item_ids[:shared] != current.item_ids[:shared]:
+            return "its item table is not an extension or a prefix of the served one (indices would change meaning)"
+        return None
 
     def top(self, user: np.ndarray, absent_s: float, population: np.ndarray, seen: list[int], exclude: list[str],
             k: int) -> list[tuple[str, float]]:
@@ -85,74 +115,166 @@ class Ranker:
 
 
 class Service:
-    """Everything a request touches: the current ranker, the feature store, the producer."""
+    """Everything a request touches: the current ranker, the feature store, the producer,
+    and the thread pools that keep their slow calls off the event loop."""
 
-    def __init__(self, cfg: ServeConfig):
-        self.cfg = cfg
+    MAX_READS_IN_FLIGHT = 32  # beyond this the store is saturated: answer from the population at once
+
+    def __init__(self, cfg: ServeConfig, metrics: ServeMetrics):
+        self.cfg, self.metrics = cfg, metrics
         self.ranker = Ranker(cfg.model)
         self.features = None
         if cfg.feature_repo is not None:
             from features.store import FeatureRepo
 
             self.features = FeatureRepo(cfg.feature_repo)
-        self.producer = None
-        if cfg.bootstrap_servers:
-            from streaming.producer import make_producer
-
-            self.producer = make_producer(cfg.bootstrap_servers, linger_ms=0)
-        self._population = (float("-inf"), np.zeros(0, dtype=np.float32), -1)
+        self.reads = ThreadPoolExecutor(4, thread_name_prefix="feature-read")
+        self.scoring = ThreadPoolExecutor(2, thread_name_prefix="score")
+        self.sends = ThreadPoolExecutor(4, thread_name_prefix="kafka-send")
+        self.reads_in_flight = 0
+        self.producer = None  # set once the broker answers (writes are 503 until then)
+        self.faults: dict[str, float] = {}  # reason -> monotonic time it was last seen
+        self._population = (np.zeros(0, dtype=np.float32), -1)  # (term, clock), refreshed by a thread
+        self.rejected_mtime = None  # a refused model file is not retried until it changes
         self.started = time.time()
         self._stop = threading.Event()
         threading.Thread(target=self._watch_model, daemon=True, name="model-watch").start()
-
-    def user_state(self, user_id: str) -> tuple[np.ndarray, list[int], int, str]:
-        """(user vector, item indices the user touched last, time of their latest event
-        (-1: unknown), "user" | "population")."""
         if self.features is not None:
-            row = self.features.user_state([user_id])
-            if row["state"][0] is not None:
-                last_ts = row["last_ts"][0]
-                return (np.asarray(row["state"][0], dtype=np.float32), row["recent_items"][0] or [],
-                        -1 if last_ts is None else last_ts, "user")
-        return self.ranker.user0, [], -1, "population"
+            threading.Thread(target=self._watch_population, daemon=True, name="population").start()
+        if cfg.bootstrap_servers:
+            threading.Thread(target=self._connect_producer, daemon=True, name="kafka-connect").start()
+
+    # -- faults --------------------------------------------------------------------------------
+    def fault(self, reason: str, error: BaseException | None = None) -> str:
+        if error is not None and time.monotonic() - self.faults.get(reason, -1e9) > self.cfg.degraded_for_s:
+            log.warning("%s: %s: %s", reason, type(error).__name__, error)  # once per episode, not per request
+        self.faults[reason] = time.monotonic()
+        self.metrics.degraded.labels(reason).inc()
+        return reason
+
+    def degraded(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(r for r, t in self.faults.items() if now - t < self.cfg.degraded_for_s)
+
+    # -- reads -----------------------------------------------------------------------------------
+    async def user_state(self, user_id: str) -> tuple[np.ndarray, list[int], int, str, str | None]:
+        """(user vector, item indices the user touched last, time of their latest event
+        (-1: unknown), "user" | "population", why it is degraded (None: it is not))."""
+        fallback = self.ranker.user0, [], -1, "population"
+        if self.features is None:
+            return *fallback, None
+        if self.reads_in_flight >= self.MAX_READS_IN_FLIGHT:
+            return *fallback, self.fault("online store saturated")
+        self.reads_in_flight += 1
+        try:
+            row = await asyncio.wait_for(asyncio.wrap_future(self.reads.submit(self.features.user_state, [user_id])),
+                                         self.cfg.feature_timeout_s)
+        except asyncio.TimeoutError:
+            return *fallback, self.fault("online store slow")
+        except Exception as e:
+            return *fallback, self.fault("online store failing", e)
+        finally:
+            self.reads_in_flight -= 1
+        if row["state"][0] is None:
+            return *fallback, None
+        last_ts = row["last_ts"][0]
+        return (np.asarray(row["state"][0], dtype=np.float32), row["recent_items"][0] or [],
+                -1 if last_ts is None else last_ts, "user", None)
 
     def population(self, n: int) -> tuple[np.ndarray, int]:
         """The population level's score term over ``n`` items and the stream's clock (the
-        latest event applied, -1: unknown), re-read at most every ``population_every_s``."""
-        read_at, term, clock = self._population
-        if self.features is not None and time.monotonic() - read_at >= self.cfg.population_every_s:
-            row = self.features.user_state([POPULATION_KEY])
-            if row["state"][0] is not None:
-                term = np.asarray(row["state"][0], dtype=np.float32)
-                clock = -1 if row["last_ts"][0] is None else row["last_ts"][0]
-            self._population = (time.monotonic(), term, clock)
+        latest event applied, -1: unknown), as last read by the population thread."""
+        term, clock = self._population
         out = np.zeros(n, dtype=np.float32)
         out[:min(n, len(term))] = term[:n]  # items newer than the model are not in its graph
         return out, clock
 
+    def _watch_population(self) -> None:
+        while not self._stop.is_set():
+            try:
+                row = self.features.user_state([POPULATION_KEY])
+                if row["state"][0] is not None:
+                    last_ts = row["last_ts"][0]
+                    self._population = (np.asarray(row["state"][0], dtype=np.float32),
+                                        -1 if last_ts is None else last_ts)
+            except Exception as e:  # the last term read stays in use
+                self.fault("population read failing", e)
+            self._stop.wait(self.cfg.population_every_s)
+
+    async def score(self, ranker: Ranker, *args) -> list[tuple[str, float]]:
+        return await asyncio.wrap_future(self.scoring.submit(ranker.top, *args))
+
+    # -- writes ----------------------------------------------------------------------------------
+    def _connect_producer(self) -> None:
+        """Connect in the background, retrying: reads never wait for Kafka."""
+        from kafka import KafkaProducer
+
+        while not self._stop.is_set():
+            try:
+                # A send waits at most send_timeout_s for the broker; an expired record is not
+                # sent later (delivery timeout), so a client retrying after a 503 does not duplicate it.
+                timeout_ms = int(self.cfg.send_timeout_s * 1000)
+                self.producer = KafkaProducer(bootstrap_servers=self.cfg.bootstrap_servers, acks="all", linger_ms=0,
+                                              max_block_ms=timeout_ms, request_timeout_ms=timeout_ms,
+                                              delivery_timeout_ms=timeout_ms, enable_idempotence=False)
+                log.info("connected to Kafka at %s", self.cfg.bootstrap_servers)
+                return
+            except Exception as e:
+                self.fault("kafka unreachable", e)
+                self._stop.wait(2.0)
+
+    async def send(self, event: Event) -> None:
+        """Produce ``event`` and wait for the broker's acknowledgement (raises on failure or timeout)."""
+        def send_and_wait():
+            self.producer.send(self.cfg.topic, key=event.user_id.encode(), value=event.to_json()).get(
+                timeout=self.cfg.send_timeout_s)
+
+        await asyncio.wait_for(asyncio.wrap_future(self.sends.submit(send_and_wait)), self.cfg.send_timeout_s + 0.5)
+
+    # -- the model file --------------------------------------------------------------------------
     def _watch_model(self) -> None:
         while not self._stop.wait(self.cfg.reload_every_s):
             try:
                 mtime = self.cfg.model.stat().st_mtime
-                if mtime != self.ranker.mtime:
-                    self.ranker = Ranker(self.cfg.model)  # built fully first; then one assignment swaps it
+                if mtime in (self.ranker.mtime, self.rejected_mtime):
+                    continue
+                candidate = Ranker(self.cfg.model)  # built fully first; then one assignment swaps it
+                why = candidate.misfit(self.ranker)
+                if why is None:
+                    self.ranker = candidate
                     log.info("hot-swapped model %s", self.cfg.model)
+                else:
+                    self.rejected_mtime = mtime
+                    self.metrics.rejected_models.inc()
+                    log.warning("refused the new model file %s, keeping the current one: %s", self.cfg.model, why)
             except Exception as e:  # a half-copied or bad file: keep serving the current model
                 log.warning("model reload failed, keeping the current one: %s", e)
 
     def close(self) -> None:
         self._stop.set()
+        for pool in (self.reads, self.scoring, self.sends):
+            pool.shutdown(wait=False, cancel_futures=True)
         if self.producer is not None:
-            self.producer.close()
+            self.producer.close(timeout=2)
+
+
+class ServeMetrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("recsys_serve_requests", "requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.latency = Histogram("recsys_serve_latency_seconds", "request latency", ["endpoint"], registry=r,
+                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, 1))
+        self.degraded = Counter("recsys_serve_degraded", "answers given in a degraded way, by reason", ["reason"],
+                                registry=r)
+        self.rejected_models = Counter("recsys_serve_models_rejected", "model files refused by the hot swap",
+                                       registry=r)
 
 
 def create_app(cfg: ServeConfig) -> FastAPI:
-    service = Service(cfg)
-    registry = CollectorRegistry()
-    requests = Counter("recsys_serve_requests", "requests by endpoint and status", ["endpoint", "status"],
-                       registry=registry)
-    latency = Histogram("recsys_serve_latency_seconds", "request latency", ["endpoint"], registry=registry,
-                        buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, 1))
+    metrics = ServeMetrics()
+    service = Service(cfg, metrics)
+
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -165,57 +287,99 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.middleware("http")
     async def observe(request: Request, call_next):
         t0 = time.perf_counter()
-        response = await call_next(request)
+        length = request.headers.get("content-length", "")
+        if length and (not length.isdigit() or int(length) > cfg.max_body_bytes):  # refused before it is read
+            response = JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:
+                log.exception("unhandled error on %s", request.url.path)
+                response = JSONResponse({"detail": "internal error"}, status_code=500)
         route = request.scope.get("route")
         endpoint = route.path if route is not None else "unmatched"
-        requests.labels(endpoint, str(response.status_code)).inc()
-        latency.labels(endpoint).observe(time.perf_counter() - t0)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
         return response
 
-    def require_key(key: str | None) -> None:
-        if cfg.api_key is not None and key != cfg.api_key:
+    def require_writer(key: str | None) -> None:
+        if cfg.api_key is None:
+            if not cfg.allow_anonymous_writes:
+                raise HTTPException(403, "writes are off: set RECSYS_API_KEY (or --api-key-file) and send it as "
+                                         "X-API-Key, or start the server with --allow-anonymous-writes")
+        elif key is None or not hmac.compare_digest(key.encode(), cfg.api_key.encode()):
             raise HTTPException(401, "missing or wrong X-API-Key header")
 
-    # async: the work is ~1 ms of lookups and one ORT call, cheaper inline than a threadpool hop.
+    def check_user_id(user_id: str) -> None:
+        if user_id in RESERVED_USER_IDS or not user_id.isprintable() or user_id.strip() != user_id:
+            raise HTTPException(422, "user_id is reserved or holds control, formatting or surrounding space characters")
+
     @app.get("/recommendations/{user_id}", summary="top-k items for a user")
     async def recommendations(user_id: str = PathParam(min_length=1, max_length=128),
-                        k: int = Query(10, ge=1, le=cfg.max_k),
-                        exclude: str = Query("", description="comma-separated item ids not to recommend, "
-                                             "besides the user's latest items, which are never recommended")):
+                              k: int = Query(10, ge=1, le=cfg.max_k),
+                              exclude: str = Query("", max_length=64 * 1024,
+                                                   description="comma-separated item ids not to recommend, besides "
+                                                   "the user's latest items, which are never recommended")):
+        check_user_id(user_id)
+        excluded = [e for e in exclude.split(",") if e]
+        if len(excluded) > cfg.max_exclude:
+            raise HTTPException(422, f"exclude lists {len(excluded)} items; at most {cfg.max_exclude}")
         ranker = service.ranker  # one read: a swap mid-request cannot mix two models
-        user, seen, last_ts, source = service.user_state(user_id)
-        if user.shape != ranker.user0.shape:
-            raise HTTPException(409, f"user state has {user.shape[0]} dims, model expects {ranker.user0.shape[0]}")
+        user, seen, last_ts, source, degraded = await service.user_state(user_id)
+        if user.shape != ranker.user0.shape:  # a vector from another model's dimension: rank by the population
+            user, seen, last_ts, source = ranker.user0, [], -1, "population"
+            degraded = service.fault("user vector of another dimension")
         population, clock = service.population(len(ranker.item_ids))
         absent_s = clock - last_ts if min(clock, last_ts) >= 0 else 0
-        items = ranker.top(user, absent_s, population, seen, [e for e in exclude.split(",") if e], k)
-        return {"user_id": user_id, "source": source, "model": str(ranker.path),
-                "items": [{"item_id": i, "score": round(s, 6)} for i, s in items]}
+        items = await service.score(ranker, user, absent_s, population, seen, excluded, k)
+        answer = {"user_id": user_id, "source": source, "model": str(ranker.path),
+                  "items": [{"item_id": i, "score": round(s, 6)} for i, s in items]}
+        if degraded:
+            answer["degraded"] = degraded
+        return answer
 
     @app.post("/events", status_code=202, summary="record an interaction (produced to Kafka)")
     async def post_event(request: Request, x_api_key: str | None = Header(None)):
-        require_key(x_api_key)
-        body = await request.body()
+        require_writer(x_api_key)
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise HTTPException(415, "send the event as JSON (Content-Type: application/json)")
+        body = bytearray()
+        async for chunk in request.stream():  # bounded even without a Content-Length
+            body += chunk
+            if len(body) > cfg.max_body_bytes:
+                raise HTTPException(413, f"request body over {cfg.max_body_bytes} bytes")
         try:
-            event = Event.from_json(body)
+            event = Event.from_json(bytes(body))
         except InvalidEvent as e:
             return JSONResponse({"error": e.reason, "detail": e.detail}, status_code=400)
-        if service.producer is None:
+        if not cfg.bootstrap_servers:
             raise HTTPException(503, "no Kafka configured for this server (--bootstrap-servers)")
-        service.producer.send(cfg.topic, key=event.user_id.encode(), value=event.to_json())
-        service.producer.flush(timeout=5)
+        if service.producer is None:
+            return JSONResponse({"detail": "Kafka is not reachable yet; retry"}, status_code=503,
+                                headers={"Retry-After": "2"})
+        try:
+            await service.send(event)
+        except Exception as e:
+            service.fault("kafka send failing", e)
+            return JSONResponse({"detail": "the broker did not acknowledge the event; retry"}, status_code=503,
+                                headers={"Retry-After": "1"})
         return {"accepted": event.to_dict()}
 
     @app.get("/healthz")
-    def healthz():
-        r = service.ranker
-        return {"status": "ok", "model": str(r.path), "items": len(r.item_ids), "provider": r.provider,
+    async def healthz():
+        r, reasons = service.ranker, service.degraded()
+        return {"status": "degraded" if reasons else "ok", "reasons": reasons, "model": str(r.path),
+                "items": len(r.item_ids), "provider": r.provider, "kafka": service.producer is not None,
                 "feature_repo": str(cfg.feature_repo) if cfg.feature_repo else None,
                 "uptime_s": round(time.time() - service.started, 1)}
 
+    @app.get("/readyz")
+    async def readyz():
+        return {"ready": service.ranker is not None}  # the ranker is loaded before the app exists
+
     @app.get("/metrics")
-    def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_endpoint():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

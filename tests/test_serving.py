@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -18,7 +20,8 @@ from features.store import POPULATION_KEY, FeatureRepo
 from recsys.datasets import load_dataset
 from recsys.nested_model import NestedConfig, NestedModel
 from serving.app import BackgroundServer, ServeConfig, create_app
-from serving.export import export_onnx, scorer_from_checkpoint
+from serving.export import Scorer, check_export, export_onnx, scorer_from_checkpoint, write_graph
+from streaming.broker import EmbeddedBroker, free_port
 from waiting import wait_until
 
 
@@ -27,11 +30,12 @@ def data():
     return load_dataset("synthetic", n_users=200, n_items=300, n_events=5_000, seed=3)
 
 
-def save_model(data, path: Path, seed: int, n_items: int | None = None, population_vector: bool = True) -> Path:
+def save_model(data, path: Path, seed: int, n_items: int | None = None, population_vector: bool = True,
+               dim: int = 64) -> Path:
     torch.manual_seed(seed)
     items = data.interactions["item_id"].unique(maintain_order=True)
     items = items.head(n_items) if n_items else items
-    model = NestedModel(NestedConfig(n_items=len(items)))
+    model = NestedModel(NestedConfig(n_items=len(items), dim=dim))
     if population_vector:
         with torch.no_grad():
             model.user0.normal_()  # a distinct population ranking per model
@@ -100,13 +104,40 @@ def test_bad_requests_get_a_clear_4xx(model, repo):
         assert httpx.get(f"{url}/recommendations/alice", params={"k": 0}).status_code == 422
         assert httpx.get(f"{url}/recommendations/alice", params={"k": 5000}).status_code == 422
         assert httpx.get(f"{url}/recommendations/alice", params={"k": "ten"}).status_code == 422
+        json_with = lambda key: {"Content-Type": "application/json", "X-API-Key": key}  # noqa: E731
         no_key = httpx.post(f"{url}/events", content=b'{"user_id": "a", "item_id": "b", "ts": 1}')
         assert no_key.status_code == 401 and "X-API-Key" in no_key.json()["detail"]
-        bad = httpx.post(f"{url}/events", content=b'{"user_id": "a", "ts": 1}', headers={"X-API-Key": "s3cret"})
+        wrong = httpx.post(f"{url}/events", content=b'{"user_id": "a", "item_id": "b", "ts": 1}',
+                           headers=json_with("s3cre7"))
+        assert wrong.status_code == 401
+        bad = httpx.post(f"{url}/events", content=b'{"user_id": "a", "ts": 1}', headers=json_with("s3cret"))
         assert bad.status_code == 400 and bad.json()["error"] == "missing_field"
+        plain = httpx.post(f"{url}/events", content=b'{"user_id": "a", "item_id": "b", "ts": 1}',
+                           headers={"Content-Type": "text/plain", "X-API-Key": "s3cret"})
+        assert plain.status_code == 415  # a web page's form post is not an event
         no_kafka = httpx.post(f"{url}/events", content=b'{"user_id": "a", "item_id": "b", "ts": 1}',
-                              headers={"X-API-Key": "s3cret"})
+                              headers=json_with("s3cret"))
         assert no_kafka.status_code == 503  # a clear answer, not a hang, when no broker is configured
+
+        big = b'{"user_id": "' + b"x" * (1 << 20) + b'"}'
+        assert httpx.post(f"{url}/events", content=big, headers=json_with("s3cret")).status_code == 413
+        chunked = httpx.post(f"{url}/events", content=iter([big[i:i + 4096] for i in range(0, len(big), 4096)]),
+                             headers=json_with("s3cret"))
+        assert chunked.status_code == 413  # no Content-Length: still cut off at the limit
+        for reserved in (POPULATION_KEY, "nul\x00byte", "bidi\u202eevil"):
+            assert httpx.get(f"{url}/recommendations/{quote(reserved, safe='')}").status_code == 422, reserved
+        many = ",".join(f"i{n}" for n in range(501))
+        assert httpx.get(f"{url}/recommendations/alice", params={"exclude": many}).status_code == 422
+
+
+def test_writes_are_refused_unless_a_key_is_set_or_anonymous_writes_are_allowed(model, repo):
+    with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path))) as url:
+        r = httpx.post(f"{url}/events", json={"user_id": "a", "item_id": "b", "ts": 1})
+        assert r.status_code == 403 and "--allow-anonymous-writes" in r.json()["detail"]
+    open_cfg = ServeConfig(model=model, feature_repo=repo.path, allow_anonymous_writes=True)
+    with BackgroundServer(create_app(open_cfg)) as url:
+        r = httpx.post(f"{url}/events", json={"user_id": "a", "item_id": "b", "ts": 1})
+        assert r.status_code == 503  # past the key check; no broker configured
 
 
 def test_a_new_model_file_is_hot_swapped_under_load_with_no_failed_request(data, repo, tmp_path):
@@ -156,7 +187,7 @@ def test_a_posted_event_changes_the_users_recommendations(data, repo, broker, to
         stdout=(tmp_path / "worker.log").open("w"), stderr=subprocess.STDOUT)
     try:
         cfg = ServeConfig(model=model, feature_repo=repo.path, bootstrap_servers=broker.bootstrap_servers,
-                          topic=topic, population_every_s=0.1)
+                          topic=topic, population_every_s=0.1, allow_anonymous_writes=True)
         with BackgroundServer(create_app(cfg)) as url:
             log = tmp_path / "worker.log"
             wait_until(lambda: "assigned partitions" in log.read_text() or worker.poll() is not None,
@@ -166,6 +197,7 @@ def test_a_posted_event_changes_the_users_recommendations(data, repo, broker, to
             assert before["source"] == "population"
 
             items = data.interactions["item_id"].unique(maintain_order=True).cast(str).to_list()[:3]
+            wait_until(lambda: httpx.get(f"{url}/healthz").json()["kafka"], "the server to connect to Kafka")
             for n, item in enumerate(items):
                 r = httpx.post(f"{url}/events", json={"user_id": "carol", "item_id": item, "ts": 1_700_000_000 + n})
                 assert r.status_code == 202, r.text
@@ -180,3 +212,67 @@ def test_a_posted_event_changes_the_users_recommendations(data, repo, broker, to
     finally:
         worker.terminate()
         assert worker.wait(30) == 0  # SIGTERM: a clean stop with a last checkpoint
+
+
+def test_export_check_lets_exactly_tied_items_come_in_either_order(tmp_path):
+    E = torch.randn(40, 8)
+    E[1::2] = E[::2]  # every item has a twin that scores exactly as it does, for any user
+    scorer = Scorer(E, torch.zeros(40), torch.tensor(0.5))
+    check = check_export(scorer, write_graph(scorer, tmp_path / "twins.onnx"), torch.Generator().manual_seed(0))
+    assert check.same_items and check.max_abs_diff <= 1e-4
+
+
+def test_a_locked_online_store_degrades_to_the_population_ranking_never_a_500(model, repo):
+    repo.push_user_state(["dave"], [np.ones(64, dtype=np.float32)], events=[1])
+    with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path))) as url:
+        assert httpx.get(f"{url}/recommendations/dave").json()["source"] == "user"
+        lock = sqlite3.connect(repo.path / "data" / "online.db")
+        lock.execute("BEGIN EXCLUSIVE")  # another writer holds the store: every read waits on it
+        try:
+            answers = [httpx.get(f"{url}/recommendations/dave", timeout=60) for _ in range(3)]
+            health = httpx.get(f"{url}/healthz", timeout=60).json()
+        finally:
+            lock.rollback()
+            lock.close()
+        for a in answers:
+            assert a.status_code == 200 and a.json()["source"] == "population" and a.json()["degraded"], a.text
+            assert len(a.json()["items"]) == 10
+        assert health["status"] == "degraded" and "online store slow" in health["reasons"]
+        assert 'recsys_serve_degraded_total{reason="online store slow"}' in httpx.get(f"{url}/metrics").text
+        wait_until(lambda: httpx.get(f"{url}/recommendations/dave").json()["source"] == "user",
+                   "dave's own ranking once the store is free")
+
+
+@pytest.mark.slow
+def test_the_server_starts_without_kafka_and_takes_writes_once_the_broker_is_up(model, repo, tmp_path):
+    port = free_port()
+    cfg = ServeConfig(model=model, feature_repo=repo.path, bootstrap_servers=f"127.0.0.1:{port}", topic="late",
+                      allow_anonymous_writes=True)
+    event = {"user_id": "erin", "item_id": "1", "ts": 1_700_000_000}
+    with BackgroundServer(create_app(cfg)) as url:
+        assert httpx.get(f"{url}/recommendations/erin").status_code == 200  # reads never wait for Kafka
+        early = httpx.post(f"{url}/events", json=event)
+        assert early.status_code == 503 and early.headers["Retry-After"]
+        assert httpx.get(f"{url}/healthz").json()["kafka"] is False
+        broker = EmbeddedBroker.start(port=port, log_dir=tmp_path)
+        try:
+            wait_until(lambda: httpx.post(f"{url}/events", json=event).status_code == 202,
+                       "writes to be acknowledged once the broker is up")
+        finally:
+            broker.stop()
+        late = httpx.post(f"{url}/events", json=event, timeout=60)  # acknowledged by nobody: a 503, not a 202
+        assert late.status_code == 503 and late.headers["Retry-After"]
+
+
+def test_hot_swap_refuses_a_model_that_does_not_fit_what_is_served(data, repo, tmp_path):
+    live = tmp_path / "live.onnx"
+    export_onnx(save_model(data, tmp_path / "a.safetensors", seed=1), live)
+    export_onnx(save_model(data, tmp_path / "b.safetensors", seed=2, dim=32), tmp_path / "b.onnx")
+    cfg = ServeConfig(model=live, feature_repo=repo.path, reload_every_s=0.1)
+    with BackgroundServer(create_app(cfg)) as url:
+        before = httpx.get(f"{url}/healthz").json()
+        os.replace(tmp_path / "b.onnx", live)  # user vectors of 32 dims: the store holds 64
+        wait_until(lambda: "recsys_serve_models_rejected_total 1.0" in httpx.get(f"{url}/metrics").text,
+                   "the new file to be refused")
+        assert httpx.get(f"{url}/healthz").json()["items"] == before["items"]
+        assert httpx.get(f"{url}/recommendations/alice").status_code == 200
