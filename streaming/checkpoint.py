@@ -52,6 +52,7 @@ class Snapshot:
     item_ids: list[str]  # index -> external item id (the model's table, then items first seen online)
     topic_id: str | None = None  # the broker's id of the topic: a recreated topic gets a new one
     ends: dict[int, int] = field(default_factory=dict)  # partition -> log end offset seen at write time
+    event_ids: torch.Tensor | None = None  # (U, K) hashes of each user's latest client event ids
 
 
 def previous(path: Path) -> Path:
@@ -69,6 +70,8 @@ def write_checkpoint(path: Path, snap: Snapshot, keep_previous: bool = True) -> 
     tensors = {f"user.{k}": v.contiguous() for k, v in snap.users.items()}
     tensors |= {f"population.{k}": v.contiguous() for k, v in snap.population.items()}
     tensors["partitions"] = snap.partitions.contiguous()
+    if snap.event_ids is not None:
+        tensors["event_ids"] = snap.event_ids.contiguous()
     metadata = {"topic": snap.topic, "topic_id": snap.topic_id or "",
                 "offsets": json.dumps({str(p): o for p, o in snap.offsets.items()}),
                 "ends": json.dumps({str(p): o for p, o in snap.ends.items()}),
@@ -138,7 +141,7 @@ def read_checkpoint(path: Path) -> Snapshot:
                     population={k.removeprefix("population."): v for k, v in tensors.items()
                                 if k.startswith("population.")},
                     item_ids=json.loads(meta["item_ids"]), topic_id=meta.get("topic_id") or None,
-                    ends=_int_map(meta.get("ends")))
+                    ends=_int_map(meta.get("ends")), event_ids=tensors.get("event_ids"))
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -212,7 +215,7 @@ def read_own(path: Path) -> tuple[Path, Snapshot] | None:
 class UserRow:
     """One user's whole fast state, as an evicted user keeps it in the online store."""
 
-    fields: dict[str, torch.Tensor]  # the per-user fields of FastState but ``recent``
+    fields: dict[str, torch.Tensor]  # the per-user fields of FastState but ``recent``, and ``event_ids``
     recent: list[str | None]  # the item ids in the recent slots (None: empty), by id: indices are per worker
     through: int  # the offset of the latest event the row holds, in the user's partition ...
     topic_id: str | None = None  # ... of this topic (a recreated topic starts its offsets over)

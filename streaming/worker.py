@@ -53,6 +53,7 @@ from streaming.events import InvalidEvent, decode_fields
 log = logging.getLogger("recsys.stream")
 MAX_KEY_BYTES = 1024  # a dead letter keeps at most this much of a poison message's key
 PAST_END_GRACE_S = 2.0  # a position past the log's end this long means the topic was recreated
+EVENT_IDS_KEPT = 16  # per user: a client retry within this many of the user's id'd events is applied once
 
 
 @dataclass(frozen=True)
@@ -141,10 +142,12 @@ class StreamWorker:
         self.items = Vocab(load_item_ids(cfg.model))
         self.users = Vocab()
         # Per row, beside the state: its partition, the offset of its latest event (-1: not
-        # tracked) and the monotonic time of that event (for the idle TTL).
+        # tracked), the monotonic time of that event (for the idle TTL) and hashes of the
+        # user's latest client event ids (0: empty).
         self.partition_of = torch.empty(0, dtype=torch.int64)
         self.through = torch.empty(0, dtype=torch.int64)
         self.touched = torch.empty(0, dtype=torch.float64)
+        self.event_ids = torch.zeros(0, EVENT_IDS_KEPT, dtype=torch.int64)
         self.stream_clock = -1  # the latest accepted event's time
         self.state = self.model.init_state(0, len(self.items), device=self.device)
         self.offsets: dict[int, int] = {}  # owned partition -> next offset (all before it are in the state)
@@ -297,7 +300,7 @@ class StreamWorker:
         t1 = time.perf_counter()
         self.seconds["decode"] += t1 - t0
         if good:
-            user_ids, item_ids, ts = zip(*good)
+            user_ids, item_ids, ts, event_ids = zip(*good)
             parts = torch.tensor(parts, dtype=torch.int64)
             if self.cfg.user_ttl_s is not None:
                 self._rehydrate(user_ids, parts)
@@ -307,19 +310,22 @@ class StreamWorker:
             offsets = torch.tensor(offsets, dtype=torch.int64)
             stamps = np.asarray(stamps, dtype=np.int64)
             new = offsets > self.through[rows]  # a row back from the online store may hold some already
+            if any(e is not None for e in event_ids):
+                new &= ~self._retried(rows, event_ids, new)
             if not new.all():
                 rows, items, ts, offsets, stamps = rows[new], items[new], ts[new], offsets[new], stamps[new.numpy()]
+            self.applied += len(good)  # valid events handled: applied now, or found already in the state
+        if good and len(rows):
             self.through.scatter_reduce_(0, rows, offsets, "amax")
             self.touched[rows] = time.monotonic()
-            self.stream_clock = max(self.stream_clock, int(ts.max())) if len(ts) else self.stream_clock
+            self.stream_clock = max(self.stream_clock, int(ts.max()))
             self.state = self.model.update(self.state, rows.to(self.device), items.to(self.device),
                                            ts.to(self.device))
             self.dirty.update(rows.tolist())
             with self.unpushed_lock:
                 self.unpushed_ms.append(stamps)
             self.applied_s = np.concatenate([self.applied_s[-50_000:], time.time() - stamps / 1000.0])
-            self.applied += len(good)
-            self.metrics.events.inc(len(good))
+            self.metrics.events.inc(len(rows))
             self.metrics.users.set(len(self.users))
         for rec in records:  # records of a partition come in offset order
             self.past_end.pop(rec.partition, None)  # the log is alive at our position
@@ -333,6 +339,20 @@ class StreamWorker:
         self.metrics.batch.observe(t2 - t0)
         self.first_apply = self.first_apply or time.monotonic()
         self.last_apply = time.monotonic()
+
+    def _retried(self, rows: torch.Tensor, event_ids, new: torch.Tensor) -> torch.Tensor:
+        """Events whose id their user's row already holds: a client's retry of an event applied
+        before. Each new id is remembered (the user's latest ``EVENT_IDS_KEPT``)."""
+        out = torch.zeros(len(rows), dtype=torch.bool)
+        for j, (row, event_id) in enumerate(zip(rows.tolist(), event_ids)):
+            if event_id is None or not new[j]:
+                continue
+            h = _id_hash(event_id)
+            if bool((self.event_ids[row] == h).any()):
+                out[j] = True
+            else:
+                self.event_ids[row] = torch.cat([self.event_ids[row, 1:], torch.tensor([h])])
+        return out
 
     def dead_letter(self, rec, err: InvalidEvent) -> None:
         """The message, as the broker will take it, with why it was refused and where it came
@@ -456,6 +476,7 @@ class StreamWorker:
             return
         ids = [self.users.ids[r] for r in rows.tolist()]
         values = {k: getattr(self.state, k)[rows.to(self.device)].cpu() for k in USER_FIELDS}
+        values["event_ids"] = self.event_ids[rows]
         blobs = [encode_user_row(UserRow({k: v[j] for k, v in values.items() if k != "recent"},
                                          [self.items.ids[i] if i >= 0 else None for i in values["recent"][j].tolist()],
                                          int(self.through[r]), self.topic_id))
@@ -494,6 +515,7 @@ class StreamWorker:
         # An offset counts in the log it was read from: a recreated topic starts over.
         self.through[rows] = torch.tensor([row.through if row.topic_id == self.topic_id else -1 for _, row in back],
                                           dtype=torch.int64)
+        self.event_ids[rows] = torch.stack([row.fields["event_ids"] for _, row in back])
         self.metrics.rehydrated.inc(len(back))
 
     # -- checkpoints and rebalances ------------------------------------------------------------
@@ -523,7 +545,7 @@ class StreamWorker:
             topic=self.cfg.topic, offsets=dict(self.offsets), user_ids=list(self.users.ids),
             partitions=self.partition_of.clone(), users={k: _cpu_copy(getattr(self.state, k)[:n]) for k in USER_FIELDS},
             population={k: _cpu_copy(getattr(self.state, k)) for k in POPULATION_FIELDS}, item_ids=list(self.items.ids),
-            topic_id=self.topic_id, ends=self._highwaters())
+            topic_id=self.topic_id, ends=self._highwaters(), event_ids=self.event_ids.clone())
         self.checkpoint_job = self.checkpointer.submit(self._write_checkpoint, snap, t0)
         ok = self.checkpoint_job.result() if wait else True
         self.seconds["checkpoint"] += time.perf_counter() - t0
@@ -641,6 +663,7 @@ class StreamWorker:
             self.partition_of = torch.cat([self.partition_of, torch.full((grown,), -1, dtype=torch.int64)])
             self.through = torch.cat([self.through, torch.full((grown,), -1, dtype=torch.int64)])
             self.touched = torch.cat([self.touched, torch.full((grown,), time.monotonic(), dtype=torch.float64)])
+            self.event_ids = torch.cat([self.event_ids, torch.zeros(grown, EVENT_IDS_KEPT, dtype=torch.int64)])
         self.partition_of[rows] = partitions
         return rows
 
@@ -661,12 +684,15 @@ class StreamWorker:
         self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
         for name, value in users.items():
             getattr(self.state, name)[rows.to(self.device)] = value[take].to(self.device)
+        if snap.event_ids is not None:
+            self.event_ids[rows] = snap.event_ids[take]
 
     def _keep_rows(self, keep: torch.Tensor) -> None:
         rows = keep.nonzero().flatten()
         self.state = self.state.with_user_rows(self.state.user_rows(rows.to(self.device)))
         self.users = Vocab([self.users.ids[r] for r in rows.tolist()])
         self.partition_of, self.through, self.touched = self.partition_of[rows], self.through[rows], self.touched[rows]
+        self.event_ids = self.event_ids[rows]
         renumber = torch.full((len(keep),), -1, dtype=torch.int64)
         renumber[rows] = torch.arange(len(rows))
         dirty = renumber[sorted(self.dirty)] if self.dirty else torch.zeros(0, dtype=torch.int64)
@@ -708,6 +734,13 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned):
         self.worker.on_assigned({tp.partition for tp in assigned})
+
+
+def _id_hash(event_id: str) -> int:
+    """A stable 63-bit hash of a client's event id (Python's own hash is salted per process)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little") >> 1 or 1
 
 
 def _topic_id(consumer, topic: str) -> str | None:

@@ -13,6 +13,13 @@ def test_round_trip_through_json():
     assert Event.from_json(e.to_json()) == e
 
 
+def test_an_event_id_travels_with_the_event_and_is_checked_like_any_id():
+    e = Event.from_json(b'{"user_id": "1", "item_id": "2", "ts": 1000, "event_id": "c0ffee-1"}')
+    assert e.event_id == "c0ffee-1" and Event.from_json(e.to_json()) == e
+    assert decode_fields(e.to_json()) == ("1", "2", 1000, "c0ffee-1")
+    assert decode(b'{"user_id": "1", "item_id": "2", "ts": 1000, "event_id": ""}').reason == "bad_id"
+
+
 def test_integer_ids_become_strings_and_defaults_apply():
     e = Event.from_json(b'{"user_id": 42, "item_id": 7, "ts": 978300760}')
     assert (e.user_id, e.item_id, e.event_type, e.value) == ("42", "7", "view", None)
@@ -52,7 +59,7 @@ _values = st.one_of(st.none(), st.booleans(), st.integers(-10, 5_000_000_000), s
 
 
 @settings(max_examples=400, deadline=None)
-@given(obj=st.dictionaries(st.sampled_from(["user_id", "item_id", "ts", "event_type", "value", "colour"]),
+@given(obj=st.dictionaries(st.sampled_from(["user_id", "item_id", "ts", "event_type", "value", "event_id", "colour"]),
                            _values, max_size=6))
 def test_the_fast_path_accepts_and_rejects_exactly_as_the_schema(obj):
     payload = json.dumps(obj).encode()
@@ -60,7 +67,7 @@ def test_the_fast_path_accepts_and_rejects_exactly_as_the_schema(obj):
     if isinstance(want, InvalidEvent):
         assert isinstance(got, InvalidEvent) and got.reason == want.reason
     else:
-        assert got == (want.user_id, want.item_id, want.ts)
+        assert got == (want.user_id, want.item_id, want.ts, want.event_id)
 
 
 def test_wire_encoding_of_a_frame_matches_the_schema():
