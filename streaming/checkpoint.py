@@ -148,25 +148,35 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return sorted(p for suffix in SUFFIXES for p in Path(folder).glob(f"*{suffix}"))
 
 
-def _candidates(folder: Path, topic: str, partitions) -> dict[int, list[tuple[int, Path]]]:
-    """For each partition, the files holding it, highest offset first (offsets only grow,
-    so the highest is the newest owner's last word on it)."""
-    found: dict[int, list[tuple[int, Path]]] = {}
+def _candidates(folder: Path, topic: str, partitions, topic_id: str | None = None) -> dict[int, list[tuple[int, Path]]]:
+    """For each partition, the files holding it, best first: those of the topic's current
+    log (``topic_id``; unknown: the log of the file written last), then the highest offset
+    (offsets only grow within a log, so the highest is the newest owner's last word on it).
+    Offsets of a recreated topic's old log compare with nothing."""
+    metas = []
     for path in checkpoint_files(folder):
         try:
-            file_topic, offsets = read_offsets(path)
+            meta = _metadata(path)
         except Exception as e:  # a foreign or damaged file must not stop the worker
             log.warning("checkpoint %s is unreadable, skipped: %s", path, e)
             continue
-        for p, off in offsets.items():
-            if file_topic == topic and p in partitions:
-                found.setdefault(p, []).append((off, path))
-    return {p: sorted(c, key=lambda oc: (-oc[0], oc[1].suffix == ".prev")) for p, c in found.items()}
+        if meta.get("topic") == topic:
+            metas.append((path, meta))
+    if topic_id is None and metas:
+        topic_id = max(metas, key=lambda pm: float(pm[1].get("written_at", 0)))[1].get("topic_id")
+    found: dict[int, list[tuple[tuple, Path]]] = {}
+    for path, meta in metas:
+        for p, off in _int_map(meta["offsets"]).items():
+            if p in partitions:
+                rank = (meta.get("topic_id") == topic_id, off, path.suffix != ".prev")
+                found.setdefault(p, []).append((rank, path))
+    return {p: [(rank[1], path) for rank, path in sorted(c, key=lambda rp: rp[0], reverse=True)]
+            for p, c in found.items()}
 
 
-def latest_for_partitions(folder: Path, topic: str, partitions) -> dict[int, Path]:
-    """For each partition, the file that claims it at the highest offset (metadata only)."""
-    return {p: c[0][1] for p, c in _candidates(folder, topic, set(partitions)).items()}
+def latest_for_partitions(folder: Path, topic: str, partitions, topic_id: str | None = None) -> dict[int, Path]:
+    """For each partition, the file that holds it best (metadata only): see `_candidates`."""
+    return {p: c[0][1] for p, c in _candidates(folder, topic, set(partitions), topic_id).items()}
 
 
 @dataclass
@@ -175,12 +185,12 @@ class Restored:
     missing: list[int]  # partitions no good file holds: they start from the beginning of the log
 
 
-def restore(folder: Path, topic: str, partitions) -> Restored:
-    """Each partition from the newest file that verifies, falling back file by file."""
+def restore(folder: Path, topic: str, partitions, topic_id: str | None = None) -> Restored:
+    """Each partition from the best file that verifies, falling back file by file."""
     partitions = set(partitions)
     loaded: dict[Path, Snapshot | None] = {}
     taken: dict[Path, list[int]] = {}
-    for p, candidates in sorted(_candidates(folder, topic, partitions).items()):
+    for p, candidates in sorted(_candidates(folder, topic, partitions, topic_id).items()):
         for _, path in candidates:
             if path not in loaded:
                 loaded[path] = read_or_none(path)

@@ -49,6 +49,7 @@ from recsys.vocab import Vocab
 from streaming.checkpoint import (Snapshot, UserRow, decode_user_row, encode_user_row, read_own, restore,
                                   write_checkpoint)
 from streaming.events import InvalidEvent, decode_fields
+from streaming.consumer import make_consumer
 
 log = logging.getLogger("recsys.stream")
 MAX_KEY_BYTES = 1024  # a dead letter keeps at most this much of a poison message's key
@@ -193,7 +194,6 @@ class StreamWorker:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> int:
-        from streaming.consumer import make_consumer
 
         if self.device.type == "cpu":
             torch.set_num_threads(self.cfg.torch_threads)
@@ -283,6 +283,12 @@ class StreamWorker:
     # -- one micro-batch ----------------------------------------------------------------------
     def apply(self, records) -> None:
         t0 = time.perf_counter()
+        firsts: dict[int, int] = {}
+        for rec in records:
+            firsts.setdefault(rec.partition, rec.offset)
+        for p, first in firsts.items():  # the client itself reset a position that vanished (a new log)
+            if first < self.offsets.get(p, 0):
+                self._reset(p, f"the log restarted at offset {first}, before our {self.offsets[p]}", seek=False)
         good, parts, offsets, stamps = [], [], [], []
         horizon = time.time() + self.cfg.max_clock_skew_s  # the stream clock moves only with accepted events
         for rec in records:
@@ -314,7 +320,6 @@ class StreamWorker:
                 new &= ~self._retried(rows, event_ids, new)
             if not new.all():
                 rows, items, ts, offsets, stamps = rows[new], items[new], ts[new], offsets[new], stamps[new.numpy()]
-            self.applied += len(good)  # valid events handled: applied now, or found already in the state
         if good and len(rows):
             self.through.scatter_reduce_(0, rows, offsets, "amax")
             self.touched[rows] = time.monotonic()
@@ -327,11 +332,9 @@ class StreamWorker:
             self.applied_s = np.concatenate([self.applied_s[-50_000:], time.time() - stamps / 1000.0])
             self.metrics.events.inc(len(rows))
             self.metrics.users.set(len(self.users))
+        self.applied += len(good)  # valid events handled (applied now, or already in the state), once they are
         for rec in records:  # records of a partition come in offset order
             self.past_end.pop(rec.partition, None)  # the log is alive at our position
-            if rec.offset < self.offsets.get(rec.partition, 0):  # the client reset a vanished position
-                self._reset(rec.partition, f"the log restarted at offset {rec.offset}, before our "
-                                           f"{self.offsets[rec.partition]}")
             self.offsets[rec.partition] = rec.offset + 1
         self.changed = True
         t2 = time.perf_counter()
@@ -600,8 +603,8 @@ class StreamWorker:
             self.rotate = own is not None and own[0] == self.ckpt_path
             self.restored_own = True
         new = sorted(set(partitions) - set(self.offsets))
-        restored = restore(self.ckpt_path.parent, self.cfg.topic, new)
         self.topic_id = _topic_id(self.consumer, self.cfg.topic)
+        restored = restore(self.ckpt_path.parent, self.cfg.topic, new, self.topic_id)
         for _, snap, mine in restored.snapshots:
             self._import_rows(snap, mine)
             for p in mine:
@@ -643,16 +646,17 @@ class StreamWorker:
                 self._reset(p, f"our next offset {self.offsets[p]:,} has been past the log's end {end:,} "
                                f"for {now - self.past_end.pop(p):.0f}s")
 
-    def _reset(self, partition: int, why: str) -> None:
+    def _reset(self, partition: int, why: str, seek: bool = True) -> None:
         """The documented policy for a recreated topic: alert, keep the user rows, and apply
-        the partition's new log from its beginning."""
+        the partition's new log from its beginning (``seek``: unless the client is there already)."""
         log.warning("partition %d: %s; the topic was recreated or truncated: applying it from the beginning of "
                     "its log, keeping its users' state", partition, why)
         self.metrics.resets.labels(str(partition)).inc()
         self.offsets[partition] = 0
         self.through[self.partition_of == partition] = -1  # offsets in the old log mean nothing in the new
-        self.pending = [r for r in self.pending if r.partition != partition]
-        self.consumer.seek_to_beginning(TopicPartition(self.cfg.topic, partition))
+        if seek:
+            self.pending = [r for r in self.pending if r.partition != partition]
+            self.consumer.seek_to_beginning(TopicPartition(self.cfg.topic, partition))
         self.changed = True
 
     def _rows(self, user_ids: list[str], partitions: torch.Tensor) -> torch.Tensor:
