@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(BIN)/recsys demo --data $(DATA)
 
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache  # the layers in pyproject.toml: recsys < features < streaming < serving, offline_eval < commands
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -122,7 +122,7 @@ def main() -> None:
     repo.push_user_state(users + [POPULATION_KEY], [*vectors, np.zeros(len(items), np.float32)])
 
     broker = EmbeddedBroker.start(log_dir=work / "broker")
-    recsys = [sys.executable, "-m", "recsys.cli"]
+    recsys = [sys.executable, "-m", "commands.cli"]
     kafka = ["--bootstrap-servers", broker.bootstrap_servers, "--topic", "interactions"]
     key, port = secrets.token_urlsafe(16), free_port()
     procs = [subprocess.Popen([*recsys, "serve", "--model", str(work / "model.onnx"), "--feature-repo", str(repo.path),

@@ -46,7 +46,7 @@ def drain_group(cfg: WorkerConfig, n: int, work: Path) -> dict:
     """``n`` `recsys stream` processes in one group drain the topic together (one per core:
     a worker is one Python thread of work); events/s over the union of their apply spans."""
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "recsys.cli", "stream", "--bootstrap-servers", cfg.bootstrap_servers, "--topic",
+        [sys.executable, "-m", "commands.cli", "stream", "--bootstrap-servers", cfg.bootstrap_servers, "--topic",
          cfg.topic, "--group", cfg.group, "--model", str(cfg.model), "--checkpoint-dir", str(cfg.checkpoint_dir),
          "--feature-repo", str(cfg.feature_repo), "--batch-size", str(cfg.batch_size), "--device", "cpu",
          "--worker-id", f"w{i}", "--idle-exit", str(cfg.idle_exit_s)],
@@ -118,7 +118,7 @@ def main() -> None:
             once the worker has joined the group and owns the partitions."""
             while not w.restored_own:
                 time.sleep(0.05)
-            subprocess.run([sys.executable, "-m", "recsys.cli", "produce", "--bootstrap-servers",
+            subprocess.run([sys.executable, "-m", "commands.cli", "produce", "--bootstrap-servers",
                             broker.bootstrap_servers, "--topic", topic, "--events", str(args.events),
                             "--limit", str(n), "--rate", str(args.rate)], check=True, capture_output=True)
 

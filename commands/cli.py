@@ -16,6 +16,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from offline_eval.model_names import ABLATIONS, DEFAULT_MODELS
+
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="synthetic", help="ml-1m | synthetic | PATH (ml-1m folder or CSV/Parquet log)")
@@ -85,7 +87,7 @@ def cmd_consume(args) -> int:
 
 def cmd_replay(args) -> int:
     from offline_eval.protocol import ProtocolConfig
-    from offline_eval.report import ABLATIONS, ReplayConfig, markdown_table, run_replay
+    from offline_eval.report import ReplayConfig, markdown_table, run_replay
 
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     names = [n for name in names for n in (ABLATIONS if name == "ablations" else (name,))]
@@ -112,7 +114,8 @@ def cmd_replay(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from recsys.train import TrainConfig, train_artifact
+    from commands.train import train_artifact
+    from recsys.train import TrainConfig
 
     t0 = time.perf_counter()
     device, world = args.device, int(os.environ.get("WORLD_SIZE", "1"))
@@ -196,15 +199,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from recsys.demo import DemoConfig, run_demo
+    from commands.demo import DemoConfig, run_demo
 
     return run_demo(DemoConfig(data=args.data, events=args.events or DemoConfig.events, out=Path(args.out),
                                epochs=args.epochs))
-
-
-# Kept here (not imported from offline_eval) so `recsys --help` stays free of torch imports.
-DEFAULT_MODELS_HELP = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "hybrid", "mf_static",
-                       "mf_online", "sasrec_static", "nested", "nested_slow_only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="offline replay evaluation (EVAL_PROTOCOL.md) of models side by side")
     _data_args(p)
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS_HELP), help="comma-separated model names; 'ablations' adds the nested model's level ablations")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names; 'ablations' adds the nested model's level ablations")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-seen-filter", action="store_true", help="rank already-seen items too (re-consumption)")
     p.add_argument("--user-freshness", choices=("event", "batch"), default="event",

@@ -27,6 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
+from commands.train import train_artifact
+from features.sources import write_sources
+from features.store import POPULATION_KEY, FeatureRepo
+from offline_eval.report import ReplayConfig, markdown_table, run_replay
+from recsys.datasets import load_dataset
+from recsys.nested_model import NestedModel, load_item_ids
+from recsys.train import TrainConfig
+from serving.export import export_onnx
+from streaming.broker import EmbeddedBroker, free_port
+from streaming.producer import ProducerConfig, produce
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -41,7 +52,6 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> int:
-    from recsys.datasets import load_dataset
 
     logging.getLogger("kafka").setLevel(logging.ERROR)  # client chatter; the children keep their own logs
     # Ctrl-C and SIGTERM unwind through the `finally`s, even where the shell started us with
@@ -58,7 +68,6 @@ def run_demo(cfg: DemoConfig) -> int:
         ok = _live_part(ds, cfg, stack)
     print("[demo] worker, server and broker stopped")
 
-    from offline_eval.report import ReplayConfig, markdown_table, run_replay
 
     print(f"[replay] {', '.join(cfg.replay_models)} (EVAL_PROTOCOL.md, B = 256)")
     report = run_replay(ds, ReplayConfig(models=cfg.replay_models, out=cfg.out / "replay"))
@@ -71,12 +80,6 @@ def run_demo(cfg: DemoConfig) -> int:
 def _live_part(ds, cfg: DemoConfig, stack: contextlib.ExitStack) -> bool:
     import httpx
 
-    from features.sources import write_sources
-    from features.store import POPULATION_KEY, FeatureRepo
-    from recsys.train import TrainConfig, train_artifact
-    from serving.export import export_onnx
-    from streaming.broker import EmbeddedBroker, free_port
-    from streaming.producer import ProducerConfig, produce
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # after imports that reset the filters
     for part in ("broker", "checkpoints", "features", "model"):  # a fresh broker: no stale offsets or state
@@ -141,7 +144,6 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
     import httpx
     import polars as pl
 
-    from recsys.nested_model import NestedModel, load_item_ids
 
     inter = ds.interactions
     activity = inter.group_by("user_id").len().sort(["len", "user_id"])
@@ -238,7 +240,7 @@ class _Process:
 
     def __enter__(self) -> _Process:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", *self.args], stdout=self.log.open("w"),
+        self.proc = subprocess.Popen([sys.executable, "-m", "commands.cli", *self.args], stdout=self.log.open("w"),
                                      stderr=subprocess.STDOUT, env=os.environ | (self.env or {}))
         return self
 

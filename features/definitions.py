@@ -6,10 +6,9 @@ where `recsys features apply` writes the parquet sources from the history.
 
 from datetime import timedelta
 
-from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Array, Bytes, Float32, Int64, String
 
-USER_STATE_DIM = 64  # the fast levels' user vector pushed by the stream worker
 
 # Keys are strings, as in the `Event` schema: product ids are often UUIDs; integer ids
 # (MovieLens) are their decimal strings.
@@ -53,8 +52,5 @@ user_state = FeatureView(
             Field(name="last_ts", dtype=Int64),
             Field(name="fast_state", dtype=Bytes)])  # an evicted user's whole row (stream worker's user TTL)
 
-# What serving reads for one user.
-serving_features = FeatureService(name="serving", features=[user_profile, user_state])
-
 ALL = [user, item, user_profile_source, item_attributes_source, item_popularity_source, user_state_push,
-       user_profile, item_attributes, item_popularity, user_state, serving_features]
+       user_profile, item_attributes, item_popularity, user_state]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys.datasets import Dataset
+from recsys.dataset import Dataset
 
 DAY = 86_400
 

@@ -10,35 +10,6 @@ target was filtered out).
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-
-def ranks_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
-    """1-based rank of each target among the non-excluded candidates (pessimistic on ties).
-
-    scores: (B, N) over the known items; targets: (B,) item index, ``>= N`` for an item
-    not known yet; exclude: (B, N) bool, True where an item is not a candidate.
-    Ties count against the target (it ranks below every equal score), so a model
-    cannot gain from constant scores.
-    """
-    B, N = scores.shape
-    scores = torch.nan_to_num(scores.float(), nan=float("-inf"), neginf=float("-inf"))  # filtered stays filtered
-    if exclude is not None:
-        scores = scores.masked_fill(exclude, float("-inf"))
-    known = targets < N
-    t_idx = targets.clamp(max=N - 1).unsqueeze(1)  # (B, 1)
-    t_score = scores.gather(1, t_idx)  # (B, 1)
-    ahead = (scores >= t_score).sum(1) - 1  # ties count against the target; minus the target itself
-    excluded = (torch.isinf(t_score) & (t_score < 0)).squeeze(1)
-    return torch.where(known & ~excluded, ahead.double() + 1, torch.full((B,), float("inf"), dtype=torch.float64))
-
-
-def grid_ndcg_sums(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """(G, B, N) scores of ``G`` candidate settings for the same ``B`` events → (G,) float64 sum of
-    each setting's NDCG@k: how calibration and tuning pick a setting in one pass."""
-    G = scores.shape[0]
-    ranks = ranks_of_targets(scores.flatten(0, 1), targets.repeat(G), None).view(G, -1)
-    return torch.where(ranks <= k, 1 / torch.log2(ranks + 1), 0.0).sum(1)  # misses rank inf
 
 
 def summarize(ranks: np.ndarray, ks=(10, 20, 50), digits: int = 6) -> dict:

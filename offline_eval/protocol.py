@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import polars as pl
 
-from recsys.datasets import Dataset
+from recsys.dataset import Dataset
 
 
 @dataclass(frozen=True)

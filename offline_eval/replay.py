@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from offline_eval.metrics import ranks_of_targets
 from offline_eval.protocol import EncodedLog, ProtocolConfig
-from recsys.batch_users import earlier_same_user
+from recsys.ranking import SeenItems, ranks_of_targets
 
 
 NEG_INF = torch.tensor(float("-inf"))
@@ -61,31 +60,6 @@ class ReplayResult:
     n_known_items: int  # known items at the end of the stream
     fit_seconds: float
     replay_seconds: float
-
-
-class SeenItems:
-    """Which items each user interacted with, as a dense (users, items) bool matrix.
-
-    Dense is the fastest mask for full ranking at this scale (ML-1M: 20 MB); it costs
-    users × items bytes, so logs of 10⁵ × 10⁵ need a sparse variant.
-    """
-
-    def __init__(self, n_users: int, n_items: int):
-        self.mask = torch.zeros(n_users, n_items, dtype=torch.bool)
-
-    def add(self, users: np.ndarray, items: np.ndarray) -> None:
-        self.mask[torch.from_numpy(users), torch.from_numpy(items)] = True
-
-    def rows(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
-        return self.mask[users, :n_items]
-
-    def before_each(self, users: torch.Tensor, items: torch.Tensor, n_items: int) -> torch.Tensor:
-        """(B, n_items): what each event's user had before it, this batch's earlier events included."""
-        mask = self.rows(users, n_items).clone()
-        j, k = earlier_same_user(users).nonzero(as_tuple=True)
-        known = items[k] < n_items  # an item first seen in this batch is no candidate anyway
-        mask[j[known], items[k][known]] = True
-        return mask
 
 
 def batch_bounds(log: EncodedLog, batch_size: int) -> list[tuple[int, int]]:

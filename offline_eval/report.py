@@ -17,19 +17,21 @@ import numpy as np
 from offline_eval.fit_cache import FitCache, cacheable
 from offline_eval.hybrid import Hybrid
 from offline_eval.metrics import summarize
+from offline_eval.model_names import AVAILABLE_MODELS, DEFAULT_MODELS
+from offline_eval.nested import NestedReplay
 from offline_eval.oracle import Oracle
 from offline_eval.protocol import EncodedLog, ProtocolConfig, encode
 from offline_eval.replay import ReplayResult, replay_model
-from recsys.datasets import Dataset
+from recsys.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
+from recsys.dataset import Dataset
+from recsys.mf import mf_online, mf_static
+from recsys.sasrec import SASRecConfig, SASRecStatic
+from recsys.train import TrainConfig
 
 
 def _registry(log: EncodedLog, progress: bool, truth: dict) -> dict[str, Callable[[], object]]:
     """Every model by name; ``progress``: the fits show progress bars (a long fit is never silent);
     ``truth``: a synthetic log's ground truth, for the oracle."""
-    from recsys.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
-    from recsys.mf import mf_online, mf_static
-    from recsys.sasrec import SASRecConfig, SASRecStatic
-    from recsys.train import NestedReplay, TrainConfig
 
     train = TrainConfig(progress=progress)
     return {
@@ -49,13 +51,6 @@ def _registry(log: EncodedLog, progress: bool, truth: dict) -> dict[str, Callabl
         "nested_no_sequence": lambda: NestedReplay(train_cfg=train, sequence_items=0),
         "oracle": lambda: Oracle(truth, log),
     }
-
-
-DEFAULT_MODELS = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "hybrid", "mf_static",
-                  "mf_online", "sasrec_static", "nested", "nested_slow_only")
-# Each retrains the nested model without one level (`--models ablations` runs them all).
-ABLATIONS = ("nested_no_user_fast", "nested_no_user_mid", "nested_no_population", "nested_no_sequence")
-AVAILABLE_MODELS = DEFAULT_MODELS + ABLATIONS + ("oracle",)  # oracle: synthetic logs only
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 
 from offline_eval.protocol import EncodedLog
 from recsys.nested_model import POPULATION_FIELDS, USER_FIELDS
-from recsys.train import NestedReplay
+from offline_eval.nested import NestedReplay
 from streaming.checkpoint import Snapshot, write_checkpoint
 from streaming.producer import encode_frame, make_producer
 from streaming.worker import StreamWorker, WorkerConfig

@@ -25,9 +25,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from offline_eval.metrics import grid_ndcg_sums
-from offline_eval.replay import SeenItems
 from recsys.nested_model import FastState, NestedModel, trust, write_log
+from recsys.ranking import SeenItems, grid_ndcg_sums
 
 # Geometric, wide enough for "popularity barely matters" and "popularity is nearly all".
 MULTIPLIERS = (0.5, 1.0, 2.0, 4.0, 8.0)

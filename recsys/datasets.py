@@ -14,29 +14,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
+from recsys.dataset import Dataset
+from recsys.synthetic import SyntheticConfig, generate
+
 # shared/ sits beside the checkout; the data can also be named by path or env var.
 DEFAULT_ML1M = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m"
-
-
-@dataclass
-class Dataset:
-    """An interaction log plus optional side features and a checksum of its source."""
-
-    name: str
-    interactions: pl.DataFrame  # user_id, item_id, ts (time-ordered)
-    users: pl.DataFrame | None = None  # user_id + categorical columns
-    items: pl.DataFrame | None = None  # item_id + categorical columns
-    sha256: str = ""
-    extra: dict = field(default_factory=dict)  # ground truth of a synthetic set, ...
-
-    @property
-    def n_events(self) -> int:
-        return self.interactions.height
 
 
 def _time_ordered(df: pl.DataFrame) -> pl.DataFrame:
@@ -124,7 +110,6 @@ def load_dataset(name: str, **kwargs) -> Dataset:
     if name == "ml-1m":
         return load_movielens(kwargs.get("root", DEFAULT_ML1M))
     if name == "synthetic":
-        from recsys.synthetic import SyntheticConfig, generate
 
         return generate(SyntheticConfig(**kwargs))
     path = Path(name)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys import fused_update
+from recsys.baselines import grow
 from recsys.batch_users import sequences_before
 
 
@@ -225,7 +226,6 @@ class NestedModel(nn.Module):
     @staticmethod
     def grow_state(state: FastState, n_users: int, n_items: int) -> FastState:
         """New users and items get empty state rows, online, without a restart."""
-        from recsys.baselines import grow
 
         out = {}
         for f in fields(state):

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import polars as pl
 
-from recsys.datasets import Dataset
+from recsys.dataset import Dataset
 
 
 @dataclass(frozen=True)

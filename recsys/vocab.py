@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 
 import numpy as np
@@ -34,10 +33,3 @@ class Vocab:
                 self.ids.append(key)
             out.append(-1 if i is None else i)
         return np.asarray(out, dtype=np.int64)
-
-    def to_json(self) -> str:
-        return json.dumps(self.ids, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> Vocab:
-        return cls(json.loads(text))

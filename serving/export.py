@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recsys.nested_model import trust
+from recsys.nested_model import NestedModel, load_item_ids, trust
 
 K_MAX = 100  # the graph returns the top 100; the API slices to the requested k
 
@@ -59,7 +59,6 @@ class ExportCheck:
 
 def scorer_from_checkpoint(checkpoint: Path) -> tuple[Scorer, list[str], torch.Tensor]:
     """The scorer, the external id of each item row, and the population user vector."""
-    from recsys.nested_model import NestedModel, load_item_ids
 
     model = NestedModel.load(checkpoint).float().eval()
     E, b = model.all_items(model.n_items)

@@ -17,7 +17,7 @@ def test_broker_starts_stops_and_reports_status(tmp_path):
 
 
 def test_broker_stop_never_signals_a_process_that_now_holds_a_dead_brokers_pid(tmp_path, capsys):
-    from recsys.cli import main
+    from commands.cli import main
 
     b = EmbeddedBroker.start(log_dir=tmp_path)
     b.stop()
@@ -58,7 +58,7 @@ def test_per_user_order_is_kept(broker, topic):
 
 @pytest.mark.slow
 def test_cli_produce_and_consume(broker, topic, capsys):
-    from recsys.cli import main
+    from commands.cli import main
 
     assert main(["produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic,
                  "--events", "2000", "--limit", "500"]) == 0

@@ -9,7 +9,8 @@ from offline_eval.replay import replay_model
 from recsys.calibration import MULTIPLIERS, calibrate, split_history
 from recsys.datasets import load_dataset
 from recsys.nested_model import NestedConfig, NestedModel, population_defaults, write_log
-from recsys.train import NestedReplay, TrainConfig, train_nested
+from offline_eval.nested import NestedReplay
+from recsys.train import TrainConfig, train_nested
 
 
 def _replay_ndcg(model: NestedModel, fit_part, tail, multiplier: float, fade: float) -> float:

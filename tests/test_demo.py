@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from recsys.demo import DemoConfig, run_demo
+from commands.demo import DemoConfig, run_demo
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import pytest
 
 from features.sources import write_sources
 from features.store import FeatureRepo
-from recsys.datasets import Dataset, load_dataset
+from recsys.dataset import Dataset
+from recsys.datasets import load_dataset
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from recsys.cli import build_parser
+from commands.cli import build_parser
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 K8S_VERSION = "1.33.0"  # the oldest Kubernetes these manifests promise to work on

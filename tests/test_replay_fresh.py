@@ -14,7 +14,8 @@ from recsys.datasets import load_dataset
 from recsys.mf import mf_online, mf_static
 from recsys.nested_model import NestedConfig, NestedModel
 from recsys.sasrec import SASRecConfig, SASRecStatic
-from recsys.train import NestedReplay, TrainConfig
+from offline_eval.nested import NestedReplay
+from recsys.train import TrainConfig
 
 QUICK = TrainConfig(progress=False, epochs=1)
 MODELS = {
@@ -111,6 +112,6 @@ def test_the_oracle_knows_the_synthetic_logs_true_distribution_and_tops_every_mo
 def _no_truth():
     import polars as pl
 
-    from recsys.datasets import Dataset
+    from recsys.dataset import Dataset
 
     return Dataset("plain", pl.DataFrame({"user_id": [1, 2, 1], "item_id": [1, 2, 2], "ts": [1, 2, 3]}))

@@ -8,12 +8,14 @@ import polars as pl
 import pytest
 import torch
 
-from offline_eval.metrics import ranks_of_targets, summarize
+from offline_eval.metrics import summarize
 from offline_eval.protocol import ProtocolConfig, encode
 from offline_eval.replay import replay_model
 from offline_eval.report import ReplayConfig, model_report, run_replay
 from recsys.baselines import PopOnline, PopStatic
-from recsys.datasets import DEFAULT_ML1M, Dataset, load_dataset
+from recsys.dataset import Dataset
+from recsys.datasets import DEFAULT_ML1M, load_dataset
+from recsys.ranking import ranks_of_targets
 
 
 def _log(rows) -> Dataset:

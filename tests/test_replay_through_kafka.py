@@ -8,7 +8,8 @@ from offline_eval.replay import replay_model
 from offline_eval.report import ReplayConfig, run_replay
 from offline_eval.through_kafka import WorkerPath
 from recsys.datasets import load_dataset
-from recsys.train import NestedReplay, TrainConfig
+from offline_eval.nested import NestedReplay
+from recsys.train import TrainConfig
 
 
 def small():

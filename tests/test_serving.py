@@ -181,7 +181,7 @@ def test_a_posted_event_changes_the_users_recommendations(data, repo, broker, to
     model = tmp_path / "model.onnx"
     export_onnx(checkpoint, model)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "recsys.cli", "stream", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
+        [sys.executable, "-m", "commands.cli", "stream", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
          topic, "--group", f"g-{topic}", "--model", str(checkpoint), "--checkpoint-dir",
          str(tmp_path / "ckpt"), "--feature-repo", str(repo.path), "--log-every", "1"],
         stdout=(tmp_path / "worker.log").open("w"), stderr=subprocess.STDOUT)

@@ -15,7 +15,7 @@ def test_torchrun_trains_identical_replicas_and_saves_once(tmp_path):
     out = tmp_path / "model.safetensors"
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "recsys.cli", "train", "--data", "synthetic", "--events", "6000", "--epochs", "1", "--out", str(out)],
+         "-m", "commands.cli", "train", "--data", "synthetic", "--events", "6000", "--epochs", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     sums = dict(re.findall(r"rank (\d)/2: parameter checksum (\S+)", run.stdout))
@@ -32,7 +32,7 @@ def test_torchrun_shards_the_item_table_across_processes(tmp_path):
     out = tmp_path / "model.safetensors"
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "recsys.cli", "train", "--data", "synthetic", "--events", "6000", "--epochs", "1", "--shard",
+         "-m", "commands.cli", "train", "--data", "synthetic", "--events", "6000", "--epochs", "1", "--shard",
          "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -26,7 +26,7 @@ class Worker:
 
     def __init__(self, broker, topic, model_path, ckpt_dir, worker_id, *extra: str):
         self.log = Path(ckpt_dir).parent / f"{worker_id}-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "recsys.cli", "stream", "--bootstrap-servers", broker.bootstrap_servers,
+        cmd = [sys.executable, "-m", "commands.cli", "stream", "--bootstrap-servers", broker.bootstrap_servers,
                "--topic", topic, "--group", f"g-{topic}", "--model", str(model_path), "--checkpoint-dir",
                str(ckpt_dir), "--worker-id", worker_id, "--log-every", "1", *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
