@@ -39,7 +39,7 @@ from streaming.broker import EmbeddedBroker, free_port
 
 async def load_level(url: str, users: list[str], items: list[str], rate: float, seconds: float, post_share: float,
                      key: str) -> dict:
-    latencies, errors, posts = [], 0, 0
+    latencies, errors, posts, post_latencies = [], 0, 0, []
     rng = np.random.default_rng(int(rate))
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=500)) as client:
         async def one(user: str, post: bool) -> None:
@@ -56,6 +56,8 @@ async def load_level(url: str, users: list[str], items: list[str], rate: float, 
             except httpx.HTTPError:
                 ok = False
             latencies.append(time.perf_counter() - t0)
+            if post:
+                post_latencies.append(latencies[-1])
             errors += not ok
 
         start, tasks = time.perf_counter(), []
@@ -68,9 +70,17 @@ async def load_level(url: str, users: list[str], items: list[str], rate: float, 
             tasks.append(asyncio.create_task(one(users[n % len(users)], post)))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
-    lat = np.asarray(latencies) * 1e3
+    lat, post_lat = np.asarray(latencies) * 1e3, np.asarray(post_latencies or [np.nan]) * 1e3
     return {"rate": rate, "requests": len(lat), "posts": posts, "achieved_rps": len(lat) / wall, "errors": errors,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "post_p50_ms": float(np.percentile(post_lat, 50)), "post_p99_ms": float(np.percentile(post_lat, 99))}
+
+
+def _caught_up(log: Path, rate: float) -> bool:
+    """The worker's latest log line says it is less than a second behind."""
+    lines = [ln for ln in log.read_text().splitlines() if "| lag " in ln] if log.exists() else []
+    lag = lines[-1].split("| lag ")[1].split(" |")[0].replace(",", "") if lines else "n/a"
+    return lag.isdigit() and int(lag) < rate
 
 
 def eager_vs_onnx(checkpoint: Path, onnx_path: Path, repeats: int = 2000) -> dict:
@@ -148,9 +158,16 @@ def main() -> None:
         while args.post_share and not httpx.get(f"{url}/healthz").json()["kafka"]:
             assert time.monotonic() < deadline, "the server did not connect to the broker"
             time.sleep(0.2)
+        print("[bench] waiting for the worker to catch up with the producer", file=sys.stderr, flush=True)
+        if args.ingest_rate > 0:  # measure the steady state: the worker has caught up with the producer
+            while not _caught_up(work / "worker.log", args.ingest_rate):
+                assert time.monotonic() < deadline + 300, "the worker did not catch up with the producer"
+                time.sleep(0.5)
         item_ids = items.cast(str).to_list()
-        levels = [asyncio.run(load_level(url, users, item_ids, float(r), args.seconds, args.post_share, key))
-                  for r in args.rates.split(",")]
+        levels = []
+        for r in args.rates.split(","):
+            print(f"[bench] {r} req/s for {args.seconds:.0f} s", file=sys.stderr, flush=True)
+            levels.append(asyncio.run(load_level(url, users, item_ids, float(r), args.seconds, args.post_share, key)))
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -162,10 +179,11 @@ def main() -> None:
     print(f"ML-1M catalogue {check.n_items:,} items, k = 10, provider {health['provider']}, "
           f"{args.seconds:.0f} s per level, export max |diff| {check.max_abs_diff:.1e}, {args.post_share:.0%} POST, "
           f"worker ingesting {args.ingest_rate:,.0f} ev/s (last log line: {applied[-1].split('] ')[-1] if applied else 'n/a'})")
-    print(f"{'offered rps':>12}{'achieved':>10}{'posts':>7}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"{'offered rps':>12}{'achieved':>10}{'posts':>7}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'POST p50':>10}{'POST p99':>10}")
     for lv in levels:
         print(f"{lv['rate']:>12,.0f}{lv['achieved_rps']:>10,.0f}{lv['posts']:>7}{lv['errors']:>8}{lv['p50_ms']:>9.2f}"
-              f"{lv['p99_ms']:>9.2f}")
+              f"{lv['p99_ms']:>9.2f}{lv['post_p50_ms']:>10.2f}{lv['post_p99_ms']:>10.2f}")
     print(f"{'scoring, batch 1':<18}{'p50 µs':>9}{'p99 µs':>9}")
     for name, r in scoring.items():
         print(f"{name:<18}{r['p50_us']:>9.0f}{r['p99_us']:>9.0f}")

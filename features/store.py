@@ -11,8 +11,10 @@ Serving and the stream worker use `FeatureRepo`; nothing else imports `feast`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,6 +55,18 @@ class FeatureRepo:
         from features.definitions import ALL
 
         self.store.apply(ALL)
+        self._concurrent_reads()
+
+    def _concurrent_reads(self) -> None:
+        """A SQLite online store in WAL mode: the stream worker's writes no longer block the
+        server's reads (in the default rollback journal every push held readers off for its
+        commit: bench/serving_load.py p99). The mode is kept in the database file."""
+        cfg = self.store.config.online_store
+        if getattr(cfg, "type", None) != "sqlite":
+            return
+        path = Path(cfg.path) if Path(cfg.path).is_absolute() else self.path / cfg.path
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
 
     def materialize(self, end: datetime | None = None) -> None:
         """Load the latest offline values into the online store, over all of time (history

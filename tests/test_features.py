@@ -59,3 +59,16 @@ def test_historical_features_are_point_in_time_correct(tmp_path):
 def test_a_folder_without_a_repo_gets_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="recsys features apply"):
         FeatureRepo(tmp_path)
+
+
+def test_reads_go_on_while_the_stream_worker_writes(repo):
+    import sqlite3
+
+    repo.push_user_state(["reader"], [np.ones(64, dtype=np.float32)], events=[1])
+    writer = sqlite3.connect(repo.path / "data" / "online.db", isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")  # a push mid-commit (the worker pushes every 0.1 s)
+    try:
+        assert repo.user_state(["reader"])["events"] == [1]  # WAL: a writer holds no reader off
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()

@@ -222,17 +222,30 @@ def test_export_check_lets_exactly_tied_items_come_in_either_order(tmp_path):
     assert check.same_items and check.max_abs_diff <= 1e-4
 
 
-def test_a_locked_online_store_degrades_to_the_population_ranking_never_a_500(model, repo):
+def locked_store_repo(path: Path) -> FeatureRepo:
+    """A repo whose SQLite store uses the rollback journal, where a writer's lock holds every
+    reader off (ours are WAL, where it does not: `FeatureRepo.apply`)."""
+    import gc
+
+    FeatureRepo.create(path).apply()
+    gc.collect()  # Feast's connection to the new store is closed: the journal mode can change
+    with sqlite3.connect(path / "data" / "online.db") as db:
+        assert db.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    return FeatureRepo(path)
+
+
+def test_a_locked_online_store_degrades_to_the_population_ranking_never_a_500(model, tmp_path):
+    repo = locked_store_repo(tmp_path / "features")
     repo.push_user_state(["dave"], [np.ones(64, dtype=np.float32)], events=[1])
     with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path))) as url:
         assert httpx.get(f"{url}/recommendations/dave").json()["source"] == "user"
-        lock = sqlite3.connect(repo.path / "data" / "online.db")
-        lock.execute("BEGIN EXCLUSIVE")  # another writer holds the store: every read waits on it
+        lock = sqlite3.connect(repo.path / "data" / "online.db", isolation_level=None, timeout=60)
+        lock.execute("BEGIN EXCLUSIVE")  # another process holds the store: every read waits on it
         try:
             answers = [httpx.get(f"{url}/recommendations/dave", timeout=60) for _ in range(3)]
             health = httpx.get(f"{url}/healthz", timeout=60).json()
         finally:
-            lock.rollback()
+            lock.execute("ROLLBACK")
             lock.close()
         for a in answers:
             assert a.status_code == 200 and a.json()["source"] == "population" and a.json()["degraded"], a.text
