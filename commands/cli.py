@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=None)
     p.add_argument("--idle-timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_consume)
+    for command in sub.choices.values():  # `--api-key` must not pass for `--api-key-file`, nor any prefix
+        command.allow_abbrev = False
     return parser
 
 

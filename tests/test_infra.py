@@ -79,3 +79,14 @@ def test_worker_replicas_do_not_exceed_the_partitions():
     used = {v[2:-1] for c in _containers(worker) for v in c["args"] if v.startswith("$(")}
     declared = set(config) | {e["name"] for c in _containers(worker) for e in c.get("env", [])}
     assert used <= declared, used - declared  # every $(VAR) in the args is defined
+
+
+def test_no_secret_ships_with_the_deployment_and_none_goes_on_a_command_line():
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    key = compose["services"]["server"]["environment"]["RECSYS_API_KEY"]
+    assert key.startswith("${RECSYS_API_KEY:?"), "compose must refuse to start without a key, not default one"
+    assert "RECSYS_API_KEY=\n" in (INFRA / ".env.example").read_text()  # a blank to fill, not a value
+    with pytest.raises(SystemExit):  # a key as a flag would be visible to every user of the host (ps)
+        build_parser().parse_args(["serve", "--api-key", "s3cret"])
+    worker = build_parser().parse_args(["stream"])
+    assert worker.metrics_host == "127.0.0.1"  # metrics stay on loopback unless told otherwise

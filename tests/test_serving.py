@@ -289,3 +289,18 @@ def test_hot_swap_refuses_a_model_that_does_not_fit_what_is_served(data, repo, t
                    "the new file to be refused")
         assert httpx.get(f"{url}/healthz").json()["items"] == before["items"]
         assert httpx.get(f"{url}/recommendations/alice").status_code == 200
+
+
+def test_a_corrupted_online_store_degrades_to_the_population_ranking(model, tmp_path):
+    repo = FeatureRepo.create(tmp_path / "features")
+    repo.apply()
+    repo.push_user_state(["gina"], [np.ones(64, dtype=np.float32)], events=[1])
+    with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path))) as url:
+        assert httpx.get(f"{url}/recommendations/gina").json()["source"] == "user"
+        for part in (repo.path / "data").glob("online.db*"):  # every page overwritten, the WAL's too
+            with part.open("r+b") as f:
+                f.write(b"\x00garbage" * (part.stat().st_size // 8))
+        answer = httpx.get(f"{url}/recommendations/gina", timeout=60)
+        assert answer.status_code == 200 and answer.json()["source"] == "population", answer.text
+        assert answer.json()["degraded"] in ("online store failing", "online store slow")
+        assert httpx.get(f"{url}/healthz").json()["status"] == "degraded"
