@@ -239,6 +239,7 @@ class StreamWorker:
                     self.push()
                     last_push = now
                 if now - last_ckpt >= self._checkpoint_interval():
+                    self._give_up_if_stale()
                     self._check_log_ends()
                     self.evict_idle()
                     self.checkpoint()
@@ -572,15 +573,16 @@ class StreamWorker:
         return True
 
     def _checkpoint_interval(self) -> float:
-        """The configured interval, doubled per failure in a row (at most a minute); exits
-        when no checkpoint has landed for ``checkpoint_give_up_s``."""
-        if self.checkpoint_failures == 0:
-            return self.cfg.checkpoint_every_s
+        """The configured interval, doubled per failure in a row (at most a minute)."""
+        return min(self.cfg.checkpoint_every_s * 2 ** self.checkpoint_failures, max(self.cfg.checkpoint_every_s, 60.0))
+
+    def _give_up_if_stale(self) -> None:
+        """Exit (for a supervisor to restart us elsewhere) when no checkpoint has landed for
+        ``checkpoint_give_up_s`` while writes keep failing."""
         stale = time.monotonic() - self.checkpointed_at
-        if stale > self.cfg.checkpoint_give_up_s:
+        if self.checkpoint_failures and stale > self.cfg.checkpoint_give_up_s:
             raise RuntimeError(f"no checkpoint written to {self.ckpt_path} for {stale:.0f}s "
                                f"(checkpoint_give_up_s={self.cfg.checkpoint_give_up_s:.0f}); exiting for a restart")
-        return min(self.cfg.checkpoint_every_s * 2 ** self.checkpoint_failures, 60.0)
 
     def on_revoked(self, partitions: set[int]) -> None:
         self.pending = []  # not applied: the next owner reads them again from the checkpoint
@@ -710,8 +712,9 @@ class StreamWorker:
 
     def lag(self) -> dict[int, int]:
         """Messages behind each partition's end (a position past the end is a reset, not 0)."""
-        self._check_log_ends()
-        out = {p: high - self.offsets[p] for p, high in self._highwaters().items()}
+        ends = self._highwaters()
+        self._check_log_ends(ends)
+        out = {p: high - self.offsets[p] for p, high in ends.items()}
         for p, n in out.items():
             self.metrics.lag.labels(str(p)).set(n)
         self.metrics.users.set(len(self.users))

@@ -18,7 +18,7 @@ import pytest
 from streaming.checkpoint import read_checkpoint, read_offsets
 from streaming.producer import ProducerConfig, make_producer, produce
 from waiting import wait_until
-from workers import Worker, assert_exactly_once, checkpointed, merged_checkpoints, reference_rows
+from workers import Worker, assert_exactly_once, checkpointed, dead_letters, merged_checkpoints, reference_rows
 
 pytestmark = pytest.mark.slow
 
@@ -86,8 +86,6 @@ MALFORMED = [
 
 def test_malformed_messages_go_to_the_dead_letter_topic_with_their_reason(broker, topic, stream, model_path,
                                                                          tmp_path):
-    from kafka import KafkaConsumer
-
     good = stream.head(20_000)
     producer = make_producer(broker.bootstrap_servers)
     rows = good.iter_rows(named=True)
@@ -107,10 +105,7 @@ def test_malformed_messages_go_to_the_dead_letter_topic_with_their_reason(broker
     w.finish_at(tmp_path / "ckpt" / "w1.safetensors", 30_000)  # offsets count the dead letters too
     assert_exactly_once(merged_checkpoints(tmp_path / "ckpt", topic), good)
 
-    dlq = KafkaConsumer(f"{topic}.dead-letters", bootstrap_servers=broker.bootstrap_servers,
-                        auto_offset_reset="earliest", consumer_timeout_ms=5000)
-    letters = [m for m in dlq]
-    dlq.close()
+    letters = dead_letters(broker, topic)
     reasons = Counter(dict(m.headers)["reason"].decode() for m in letters)
     assert sum(reasons.values()) == 10_000 and reasons == sent_bad
     first = letters[0]

@@ -21,22 +21,12 @@ from streaming.broker import EmbeddedBroker, free_port
 from streaming.checkpoint import previous, read_checkpoint
 from streaming.producer import ProducerConfig, make_producer, produce
 from waiting import wait_until
-from workers import Worker, assert_exactly_once, checkpointed, merged_checkpoints, metric, reference_rows
+from workers import (Worker, assert_exactly_once, checkpointed, dead_letters, merged_checkpoints, metric,
+                     reference_rows)
 
 pytestmark = pytest.mark.slow
 
 YEAR_2099 = 4_102_444_799
-
-
-def dead_letters(broker, topic: str) -> list:
-    from kafka import KafkaConsumer
-
-    dlq = KafkaConsumer(f"{topic}.dead-letters", bootstrap_servers=broker.bootstrap_servers,
-                        auto_offset_reset="earliest", consumer_timeout_ms=5000,
-                        fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=4 * 1024 * 1024)
-    letters = list(dlq)
-    dlq.close()
-    return letters
 
 
 class NullAs(Serializer):

@@ -117,3 +117,14 @@ def metric(port: int, name: str, **labels: str) -> float:
         return 0.0
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
                if s.name == name and labels.items() <= s.labels.items())
+
+
+def dead_letters(broker, topic: str) -> list:
+    """Every record of ``topic``'s dead-letter topic, from its beginning."""
+    from streaming.consumer import make_consumer
+
+    dlq = make_consumer(broker.bootstrap_servers, consumer_timeout_ms=5000)
+    dlq.subscribe([f"{topic}.dead-letters"])
+    letters = list(dlq)
+    dlq.close()
+    return letters
