@@ -94,9 +94,10 @@ def main() -> None:
                                         bootstrap_servers=broker.bootstrap_servers, group=topic,
                                         batch_size=batch, feature_repo=repo.path, idle_exit_s=3.0,
                                         device="cpu", log_every_s=1e9))
-            span = w.last_apply - w.first_apply
-            rows.append({"run": "drain", "batch": batch, "events": w.applied, "events_per_s": w.applied / span,
-                         "us_per_event": {k: 1e6 * v / w.applied for k, v in w.seconds.items()}})
+            s = w.stats()
+            rows.append({"run": "drain", "batch": batch, "events": s.applied,
+                         "events_per_s": s.applied / (s.last_apply - s.first_apply),
+                         "us_per_event": {k: 1e6 * v / s.applied for k, v in s.seconds.items()}})
 
         for batch in () if args.freshness_only else (256, 4096):
             topic = f"bench-group-{batch}"
@@ -116,7 +117,7 @@ def main() -> None:
         def flow() -> None:
             """A producer process (not a thread: it would share the worker's GIL), started
             once the worker has joined the group and owns the partitions."""
-            while not w.restored_own:
+            while not w.joined:
                 time.sleep(0.05)
             subprocess.run([sys.executable, "-m", "commands.cli", "produce", "--bootstrap-servers",
                             broker.bootstrap_servers, "--topic", topic, "--events", str(args.events),
@@ -128,15 +129,16 @@ def main() -> None:
         producer.join()
         sums = {s.name: s.value for m in w.metrics.registry.collect() for s in m.samples}
         writes = sums["recsys_stream_push_seconds_count"]
-        rows.append({"run": f"freshness @ {args.rate:,.0f} ev/s", "batch": args.fresh_batch, "events": w.applied,
-                     "events_per_s": w.applied / (w.last_apply - w.first_apply),
-                     "freshness_p50_ms": 1e3 * float(np.quantile(w.fresh_s, 0.5)),
-                     "freshness_p99_ms": 1e3 * float(np.quantile(w.fresh_s, 0.99)),
-                     "applied_p50_ms": 1e3 * float(np.quantile(w.applied_s, 0.5)),
-                     "applied_p99_ms": 1e3 * float(np.quantile(w.applied_s, 0.99)),
+        s = w.stats()
+        rows.append({"run": f"freshness @ {args.rate:,.0f} ev/s", "batch": args.fresh_batch, "events": s.applied,
+                     "events_per_s": s.applied / (s.last_apply - s.first_apply),
+                     "freshness_p50_ms": 1e3 * float(np.quantile(s.freshness_s, 0.5)),
+                     "freshness_p99_ms": 1e3 * float(np.quantile(s.freshness_s, 0.99)),
+                     "applied_p50_ms": 1e3 * float(np.quantile(s.applied_s, 0.5)),
+                     "applied_p99_ms": 1e3 * float(np.quantile(s.applied_s, 0.99)),
                      "store_writes": writes, "store_write_ms_mean": 1e3 * sums["recsys_stream_push_seconds_sum"] / writes,
                      "store_write_rows_mean": sums["recsys_stream_push_rows_sum"] / writes,
-                     "us_per_event": {k: 1e6 * v / w.applied for k, v in w.seconds.items()}})
+                     "us_per_event": {k: 1e6 * v / s.applied for k, v in s.seconds.items()}})
     finally:
         broker.stop()
 

@@ -30,7 +30,8 @@ from offline_eval.protocol import EncodedLog
 from recsys.nested_model import POPULATION_FIELDS, USER_FIELDS
 from offline_eval.nested import NestedReplay
 from streaming.checkpoint import Snapshot, write_checkpoint
-from streaming.producer import encode_frame, make_producer
+from streaming.clients import create_topic, make_producer
+from streaming.producer import encode_frame
 from streaming.worker import StreamWorker, WorkerConfig
 
 WORKER_MODELS = ("nested", "nested_slow_only")  # the models a stream worker applies
@@ -50,7 +51,7 @@ class WorkerPath:
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> WorkerPath:
         model_path = self._write_start()
-        _create_topic(self.bootstrap_servers, self.topic)
+        create_topic(self.bootstrap_servers, self.topic)
         self.worker = StreamWorker(WorkerConfig(
             model=model_path, checkpoint_dir=self.workdir / "checkpoints", bootstrap_servers=self.bootstrap_servers,
             topic=self.topic, group=self.topic, worker_id="replay", batch_size=4096, max_wait_s=0.005,
@@ -58,12 +59,12 @@ class WorkerPath:
         self.thread = threading.Thread(target=self._run_worker, name="stream-worker", daemon=True)
         self.thread.start()
         self.producer = make_producer(self.bootstrap_servers, linger_ms=1)
-        self._wait(lambda: 0 in self.worker.offsets, "join its group and restore the history state")
+        self._wait(lambda: self.worker.owns(0), "join its group and restore the history state")
         return self
 
     def __exit__(self, *exc) -> None:
         self.producer.close()
-        self.worker.stopping = True
+        self.worker.stop()
         self.thread.join(timeout=30)
 
     def _run_worker(self) -> None:
@@ -101,7 +102,7 @@ class WorkerPath:
 
     # -- the replay interface -----------------------------------------------------------------
     def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
-        w = self.worker
+        w = self.worker.held()
         rows = w.users.index(self.log.user_ids[users.numpy()], add=False)
         blank = len(w.users)  # users the worker has not seen yet score from an empty row
         rows = torch.from_numpy(np.where(rows >= 0, rows, blank))
@@ -110,7 +111,7 @@ class WorkerPath:
 
     def _columns(self, n_items: int) -> np.ndarray:
         """The worker's index of each of the replay's first ``n_items`` items."""
-        cols = self.worker.items.index(self.log.item_ids[:n_items], add=False)
+        cols = self.worker.held().items.index(self.log.item_ids[:n_items], add=False)
         if (cols < 0).any():
             raise RuntimeError("the stream worker is missing items the replay has revealed")
         return cols
@@ -119,7 +120,7 @@ class WorkerPath:
         """Each event from its user's state after their earlier events of the batch, run ahead
         on a copy of the worker's rows for these users (the worker's state is untouched: it
         applies the batch from Kafka)."""
-        w = self.worker
+        w = self.worker.held()
         local_users, local = np.unique(batch.users, return_inverse=True)
         rows = w.users.index(self.log.user_ids[local_users], add=False)
         blank = len(w.users)  # users the worker has not seen yet start from an empty row
@@ -141,15 +142,6 @@ class WorkerPath:
         self.producer.flush()
         self.sent += batch.n_events
         # The next batch is scored only once the worker has applied this one (no peeking, no lag).
-        self._wait(lambda: self.worker.applied + sum(self.worker.dead.values()) >= self.sent,
+        self._wait(lambda: self.worker.handled >= self.sent,
                    f"apply {self.sent:,} events")
 
-
-def _create_topic(bootstrap_servers: str, topic: str) -> None:
-    from kafka.admin import KafkaAdminClient, NewTopic
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    try:
-        admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        admin.close()

@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from features.store import POPULATION_KEY  # a constant; feast itself loads lazily
+from streaming.clients import make_request_producer
 from streaming.events import RESERVED_USER_IDS, Event, InvalidEvent
 
 log = logging.getLogger("recsys.serve")
@@ -212,16 +213,9 @@ class Service:
     # -- writes ----------------------------------------------------------------------------------
     def _connect_producer(self) -> None:
         """Connect in the background, retrying: reads never wait for Kafka."""
-        from kafka import KafkaProducer
-
         while not self._stop.is_set():
             try:
-                # A send waits at most send_timeout_s for the broker; an expired record is not
-                # sent later (delivery timeout), so a client retrying after a 503 does not duplicate it.
-                timeout_ms = int(self.cfg.send_timeout_s * 1000)
-                self.producer = KafkaProducer(bootstrap_servers=self.cfg.bootstrap_servers, acks="all", linger_ms=0,
-                                              max_block_ms=timeout_ms, request_timeout_ms=timeout_ms,
-                                              delivery_timeout_ms=timeout_ms, enable_idempotence=False)
+                self.producer = make_request_producer(self.cfg.bootstrap_servers, self.cfg.send_timeout_s)
                 log.info("connected to Kafka at %s", self.cfg.bootstrap_servers)
                 return
             except Exception as e:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from streaming.clients import make_consumer
 from streaming.events import Event, InvalidEvent, decode
 
 
@@ -36,16 +37,6 @@ class ReadSummary:
     @property
     def events_per_second(self) -> float:
         return self.messages / max(self.seconds, 1e-9)
-
-
-def make_consumer(bootstrap_servers: str, **overrides):
-    from kafka import KafkaConsumer
-
-    # Tansu joins groups in half the session timeout: keep it short (RECIPES.md).
-    settings = dict(bootstrap_servers=bootstrap_servers, auto_offset_reset="earliest",
-                    enable_auto_commit=False, session_timeout_ms=6000, heartbeat_interval_ms=1000,
-                    fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=4 * 1024 * 1024)
-    return KafkaConsumer(**(settings | overrides))
 
 
 def read_topic(cfg: ReaderConfig, keep_events: bool = False) -> ReadSummary:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import polars as pl
 from tqdm import tqdm
 
+from streaming.clients import make_producer
+
 
 @dataclass(frozen=True)
 class ProducerConfig:
@@ -48,14 +50,6 @@ def encode_frame(frame: pl.DataFrame, event_type: str = "view") -> pl.DataFrame:
         pl.col("ts").cast(pl.Utf8), pl.lit(',"event_type":"'), pl.col("event_type"), pl.lit('"}'),
     ])
     return frame.select(key=uid, value=value)
-
-
-def make_producer(bootstrap_servers: str, linger_ms: int = 5):
-    from kafka import KafkaProducer
-
-    # acks=1 for bulk throughput; idempotence needs acks=all, so say it is off rather than be warned.
-    return KafkaProducer(bootstrap_servers=bootstrap_servers, linger_ms=linger_ms, acks=1, enable_idempotence=False,
-                         batch_size=256 * 1024, max_request_size=4 * 1024 * 1024)
 
 
 def produce(frame: pl.DataFrame, cfg: ProducerConfig) -> ProduceSummary:

@@ -23,7 +23,7 @@ def test_the_worker_path_ranks_every_event_as_the_in_process_replay(broker, tmp_
     fitted.fit(log.history())
     with WorkerPath(fitted, log, broker.bootstrap_servers, tmp_path) as through_kafka:
         via_worker = replay_model(through_kafka, log, cfg, progress=False, fitted=True)
-        assert through_kafka.worker.applied == log.n_events - log.n_history  # every stream event, once
+        assert through_kafka.worker.stats().applied == log.n_events - log.n_history  # every stream event, once
     in_process = replay_model(fitted, log, cfg, progress=False, fitted=True)
     np.testing.assert_array_equal(via_worker.ranks, in_process.ranks)
 

@@ -16,7 +16,8 @@ import polars as pl
 import pytest
 
 from streaming.checkpoint import read_checkpoint, read_offsets
-from streaming.producer import ProducerConfig, make_producer, produce
+from streaming.clients import make_producer
+from streaming.producer import ProducerConfig, produce
 from waiting import wait_until
 from workers import Worker, assert_exactly_once, checkpointed, dead_letters, merged_checkpoints, reference_rows
 

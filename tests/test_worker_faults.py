@@ -19,7 +19,8 @@ from kafka.serializer import Serializer
 
 from streaming.broker import EmbeddedBroker, free_port
 from streaming.checkpoint import previous, read_checkpoint
-from streaming.producer import ProducerConfig, make_producer, produce
+from streaming.clients import make_producer
+from streaming.producer import ProducerConfig, produce
 from waiting import wait_until
 from workers import (Worker, assert_exactly_once, checkpointed, dead_letters, merged_checkpoints, metric,
                      reference_rows)
@@ -40,10 +41,7 @@ def test_poison_a_broker_would_refuse_as_a_dead_letter_never_stops_the_worker(br
                                                                              tmp_path):
     good = stream.head(6_000)
     produce(good.head(3_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, max_request_size=4 * 1024 * 1024,
-                             key_serializer=NullAs(), value_serializer=NullAs())
+    producer = make_producer(broker.bootstrap_servers, key_serializer=NullAs(), value_serializer=NullAs())
     producer.send(topic, key=b"big", value=b'{"user_id": "' + b"x" * 1_500_000 + b'"}')  # 1.5 MB
     producer.send(topic, key=b"NULL", value=b"NULL")
     producer.send(topic, key=b"u-future", value=b'{"user_id": "u-future", "item_id": "1", "ts": %d}' % YEAR_2099)

@@ -121,7 +121,7 @@ def metric(port: int, name: str, **labels: str) -> float:
 
 def dead_letters(broker, topic: str) -> list:
     """Every record of ``topic``'s dead-letter topic, from its beginning."""
-    from streaming.consumer import make_consumer
+    from streaming.clients import make_consumer
 
     dlq = make_consumer(broker.bootstrap_servers, consumer_timeout_ms=5000)
     dlq.subscribe([f"{topic}.dead-letters"])

@@ -1,0 +1,191 @@
+"""The worker's writes to the online store: fresh user vectors after their events, and the
+whole rows of idle users (evicted), read back when they return.
+
+Writes run in a writer process: Feast's row conversion is pure Python, and on a thread
+it took the worker loop's GIL (1,200 rows: 0.17 s alone, 0.37 s beside the loop). A
+thread here only waits for that process and records freshness. While one write is in
+flight, touched rows accumulate for the next, so a slow store coalesces, never queues; a
+failed write keeps its users dirty until a later one lands (at-least-once).
+
+    >>> push = FeaturePush(Path("runs/features"), metrics)
+    >>> push.touched(rows, produce_ms)             # after each micro-batch
+    >>> push.push(model, state, users, clock)      # every push_every_s
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from features.store import POPULATION_KEY
+from recsys.vocab import Vocab
+
+log = logging.getLogger("recsys.stream")
+
+
+class FeaturePush:
+    def __init__(self, repo: Path | None, metrics):
+        self.metrics = metrics
+        self.writer = None  # None: no online store, events are fresh once applied
+        if repo is not None:  # forked now, before the Kafka client starts its threads
+            self.writer = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
+                                              initializer=_open_feature_repo, initargs=(str(repo),))
+            self.writer.submit(_feature_repo_ready).result()  # fail fast on a bad repo
+        self.waiter = ThreadPoolExecutor(1, thread_name_prefix="feast-push")
+        self.job = None
+        self.dirty: set[int] = set()  # rows whose vector changed since the last push
+        self.lock = threading.Lock()  # guards the two lists a failed write refills from the waiter thread
+        self.failed_users: list[str] = []  # users of failed writes: dirty again at the next push
+        self.unpushed_ms: list[np.ndarray] = []  # produce timestamps of events not yet in the store
+        self.fresh_s = np.zeros(0)  # recent freshness samples: produced → in the store (seconds)
+
+    def touched(self, rows: torch.Tensor, produced_ms: np.ndarray) -> None:
+        self.dirty.update(rows.tolist())
+        with self.lock:
+            self.unpushed_ms.append(produced_ms)
+
+    def pending(self) -> bool:
+        """Whether a push has anything to write: touched rows, or rows of a failed push."""
+        return bool(self.dirty or self.failed_users)
+
+    def push(self, model, state, users: Vocab, clock: int, wait: bool = False) -> None:
+        """Fresh user vectors of every row touched since the last push, and the population
+        level, in one write (``wait``: until it landed or failed)."""
+        if self.job is not None and not self.job.done():
+            if not wait:
+                return
+            self.job.result()
+        self._redirty_failed(users)
+        with self.lock:
+            unpushed, self.unpushed_ms = self.unpushed_ms, []
+        if self.writer is not None and self.dirty:
+            rows = torch.tensor(sorted(self.dirty), device=state.cnt.device)
+            with torch.no_grad():
+                user = model.read_users(state, rows).float().cpu().numpy()
+                population = model.pop_term(state.pop[:model.n_items]).float().cpu().numpy()
+            ids = [users.ids[r] for r in rows.tolist()] + [POPULATION_KEY]
+            events = np.append(state.cnt[rows].cpu().numpy(), int(state.seen))
+            recent = [r[r >= 0] for r in state.recent[rows].cpu().numpy()] + [np.zeros(0, np.int64)]
+            last_ts = np.append(state.last_ts[rows].cpu().numpy(), clock)  # population: the stream's clock
+            stamps = np.concatenate(unpushed) if unpushed else np.zeros(0)
+            self.job = self.waiter.submit(self._write, ids, [*user, population], events, recent, last_ts, stamps)
+            if wait:
+                self.job.result()
+        elif unpushed:  # no online store: fresh when applied
+            self._observe_freshness(np.concatenate(unpushed))
+        self.dirty.clear()
+
+    def last_push(self, model, state, users: Vocab, clock: int, attempts: int = 5) -> None:
+        """At shutdown: push until the online store has every row, or give up loudly."""
+        for attempt in range(attempts):
+            self.push(model, state, users, clock, wait=True)
+            if not self.pending():
+                return
+            time.sleep(min(2.0 ** attempt, 10.0))
+        log.error("the online store refused %d users' last vectors; they are pushed with their next event",
+                  len(self.failed_users))
+
+    def settled(self, model, state, users: Vocab, clock: int) -> set[int]:
+        """Push and wait; the rows whose latest vector is still not in the store."""
+        self.push(model, state, users, clock, wait=True)
+        self._redirty_failed(users)
+        return self.dirty
+
+    def renumber(self, renumber: torch.Tensor) -> None:
+        """Rows were dropped or moved (``UserRows.keep``): dirty rows follow."""
+        dirty = renumber[sorted(self.dirty)] if self.dirty else torch.zeros(0, dtype=torch.int64)
+        self.dirty = set(dirty[dirty >= 0].tolist())
+
+    # -- idle users' whole rows ---------------------------------------------------------------
+    def evict(self, ids: list[str], blobs: list[bytes]) -> bool:
+        try:
+            self.writer.submit(_push_evicted, ids, blobs).result()
+        except Exception as e:
+            self.metrics.push_failures.inc()
+            log.warning("evicting %d idle users failed (%s: %s); they stay held and are tried again", len(ids),
+                        type(e).__name__, e)
+            return False
+        return True
+
+    def evicted(self, ids: list[str]) -> list[bytes | None]:
+        return self.writer.submit(_read_evicted, ids).result()
+
+    def close(self) -> None:
+        self.waiter.shutdown(wait=True)
+        if self.writer is not None:
+            self.writer.shutdown(wait=True)
+
+    # -- on the waiter thread ---------------------------------------------------------------
+    def _write(self, ids, vectors, events, recent, last_ts, stamps_ms) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.writer.submit(_push_user_state, ids, vectors, events, recent, last_ts).result()
+            self.metrics.push.observe(time.perf_counter() - t0)
+            self.metrics.push_rows.observe(len(ids))
+        except Exception as e:  # the state is the truth: its rows are pushed again, the loop goes on
+            self.metrics.push_failures.inc()
+            log.warning("Feast push of %d rows failed (%s: %s); they stay dirty and are pushed again", len(ids),
+                        type(e).__name__, e)
+            with self.lock:
+                self.failed_users.extend(ids[:-1])  # the last row is the population, pushed every time
+                self.unpushed_ms.append(stamps_ms)
+            return
+        self._observe_freshness(stamps_ms)
+
+    def _redirty_failed(self, users: Vocab) -> None:
+        """Rows of failed pushes that this worker still holds are dirty again."""
+        with self.lock:
+            failed, self.failed_users = self.failed_users, []
+        rows = users.index(failed, add=False)
+        self.dirty.update(rows[rows >= 0].tolist())
+
+    def _observe_freshness(self, stamps_ms: np.ndarray) -> None:
+        if len(stamps_ms):
+            fresh = time.time() - stamps_ms / 1000.0
+            self.fresh_s = np.concatenate([self.fresh_s[-50_000:], fresh])
+            self.metrics.freshness.labels("0.5").set(float(np.quantile(fresh, 0.5)))
+            self.metrics.freshness.labels("0.99").set(float(np.quantile(fresh, 0.99)))
+
+
+# -- in the writer process --------------------------------------------------------------------
+_repo = None
+
+
+def _open_feature_repo(path: str) -> None:
+    global _repo
+    from features.store import FeatureRepo
+
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    _repo = FeatureRepo(Path(path))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A `kill -9` of the worker must not leave its writer behind: the writer inherited
+    both ends of its task pipe, so it would wait on it forever."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _feature_repo_ready() -> bool:
+    return _repo is not None
+
+
+def _push_user_state(ids, vectors, events, recent, last_ts) -> None:
+    _repo.push_user_state(ids, vectors, events=events, recent_items=recent, last_ts=last_ts)
+
+
+def _push_evicted(ids, blobs) -> None:
+    _repo.push_evicted(ids, blobs)
+
+
+def _read_evicted(ids) -> list:
+    return _repo.evicted(ids)
