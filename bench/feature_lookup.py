@@ -41,14 +41,14 @@ def measure(online: str, repeats: int) -> list[dict]:
     write_sources(ds, repo.path)
     repo.apply()
     repo.materialize()
+    items = ds.interactions["item_id"].unique(maintain_order=True).to_list()
     users = np.arange(1, 2001)
     repo.push_user_state(users, np.random.default_rng(0).normal(size=(len(users), 64)), events=np.ones(len(users)))
     rows = []
     for n in (1, 64):
         ids = users[:n]
         for what, fn in (("user_state", lambda: repo.user_state(ids)),
-                         ("serving (profile+state)", lambda: repo.online(
-                             ["user_profile:history_events", "user_state:state"], "user_id", ids))):
+                         ("item attributes", lambda: repo.item_attributes(items[:n]))):
             p50, p99 = _timed(fn, repeats)
             rows.append({"store": online, "users": n, "features": what, "p50_ms": round(p50, 3),
                          "p99_ms": round(p99, 3)})

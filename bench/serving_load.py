@@ -33,7 +33,7 @@ from features.sources import write_sources
 from features.store import POPULATION_KEY, FeatureRepo
 from recsys.datasets import load_dataset
 from recsys.nested_model import NestedConfig, NestedModel
-from serving.export import export_onnx, scorer_from_checkpoint
+from serving.export import export_onnx, scorer_from_model
 from streaming.broker import EmbeddedBroker, free_port
 
 
@@ -86,7 +86,7 @@ def _caught_up(log: Path, rate: float) -> bool:
 def eager_vs_onnx(checkpoint: Path, onnx_path: Path, repeats: int = 2000) -> dict:
     import onnxruntime as ort
 
-    scorer, _, _ = scorer_from_checkpoint(checkpoint)
+    scorer, _, _ = scorer_from_model(checkpoint)
     N, D = scorer.E.shape
     user, absent, pop, mask = torch.randn(1, D), torch.zeros(1), torch.zeros(N), torch.zeros(1, N, dtype=torch.bool)
     opts = ort.SessionOptions()

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from offline_eval.model_names import ABLATIONS, DEFAULT_MODELS
+from recsys.dataset import HISTORY_FRACTION
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -176,7 +177,7 @@ def cmd_stream(args) -> int:
 def cmd_export(args) -> int:
     from serving.export import export_onnx
 
-    check = export_onnx(Path(args.checkpoint), Path(args.out))
+    check = export_onnx(Path(args.model), Path(args.out))
     ok = check.max_abs_diff <= 1e-4 and check.same_items
     print(f"exported {check.path} ({check.n_items:,} items): ONNX Runtime vs torch max |diff| "
           f"{check.max_abs_diff:.2e}, top-K items score alike (ties in either order): {check.same_items} "
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--shard", action="store_true",
                    help="under torchrun: split the item table across the processes (TorchRec model parallel)")
-    p.add_argument("--history-fraction", type=float, default=0.8,
+    p.add_argument("--history-fraction", type=float, default=HISTORY_FRACTION,
                    help="train on this first part of the log; the rest is left for the stream")
     p.add_argument("--out", default="runs/model/model.safetensors")
     p.set_defaults(func=cmd_train)
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stream", parents=[kafka], help="the stream worker: consume, update fast levels, push, checkpoint")
     p.add_argument("--group", default="recsys")
-    p.add_argument("--model", default="runs/model/model.safetensors", help="a `recsys train` checkpoint")
+    p.add_argument("--model", default="runs/model/model.safetensors", help="a `recsys train` model file")
     p.add_argument("--checkpoint-dir", default="runs/stream")
     p.add_argument("--worker-id", default=None, help="names this worker's checkpoint file (default: host name)")
     p.add_argument("--dead-letter-topic", default=None, help="default: <topic>.dead-letters")
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("export", help="export the scoring graph to ONNX and check it against torch")
-    p.add_argument("--checkpoint", default="runs/model/model.safetensors")
+    p.add_argument("--model", default="runs/model/model.safetensors", help="a `recsys train` model file")
     p.add_argument("--out", default="runs/model/model.onnx")
     p.set_defaults(func=cmd_export)
 

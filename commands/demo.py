@@ -203,7 +203,7 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
 
 def _personal_top(table: np.ndarray, item_ids: list[str], repo, user: str, k: int, exclude: set[str]) -> list[str]:
     """The user's top items by their pushed vector alone: what the fast levels changed."""
-    vector = repo.user_state([user])["state"][0]
+    vector = repo.user_state([user])["vector"][0]
     if vector is None:  # no state pushed yet
         return []
     scores = table @ np.asarray(vector, dtype=np.float32)
@@ -211,17 +211,14 @@ def _personal_top(table: np.ndarray, item_ids: list[str], repo, user: str, k: in
 
 
 def _item_groups(ds):
-    """A taste group and a printable label per item id: genres (MovieLens) or the
-    generator's cluster (synthetic); without either, the id alone."""
-    if ds.items is not None and "genres" in ds.items.columns:
-        rows = ds.items.select("item_id", "title", "genres").iter_rows()
-        meta = {str(i): (g[0] if g else None, f"{t} [{'|'.join(g or [])}]") for i, t, g in rows}
-        return {i: g for i, (g, _) in meta.items()}, lambda i: meta.get(i, (None, i))[1]
-    clusters = ds.extra.get("item_cluster")
-    if clusters is not None:
-        group = {str(i + 1): f"cluster {c}" for i, c in enumerate(clusters.tolist())}
-        return group, lambda i: f"item {i} ({group.get(i, '?')})"
-    return {}, str
+    """A taste group (the first genre) and a printable label per item id, from the
+    catalogue: MovieLens' genres, the synthetic generator's clusters; without one, the id."""
+    if ds.items is None or "genres" not in ds.items.columns:
+        return {}, str
+    titles = ds.items["title"] if "title" in ds.items.columns else ds.items["item_id"].cast(str).alias("title")
+    rows = zip(ds.items["item_id"].to_list(), titles.to_list(), ds.items["genres"].to_list())
+    meta = {str(i): (g[0] if g else None, f"{t} [{'|'.join(g or [])}]") for i, t, g in rows}
+    return {i: g for i, (g, _) in meta.items()}, lambda i: meta.get(i, (None, i))[1]
 
 
 def _print_items(items, label, mark: set | None = None) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from offline_eval.protocol import ProtocolConfig, encode
+from recsys.dataset import HISTORY_FRACTION
 from recsys.nested_model import NestedModel
 from recsys.train import TrainConfig, distributed_rank, train_nested
 
 
-def train_artifact(ds, out, cfg: TrainConfig = TrainConfig(), history_fraction: float = 0.8) -> NestedModel:
+def train_artifact(ds, out, cfg: TrainConfig = TrainConfig(), history_fraction: float = HISTORY_FRACTION) -> NestedModel:
     """`recsys train`: train on the first ``history_fraction`` of the log (the protocol's
     history; the rest is left for the stream) and save weights + item ids to ``out``."""
     log = encode(ds, ProtocolConfig(history_fraction=history_fraction))

@@ -1,4 +1,4 @@
-"""The Feast feature definitions: entities, sources, feature views, one feature service.
+"""The Feast feature definitions: entities, sources, and two feature views.
 
 Paths are relative to the feature repo (the folder holding `feature_store.yaml`),
 where `recsys features apply` writes the parquet sources from the history.
@@ -17,40 +17,26 @@ user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING)
 # A catalogue item; join key `item_id`.
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING)
 
-# Per-user profile from the history log (and the profile table where the data set has one).
-user_profile_source = FileSource(name="user_profile_source", path="data/user_profile.parquet",
-                                 timestamp_field="event_timestamp")
 # Per-item attributes from the history log and the catalogue.
 item_attributes_source = FileSource(name="item_attributes_source", path="data/item_attributes.parquet",
-                                    timestamp_field="event_timestamp")
-# Daily snapshots of each item's event count over the trailing 7 days.
-item_popularity_source = FileSource(name="item_popularity_source", path="data/item_popularity.parquet",
                                     timestamp_field="event_timestamp")
 # Fresh user state, pushed by the stream worker per micro-batch; the parquet is its batch log.
 user_state_push = PushSource(name="user_state_push", batch_source=FileSource(
     name="user_state_log", path="data/user_state.parquet", timestamp_field="event_timestamp"))
 
-# Who the user is: activity in history and a profile segment ("" if unknown).
-user_profile = FeatureView(
-    name="user_profile", entities=[user], ttl=timedelta(days=365 * 30), source=user_profile_source,
-    schema=[Field(name="user_id", dtype=String), Field(name="history_events", dtype=Int64),
-            Field(name="first_ts", dtype=Int64), Field(name="segment", dtype=String)])
-# What the item is: activity in history, genres and year where known.
+# What the item is: activity in history, genres and year where known; served beside each
+# recommended item. (What a user did and what is popular now are the model's fast levels:
+# the user_state view below, not batch features.)
 item_attributes = FeatureView(
     name="item_attributes", entities=[item], ttl=timedelta(days=365 * 30), source=item_attributes_source,
     schema=[Field(name="item_id", dtype=String), Field(name="history_events", dtype=Int64),
             Field(name="first_ts", dtype=Int64), Field(name="genres", dtype=String), Field(name="year", dtype=Int64)])
-# How popular the item was in the 7 days before the snapshot.
-item_popularity = FeatureView(
-    name="item_popularity", entities=[item], ttl=timedelta(days=7), source=item_popularity_source,
-    schema=[Field(name="item_id", dtype=String), Field(name="pop_7d", dtype=Int64)])
 # The user's fast-level state as a vector, as fresh as the last pushed micro-batch.
 user_state = FeatureView(
     name="user_state", entities=[user], ttl=timedelta(days=365 * 30), source=user_state_push,
-    schema=[Field(name="user_id", dtype=String), Field(name="state", dtype=Array(Float32)),
+    schema=[Field(name="user_id", dtype=String), Field(name="vector", dtype=Array(Float32)),
             Field(name="events", dtype=Int64), Field(name="recent_items", dtype=Array(Int64)),
             Field(name="last_ts", dtype=Int64),
             Field(name="fast_state", dtype=Bytes)])  # an evicted user's whole row (stream worker's user TTL)
 
-ALL = [user, item, user_profile_source, item_attributes_source, item_popularity_source, user_state_push,
-       user_profile, item_attributes, item_popularity, user_state]
+ALL = [user, item, item_attributes_source, user_state_push, item_attributes, user_state]

@@ -1,4 +1,6 @@
-"""The Feast offline sources, written with polars from the protocol's history only.
+"""The Feast offline sources, written with polars from the protocol's history only: the
+items' attributes (served beside each recommended item), and the empty batch log of the
+user-state push source.
 
     >>> write_sources(dataset, history_fraction=0.8, repo=Path("runs/features"))
 """
@@ -9,31 +11,16 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys.dataset import Dataset
-
-DAY = 86_400
+from recsys.dataset import HISTORY_FRACTION, Dataset
 
 
 def _stamp(col: str) -> pl.Expr:
     return pl.from_epoch(pl.col(col), time_unit="s").dt.replace_time_zone("UTC").alias("event_timestamp")
 
 
-def history_of(ds: Dataset, history_fraction: float = 0.8) -> pl.DataFrame:
+def history_of(ds: Dataset, history_fraction: float = HISTORY_FRACTION) -> pl.DataFrame:
     inter = ds.interactions.sort("ts", maintain_order=True)
     return inter.head(int(history_fraction * inter.height)).with_columns(pl.col("user_id", "item_id").cast(pl.Utf8))
-
-
-def user_profile(ds: Dataset, history: pl.DataFrame) -> pl.DataFrame:
-    prof = history.group_by("user_id").agg(history_events=pl.len().cast(pl.Int64), first_ts=pl.col("ts").min(),
-                                           last_ts=pl.col("ts").max())
-    if ds.users is not None:
-        seg = ds.users.select(pl.col("user_id").cast(pl.Utf8), segment=pl.concat_str(
-            [pl.col("gender"), pl.col("age").cast(pl.Utf8), pl.col("occupation").cast(pl.Utf8)], separator="-"))
-        prof = prof.join(seg, on="user_id", how="left")
-    else:
-        prof = prof.with_columns(segment=pl.lit(None, pl.Utf8))
-    # Stamped when the last history event happened: never joined to anything earlier.
-    return prof.select("user_id", "history_events", "first_ts", pl.col("segment").fill_null(""), _stamp("last_ts"))
 
 
 def item_attributes(ds: Dataset, history: pl.DataFrame) -> pl.DataFrame:
@@ -41,7 +28,7 @@ def item_attributes(ds: Dataset, history: pl.DataFrame) -> pl.DataFrame:
                                             last_ts=pl.col("ts").max())
     if ds.items is not None:
         meta = ds.items.select(pl.col("item_id").cast(pl.Utf8), genres=pl.col("genres").list.join("|"),
-                               year=pl.col("year"))
+                               year=pl.col("year") if "year" in ds.items.columns else pl.lit(None, pl.Int64))
         attrs = attrs.join(meta, on="item_id", how="left")
     else:
         attrs = attrs.with_columns(genres=pl.lit(None, pl.Utf8), year=pl.lit(None, pl.Int64))
@@ -49,25 +36,15 @@ def item_attributes(ds: Dataset, history: pl.DataFrame) -> pl.DataFrame:
                         pl.col("year").fill_null(0), _stamp("last_ts"))
 
 
-def item_popularity(history: pl.DataFrame, window_days: int = 7) -> pl.DataFrame:
-    """One row per (item, day end) with the item's count over the trailing window."""
-    daily = (history.with_columns(day=(pl.col("ts") // DAY + 1) * DAY)  # the end of the event's day
-             .group_by("item_id", "day").agg(n=pl.len().cast(pl.Int64)).sort("item_id", "day"))
-    rolled = daily.rolling(index_column="day", period=f"{window_days * DAY}i", group_by="item_id").agg(
-        pop_7d=pl.col("n").sum())
-    return rolled.select("item_id", "pop_7d", _stamp("day"))
-
-
-def write_sources(ds: Dataset, repo: Path, history_fraction: float = 0.8) -> dict[str, int]:
+def write_sources(ds: Dataset, repo: Path, history_fraction: float = HISTORY_FRACTION) -> dict[str, int]:
     data = Path(repo) / "data"
     data.mkdir(parents=True, exist_ok=True)
     history = history_of(ds, history_fraction)
-    frames = {"user_profile": user_profile(ds, history), "item_attributes": item_attributes(ds, history),
-              "item_popularity": item_popularity(history)}
+    frames = {"item_attributes": item_attributes(ds, history)}
     for name, frame in frames.items():
         frame.write_parquet(data / f"{name}.parquet")
     log = data / "user_state.parquet"  # the push source's batch log starts empty
-    schema = {"user_id": pl.Utf8, "state": pl.List(pl.Float32), "events": pl.Int64, "recent_items": pl.List(pl.Int64),
+    schema = {"user_id": pl.Utf8, "vector": pl.List(pl.Float32), "events": pl.Int64, "recent_items": pl.List(pl.Int64),
               "last_ts": pl.Int64, "fast_state": pl.Binary, "event_timestamp": pl.Datetime("us", "UTC")}
     if not log.exists() or dict(pl.read_parquet_schema(log)) != schema:
         pl.DataFrame(schema=schema).write_parquet(log)

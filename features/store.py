@@ -5,7 +5,7 @@ Serving and the stream worker use `FeatureRepo`; nothing else imports `feast`.
     >>> repo = FeatureRepo.create(Path("runs/features"))      # SQLite online store
     >>> repo.apply(); repo.materialize()
     >>> repo.push_user_state([42], np.ones((1, 64)), events=[17])
-    >>> repo.user_state([42])["state"][0][:3]
+    >>> repo.user_state([42])["vector"][0][:3]
     [1.0, 1.0, 1.0]
 """
 
@@ -73,12 +73,12 @@ class FeatureRepo:
         logs can be decades old, beyond an incremental window)."""
         end = end or datetime.now(timezone.utc)
         self.store.materialize(start_date=datetime(1970, 1, 2, tzinfo=timezone.utc), end_date=end,
-                               feature_views=["user_profile", "item_attributes", "item_popularity"])
+                               feature_views=["item_attributes"])
 
-    def push_user_state(self, user_ids, states, events=None, recent_items=None, last_ts=None,
+    def push_user_state(self, user_ids, vectors, events=None, recent_items=None, last_ts=None,
                         ts: datetime | None = None) -> None:
         """Write fresh user vectors to the online store: one call per micro-batch, not per event.
-        ``states`` is a 2-D array or a list of vectors (the population row is longer);
+        ``vectors`` the user vectors, a 2-D array or a list (the population row's is its term, longer);
         ``recent_items`` the model's item indices each user touched last (serving masks them);
         ``last_ts`` the time of each row's latest event (the population row's: the stream's clock).
 
@@ -93,11 +93,11 @@ class FeatureRepo:
         recent = recent_items if recent_items is not None else [()] * n
         last_ts = np.asarray(last_ts if last_ts is not None else np.full(n, -1), dtype=np.int64).tolist()
         self._write_user_state(user_ids, [
-            {"state": Value(float_list_val=FloatList(val=np.asarray(v, dtype=np.float32).tolist())),
+            {"vector": Value(float_list_val=FloatList(val=np.asarray(v, dtype=np.float32).tolist())),
              "events": Value(int64_val=e),
              "recent_items": Value(int64_list_val=Int64List(val=np.asarray(r, dtype=np.int64).tolist())),
              "last_ts": Value(int64_val=t)}
-            for v, e, r, t in zip(states, events, recent, last_ts, strict=True)], ts)
+            for v, e, r, t in zip(vectors, events, recent, last_ts, strict=True)], ts)
 
     def push_evicted(self, user_ids, rows: list[bytes], ts: datetime | None = None) -> None:
         """Evicted users' whole fast-state rows (`streaming.checkpoint.encode_user_row`): the
@@ -121,8 +121,21 @@ class FeatureRepo:
         self.store._get_provider().online_write_batch(self.store.config, self._user_state, rows, None)
 
     def user_state(self, user_ids) -> dict[str, list]:
-        return self.online([f"user_state:{name}" for name in ("state", "events", "recent_items", "last_ts")],
+        return self.online([f"user_state:{name}" for name in ("vector", "events", "recent_items", "last_ts")],
                            "user_id", user_ids)
+
+    def item_attributes(self, item_ids) -> dict[str, dict]:
+        """Item id -> {"genres": [...], "year": ...} for the items whose attributes are
+        materialized (empty fields left out)."""
+        got = self.online(["item_attributes:genres", "item_attributes:year"], "item_id", item_ids)
+        out = {}
+        for item, genres, year in zip(got["item_id"], got["genres"], got["year"]):
+            attrs = {"genres": genres.split("|")} if genres else {}
+            if year:
+                attrs["year"] = year
+            if attrs:
+                out[item] = attrs
+        return out
 
     def online(self, features: list[str], key: str, ids) -> dict[str, list]:
         rows = {key: [str(i) for i in ids]}

@@ -55,8 +55,7 @@ class NestedReplay:
         self.state, reads = self.model.update_reading(self.state, users, torch.from_numpy(batch.items),
                                                       torch.from_numpy(batch.ts))
         self.applied = batch
-        personal, population = self.model.mix_parts(reads.z, clock - reads.last_ts, pop, n_items)
-        return personal + population
+        return self.model.score_users(reads.z, clock - reads.last_ts, pop, n_items)
 
     def update(self, batch) -> None:
         if batch is self.applied:  # score_fresh applied it already

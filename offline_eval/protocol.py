@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import polars as pl
 
-from recsys.dataset import Dataset
+from recsys.dataset import HISTORY_FRACTION, Dataset
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class ProtocolConfig:
     batch_size: int = 256
     ks: tuple[int, ...] = (10, 20, 50)
     seen_filter: bool = True
-    history_fraction: float = 0.8
+    history_fraction: float = HISTORY_FRACTION
     slices: int = 10
     # "event" (version 2, the headline): each event ranked from its user's state after every
     # earlier event of theirs, this batch's included. "batch" (version 1): from the batch start.

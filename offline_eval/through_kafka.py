@@ -131,8 +131,8 @@ class WorkerPath:
         item_cols = np.where(item_cols >= 0, item_cols, len(w.items))
         _, reads = w.model.update_reading(ahead, torch.from_numpy(local.astype(np.int64)),
                                           torch.from_numpy(item_cols.astype(np.int64)), torch.from_numpy(batch.ts))
-        personal, population = w.model.mix_parts(reads.z, state.clock() - reads.last_ts, state.pop, len(w.items))
-        return (personal + population)[:, torch.from_numpy(self._columns(n_items))]
+        scores = w.model.score_users(reads.z, state.clock() - reads.last_ts, state.pop, len(w.items))
+        return scores[:, torch.from_numpy(self._columns(n_items))]
 
     def update(self, batch: EncodedLog) -> None:
         frame = pl.DataFrame({"user_id": self.log.user_ids[batch.users], "item_id": self.log.item_ids[batch.items],

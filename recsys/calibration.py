@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recsys.nested_model import FastState, NestedModel, trust, write_log
+from recsys.nested_model import FastState, NestedModel, score_items, trust, write_log
 from recsys.ranking import SeenItems, grid_ndcg_sums
 
 # Geometric, wide enough for "popularity barely matters" and "popularity is nearly all".
@@ -53,11 +53,9 @@ def calibrate(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb_
     seen.add(fit_part.users, fit_part.items)
 
     grid = torch.cartesian_prod(torch.tensor(multipliers), torch.tensor(fades)).to(model.user0.dtype)  # (G, 2)
-    k, f = grid[:, 0].view(-1, 1, 1), grid[:, 1].view(-1, 1, 1)
+    k, f = grid[:, 0].view(-1, 1, 1), grid[:, 1].view(-1, 1)
     gain = torch.zeros(len(grid), dtype=torch.float64)
     known_upto = np.maximum.accumulate(np.concatenate([[fit_part.n_items_known - 1], tail.items])) + 1
-    fade = model.fade.clone()
-    model.fade.zero_()  # the grid applies its own
     for b, lo in enumerate(range(0, tail.n_events, batch_size)):
         users, items, ts = (torch.from_numpy(a[lo:lo + batch_size]) for a in (tail.users, tail.items, tail.ts))
         if b % score_every:
@@ -67,13 +65,12 @@ def calibrate(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb_
             clock, pop = state.clock(), state.pop[:n_known].clone()
             state, reads = model.update_reading(state, users, items, ts)
             absent = clock - reads.last_ts
-            personal, population = model.mix_parts(reads.z, absent, pop, n_known)  # (B, N), (N,)
-            weight = trust(absent.to(personal.dtype).view(1, -1, 1), f)  # (G, B, 1)
-            scores = torch.where(seen.before_each(users, items, n_known), float("-inf"),
-                                 weight * personal + k * population)
+            E, bias = model.all_items(n_known)
+            weight = trust(absent.to(E.dtype).view(1, -1), f)  # (G, B): every fade of the grid at once
+            scores = score_items(reads.z, E, bias, k * model.pop_term(pop), weight)  # (G, B, N)
+            scores = torch.where(seen.before_each(users, items, n_known), float("-inf"), scores)
             gain += grid_ndcg_sums(scores, items)
         seen.add(users.numpy(), items.numpy())
-    model.fade.copy_(fade)
     distance = grid[:, 0].log().abs() + grid[:, 1]
     best = max(range(len(grid)), key=lambda i: (round(float(gain[i]), 6), -float(distance[i])))
     return float(grid[best, 0]), float(grid[best, 1]), state

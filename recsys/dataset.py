@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+# The replay protocol's split (EVAL_PROTOCOL.md): the first 80 % of the time-ordered events
+# are the history — all that training, features and baselines' settings may read.
+HISTORY_FRACTION = 0.8
+
 
 @dataclass
 class Dataset:

@@ -78,7 +78,7 @@ class NestedConfig:
 
 
 USER_FIELDS = ("M", "S", "last", "last_ts", "mid", "acc", "cnt", "recent")  # one row per user
-POPULATION_FIELDS = ("pop", "pop_acc", "seen")  # shared by everyone
+POPULATION_FIELDS = ("pop", "pop_acc", "pop_events")  # shared by everyone
 
 
 @dataclass
@@ -95,7 +95,7 @@ class FastState:
     recent: torch.Tensor  # (U, R) int64 the user's latest R item indices, oldest first, -1 = empty
     pop: torch.Tensor  # (N,) population-fast decayed item counts (at the last chunk end)
     pop_acc: torch.Tensor  # (N,) counts of the current, unfinished population chunk
-    seen: torch.Tensor  # () int64 global events applied
+    pop_events: torch.Tensor  # () int64 global events applied
 
     def to(self, device) -> FastState:
         return FastState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -221,7 +221,7 @@ class NestedModel(nn.Module):
                          last_ts=torch.full((n_users,), -1, dtype=torch.int64, device=device),
                          mid=z(n_users, D), acc=z(n_users, D), cnt=z(n_users, dtype=torch.int64),
                          recent=torch.full((n_users, self.cfg.recent_items), -1, dtype=torch.int64, device=device),
-                         pop=z(n_items), pop_acc=z(n_items), seen=z((), dtype=torch.int64))
+                         pop=z(n_items), pop_acc=z(n_items), pop_events=z((), dtype=torch.int64))
 
     @staticmethod
     def grow_state(state: FastState, n_users: int, n_items: int) -> FastState:
@@ -232,7 +232,7 @@ class NestedModel(nn.Module):
             t = getattr(state, f.name)
             if f.name in ("pop", "pop_acc"):
                 out[f.name] = grow(t, n_items)
-            elif f.name == "seen":
+            elif f.name == "pop_events":
                 out[f.name] = t
             else:
                 out[f.name] = grow(t, n_users, fill=-1 if f.name in ("last_ts", "recent") else 0)
@@ -325,22 +325,14 @@ class NestedModel(nn.Module):
     @torch.no_grad()
     def score(self, state: FastState, users: torch.Tensor, n_items: int) -> torch.Tensor:
         """(B,) users → (B, n_items) scores from the current state."""
-        personal, population = self.score_parts(state, users, n_items)
-        return personal + population
+        return self.score_users(self.read_users(state, users), state.absent_s(users), state.pop, n_items)
 
-    def score_parts(self, state: FastState, users: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scores' two parts: personal (B, n_items) from the slow and user levels, and the
-        population level's (n_items,), shared by everyone."""
-        return self.mix_parts(self.read_users(state, users), state.absent_s(users), state.pop, n_items)
-
-    def mix_parts(self, z: torch.Tensor, absent_s: torch.Tensor, pop: torch.Tensor,
-                  n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_users(self, z: torch.Tensor, absent_s: torch.Tensor, pop: torch.Tensor, n_items: int) -> torch.Tensor:
         """(B, D) user vectors, (B,) seconds since each one's latest event, the population's
-        counts → (personal (B, n_items), population (n_items,)): personal fades with absence."""
+        counts → (B, n_items) scores: the personal part fades with absence."""
         E, b = self.all_items(n_items)
-        if self.cfg.use_fast:
-            z = z * trust(absent_s.to(z.dtype), self.fade).unsqueeze(1)
-        return z @ E.T + b, self.pop_term(pop[:n_items])
+        weight = trust(absent_s.to(z.dtype), self.fade) if self.cfg.use_fast else None
+        return score_items(z, E, b, self.pop_term(pop[:n_items]), weight)
 
     @torch.no_grad()
     def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor) -> FastState:
@@ -426,18 +418,17 @@ class NestedModel(nn.Module):
         end the level consolidates: pop ← δ·pop + chunk counts. Cuts of micro-batches do not
         change the result: chunk boundaries are global event positions."""
         C = self.cfg.c_pop
-        decay = 0.5 ** (C / self.cfg.pop_half_life)
-        start = int(state.seen)
+        start = int(state.pop_events)
         pos = start
         while pos < start + len(items):
             end = min((pos // C + 1) * C, start + len(items))
             part = items[pos - start:end - start]
             state.pop_acc.index_add_(0, part, torch.ones(len(part), dtype=state.pop_acc.dtype, device=items.device))
             if end % C == 0:
-                state.pop.mul_(decay).add_(state.pop_acc)
+                state.pop = consolidate(state.pop, state.pop_acc, self.cfg)
                 state.pop_acc.zero_()
             pos = end
-        state.seen = state.seen + len(items)
+        state.pop_events = state.pop_events + len(items)
         return state
 
     # -- checkpoint (safetensors + JSON config, no pickle) ---------------------------------
@@ -469,6 +460,25 @@ def trust(absent_s: torch.Tensor, fade: torch.Tensor) -> torch.Tensor:
     return 1 / (1 + fade * torch.log1p(absent_s.clamp(min=0) / 86400))
 
 
+def consolidate(pop: torch.Tensor, chunk_counts: torch.Tensor, cfg: NestedConfig) -> torch.Tensor:
+    """The population level at the end of a chunk of ``c_pop`` global events: the counts so
+    far decay by the chunk's share of the half-life, and the chunk's counts join them."""
+    return pop * 0.5 ** (cfg.c_pop / cfg.pop_half_life) + chunk_counts
+
+
+def score_items(z: torch.Tensor, E: torch.Tensor, b: torch.Tensor, population: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The nested model's one score, ``weight · ⟨z, e_i⟩ + b_i + population_i``: (…, D) user
+    vectors, (N, D) item embeddings and (N,) biases of the slow level, the population term
+    (broadcast to (…, N)), and ``trust`` weights (…,) of the personal part (None: 1). Replay,
+    calibration (over a grid of weights at once), training, the stream's push and the
+    exported serving graph all score with it."""
+    affinity = z @ E.T
+    if weight is not None:
+        affinity = affinity * weight.unsqueeze(-1)
+    return affinity + b + population
+
+
 def write_log(model: NestedModel, state: FastState, log, batch_size: int) -> FastState:
     """Apply a whole time-ordered log (anything with ``users``, ``items``, ``ts`` arrays) in
     micro-batches of ``batch_size``."""
@@ -479,7 +489,7 @@ def write_log(model: NestedModel, state: FastState, log, batch_size: int) -> Fas
 
 
 def load_item_ids(path) -> list[str]:
-    """The external item ids of a checkpoint's table rows (row order)."""
+    """The external item ids of a model file's table rows (row order)."""
     meta = _metadata(path)
     if "item_ids" not in meta:
         raise ValueError(f"{path} holds no item ids: save it with `recsys train`")
@@ -490,7 +500,7 @@ def _metadata(path) -> dict[str, str]:
     from safetensors import safe_open
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no model checkpoint at {path}: train one with `recsys train --out {path}`")
+        raise FileNotFoundError(f"no model file at {path}: train one with `recsys train --out {path}`")
     with safe_open(str(path), "pt") as f:
         return f.metadata() or {}
 

@@ -94,7 +94,10 @@ def generate(cfg: SyntheticConfig = SyntheticConfig()) -> Dataset:
     frame = frame.drop("session_cluster")
     # Stable across processes (str hashes are salted): the config decides the data.
     digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()
-    return Dataset("synthetic", frame, sha256=digest, extra=truth)
+    # The catalogue: each item's genre is its taste cluster (Feast's item attributes; the demo).
+    items = pl.DataFrame({"item_id": np.arange(1, I + 1),
+                          "genres": [[f"cluster-{c}"] for c in world["item_cluster"].tolist()]})
+    return Dataset("synthetic", frame, items=items, sha256=digest, extra=truth)
 
 
 def _draw_events(rng, cfg: SyntheticConfig, world: dict, E: int) -> pl.DataFrame:

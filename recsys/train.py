@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from recsys.calibration import calibrate, split_history
-from recsys.nested_model import FastState, NestedConfig, NestedModel, population_defaults, write_log
+from recsys.nested_model import (FastState, NestedConfig, NestedModel, consolidate, population_defaults,
+                                 score_items, write_log)
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,11 @@ class TrainConfig:
 
 def population_snapshots(items: np.ndarray, n_items: int, cfg: NestedConfig) -> torch.Tensor:
     """(chunks + 1, N): the population level as it stands before each chunk of ``c_pop`` events."""
-    decay = 0.5 ** (cfg.c_pop / cfg.pop_half_life)
     n_chunks = math.ceil(len(items) / cfg.c_pop)
     snaps = torch.zeros(n_chunks + 1, n_items)
     for c in range(n_chunks):
         part = torch.from_numpy(items[c * cfg.c_pop:(c + 1) * cfg.c_pop])
-        snaps[c + 1] = snaps[c] * decay + torch.bincount(part, minlength=n_items).float()
+        snaps[c + 1] = consolidate(snaps[c], torch.bincount(part, minlength=n_items).float(), cfg)
     return snaps
 
 
@@ -220,7 +220,7 @@ def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: Train
             j = lo + t
             keep = valid[:, j]
             z = model.user_vectors(M, last, mid, None if seq is None else seq[:, t])  # state before event j
-            logits = z @ E.T + b + model.pop_term(snaps[chunk_of[:, j]])  # (U, N)
+            logits = score_items(z, E, b, model.pop_term(snaps[chunk_of[:, j]]))  # (U, N)
             losses.append(F.cross_entropy(logits, items[:, j], reduction="none") * keep)
             term = {name: v[:, t] for name, v in terms.items()}
             ends = model.chunk_ends(cnt + 1)

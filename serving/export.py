@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recsys.nested_model import NestedModel, load_item_ids, trust
+from recsys.nested_model import NestedModel, load_item_ids, score_items, trust
 
 K_MAX = 100  # the graph returns the top 100; the API slices to the requested k
 
@@ -45,8 +45,8 @@ class Scorer(nn.Module):
 
     def scores(self, user, absent_s, population, exclude) -> torch.Tensor:
         """(B, N) every item's score, excluded ones -inf."""
-        user = user * trust(absent_s, self.fade).unsqueeze(1)
-        return (user @ self.E.T + self.b + population).masked_fill(exclude, float("-inf"))
+        return score_items(user, self.E, self.b, population, trust(absent_s, self.fade)).masked_fill(
+            exclude, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -57,22 +57,22 @@ class ExportCheck:
     path: Path
 
 
-def scorer_from_checkpoint(checkpoint: Path) -> tuple[Scorer, list[str], torch.Tensor]:
+def scorer_from_model(model_file: Path) -> tuple[Scorer, list[str], torch.Tensor]:
     """The scorer, the external id of each item row, and the population user vector."""
 
-    model = NestedModel.load(checkpoint).float().eval()
+    model = NestedModel.load(model_file).float().eval()
     E, b = model.all_items(model.n_items)
-    return Scorer(E, b, model.fade), load_item_ids(checkpoint), model.user0.detach().float().clone()
+    return Scorer(E, b, model.fade), load_item_ids(model_file), model.user0.detach().float().clone()
 
 
-def export_onnx(checkpoint: Path, out: Path, seed: int = 0) -> ExportCheck:
+def export_onnx(model_file: Path, out: Path, seed: int = 0) -> ExportCheck:
     import onnx
 
-    scorer, item_ids, user0 = scorer_from_checkpoint(checkpoint)
+    scorer, item_ids, user0 = scorer_from_model(model_file)
     write_graph(scorer, out)
     proto = onnx.load(str(out))
     for key, value in {"item_ids": json.dumps(item_ids), "user0": json.dumps(user0.tolist()),
-                       "source_checkpoint": str(checkpoint)}.items():
+                       "source_model": str(model_file)}.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))

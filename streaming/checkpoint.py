@@ -49,7 +49,7 @@ class Snapshot:
     user_ids: list[str]  # row -> external user id
     partitions: torch.Tensor  # (U,) int64 row -> partition that owns the user
     users: dict[str, torch.Tensor]  # the per-user fields of FastState, (U, ...)
-    population: dict[str, torch.Tensor]  # pop, pop_acc, seen
+    population: dict[str, torch.Tensor]  # pop, pop_acc, pop_events
     item_ids: list[str]  # index -> external item id (the model's table, then items first seen online)
     topic_id: str | None = None  # the broker's id of the topic: a recreated topic gets a new one
     ends: dict[int, int] = field(default_factory=dict)  # partition -> log end offset seen at write time
@@ -136,11 +136,13 @@ def read_checkpoint(path: Path) -> Snapshot:
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CorruptCheckpoint(f"{path}: non-finite values in {', '.join(bad)}")
+    population = {k.removeprefix("population."): v for k, v in tensors.items() if k.startswith("population.")}
+    if "seen" in population:  # the name before 0.1's glossary
+        population["pop_events"] = population.pop("seen")
     return Snapshot(topic=meta["topic"], offsets=_int_map(meta["offsets"]),
                     user_ids=json.loads(meta["user_ids"]), partitions=tensors["partitions"],
                     users={k.removeprefix("user."): v for k, v in tensors.items() if k.startswith("user.")},
-                    population={k.removeprefix("population."): v for k, v in tensors.items()
-                                if k.startswith("population.")},
+                    population=population,
                     item_ids=json.loads(meta["item_ids"]), topic_id=meta.get("topic_id") or None,
                     ends=_int_map(meta.get("ends")), event_ids=tensors.get("event_ids"))
 

@@ -7,6 +7,11 @@ Wire format: one UTF-8 JSON object per Kafka message, keyed by ``user_id``::
 
 Validation is strict and every rejection carries a reason that says what was wrong
 and with which value, so a dead-letter record explains itself.
+
+``event_type`` and ``value`` are validated and kept on the topic, but the model does not
+read them yet: every valid event is one implicit interaction, as in the replay protocol
+(which has no types either). They are on the wire for the consumers that will weigh a
+purchase above a view, and so a dead letter shows them.
 """
 
 from __future__ import annotations

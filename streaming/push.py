@@ -72,7 +72,7 @@ class FeaturePush:
                 user = model.read_users(state, rows).float().cpu().numpy()
                 population = model.pop_term(state.pop[:model.n_items]).float().cpu().numpy()
             ids = [users.ids[r] for r in rows.tolist()] + [POPULATION_KEY]
-            events = np.append(state.cnt[rows].cpu().numpy(), int(state.seen))
+            events = np.append(state.cnt[rows].cpu().numpy(), int(state.pop_events))
             recent = [r[r >= 0] for r in state.recent[rows].cpu().numpy()] + [np.zeros(0, np.int64)]
             last_ts = np.append(state.last_ts[rows].cpu().numpy(), clock)  # population: the stream's clock
             stamps = np.concatenate(unpushed) if unpushed else np.zeros(0)

@@ -57,7 +57,7 @@ PAST_END_GRACE_S = 2.0  # a position past the log's end this long means the topi
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    model: Path  # a `recsys train` checkpoint
+    model: Path  # a `recsys train` model file
     checkpoint_dir: Path
     bootstrap_servers: str = "127.0.0.1:9092"
     topic: str = "interactions"

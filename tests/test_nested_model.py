@@ -71,7 +71,7 @@ def test_every_level_moves(model64):
     after = _apply(model64, users, items, ts, cuts=[])
     for name in ("M", "S", "mid", "last", "pop"):
         assert not torch.equal(getattr(before, name), getattr(after, name)[: len(getattr(before, name))]), name
-    assert int(after.seen) == len(users) and int(after.cnt.sum()) == len(users)
+    assert int(after.pop_events) == len(users) and int(after.cnt.sum()) == len(users)
 
 
 def test_unseen_users_and_items_get_state_online(model64):

@@ -20,7 +20,7 @@ from features.store import POPULATION_KEY, FeatureRepo
 from recsys.datasets import load_dataset
 from recsys.nested_model import NestedConfig, NestedModel
 from serving.app import BackgroundServer, ServeConfig, create_app
-from serving.export import Scorer, check_export, export_onnx, scorer_from_checkpoint, write_graph
+from serving.export import Scorer, check_export, export_onnx, scorer_from_model, write_graph
 from streaming.broker import EmbeddedBroker, free_port
 from waiting import wait_until
 
@@ -66,7 +66,7 @@ def test_export_matches_torch_on_random_inputs(data, tmp_path):
 
 
 def test_recommendations_rank_by_the_pushed_user_vector(data, model, repo):
-    scorer, item_ids, _ = scorer_from_checkpoint(model.with_suffix(".safetensors"))
+    scorer, item_ids, _ = scorer_from_model(model.with_suffix(".safetensors"))
     vector = np.random.default_rng(0).normal(size=64).astype(np.float32)
     population = np.linspace(0, 1, len(item_ids), dtype=np.float32)
     clock, away = 1_700_000_000, 3 * 86400  # alice's latest event was 3 days before the stream's clock
@@ -304,3 +304,22 @@ def test_a_corrupted_online_store_degrades_to_the_population_ranking(model, tmp_
         assert answer.status_code == 200 and answer.json()["source"] == "population", answer.text
         assert answer.json()["degraded"] in ("online store failing", "online store slow")
         assert httpx.get(f"{url}/healthz").json()["status"] == "degraded"
+
+
+def test_recommended_items_carry_their_catalogue_attributes(data, model, tmp_path):
+    repo = FeatureRepo.create(tmp_path / "features")
+    counts = write_sources(data, repo.path)
+    repo.apply()
+    repo.materialize()
+    genre = {str(i + 1): [f"cluster-{c}"] for i, c in enumerate(data.extra["item_cluster"].tolist())}
+    with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path))) as url:
+        answer = lambda: httpx.get(f"{url}/recommendations/anyone", params={"k": 50}).json()["items"]  # noqa: E731
+        wait_until(lambda: any("genres" in item for item in answer()),
+                   what="item attributes read from the online store")
+        items = answer()
+    described = [item for item in items if "genres" in item]
+    assert all(item["genres"] == genre[item["item_id"]] for item in described)
+    # Every item of the history has attributes; items first seen on the stream have none yet.
+    history_items = set(data.interactions.head(int(0.8 * data.n_events))["item_id"].cast(str))
+    assert {item["item_id"] for item in described} == {item["item_id"] for item in items} & history_items
+    assert counts["item_attributes"] == len(history_items)

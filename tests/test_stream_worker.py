@@ -69,7 +69,7 @@ def test_kill_9_at_random_points_loses_nothing_and_applies_each_event_once(broke
     _, offsets = read_offsets(own)
     assert sum(offsets.values()) == stream.height
     assert_exactly_once(merged_checkpoints(ckpt, topic), stream, reference_rows(model_path, stream))
-    assert int(read_checkpoint(own).population["seen"]) == stream.height
+    assert int(read_checkpoint(own).population["pop_events"]) == stream.height
 
 
 MALFORMED = [
