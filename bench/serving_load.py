@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from features.sources import write_sources
-from features.store import POPULATION_KEY, FeatureRepo
+from features.store import FeatureRepo, population_key
 from recsys.datasets import load_dataset
 from recsys.nested_model import NestedConfig, NestedModel
 from serving.export import export_onnx, scorer_from_model
@@ -129,7 +129,7 @@ def main() -> None:
     repo.apply()
     users = [str(u) for u in ds.interactions["user_id"].unique().head(2000).to_list()]
     vectors = np.random.default_rng(0).normal(size=(len(users), 64)).astype(np.float32)
-    repo.push_user_state(users + [POPULATION_KEY], [*vectors, np.zeros(len(items), np.float32)])
+    repo.push_user_state(users + [population_key(0)], [*vectors, np.zeros(len(items), np.float32)])
 
     broker = EmbeddedBroker.start(log_dir=work / "broker")
     recsys = [sys.executable, "-m", "commands.cli"]

@@ -29,7 +29,7 @@ import numpy as np
 
 from commands.train import train_artifact
 from features.sources import write_sources
-from features.store import POPULATION_KEY, FeatureRepo
+from features.store import FeatureRepo
 from offline_eval.report import ReplayConfig, markdown_table, run_replay
 from recsys.datasets import load_dataset
 from recsys.nested_model import NestedModel, load_item_ids
@@ -122,7 +122,7 @@ def _live_part(ds, cfg: DemoConfig, stack: contextlib.ExitStack) -> bool:
     print(f"[stream] {sent.sent:,} events produced live in {sent.seconds:.1f}s "
           f"({sent.events_per_second:,.0f} ev/s); the worker applies them as they arrive")
     t = time.perf_counter()
-    worker.wait_for(None, lambda: (repo.user_state([POPULATION_KEY])["events"][0] or 0) >= sent.sent, 300)
+    worker.wait_for(None, lambda: sum(events for _, _, events, _ in repo.populations()) >= sent.sent, 300)
     print(f"[stream] all {sent.sent:,} applied and in the online store "
           f"{time.perf_counter() - t:.1f}s after the last was produced")
 

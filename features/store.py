@@ -24,9 +24,20 @@ import numpy as np
 os.environ.setdefault("FEAST_USAGE", "False")
 
 TEMPLATE = Path(__file__).parent / "repo"
-# The user_state row holding the population level's score term over all items (the
-# stream worker pushes it with the users it updated; serving reads it for everyone).
+# The user_state rows holding the population level, one per partition of the topic: its
+# partial item counts (vector), the stream time they are as of (last_ts) and the events in
+# them. The worker that owns a partition pushes its row; serving sums them all.
 POPULATION_KEY = "__population__"
+MAX_PARTITIONS = 256  # population rows read back: a topic of more partitions needs a larger setting
+
+
+def population_key(partition: int) -> str:
+    return f"{POPULATION_KEY}/{partition}"
+
+
+def is_population_key(user_id: str) -> bool:
+    """Ids the system writes itself: an event under one would overwrite a population row."""
+    return user_id.startswith(POPULATION_KEY)
 
 
 class FeatureRepo:
@@ -119,6 +130,13 @@ class FeatureRepo:
         if self._user_state is None:
             self._user_state = self.store.get_feature_view("user_state")
         self.store._get_provider().online_write_batch(self.store.config, self._user_state, rows, None)
+
+    def populations(self, max_partitions: int = MAX_PARTITIONS) -> list[tuple[int, np.ndarray, int, int]]:
+        """The population rows of partitions 0 … max_partitions − 1 that exist: (partition,
+        partial counts, events in them, stream time they are as of)."""
+        rows = self.user_state([population_key(p) for p in range(max_partitions)])
+        return [(p, np.asarray(v, dtype=np.float32), e or 0, -1 if t is None else t)
+                for p, (v, e, t) in enumerate(zip(rows["vector"], rows["events"], rows["last_ts"])) if v is not None]
 
     def user_state(self, user_ids) -> dict[str, list]:
         return self.online([f"user_state:{name}" for name in ("vector", "events", "recent_items", "last_ts")],

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from recsys.nested_model import NestedConfig, NestedModel, load_state, population_defaults, save_state
+from recsys.nested_model import (POPULATION_CLOCK, NestedConfig, NestedModel, load_state, population_defaults,
+                                 save_state)
 from recsys.train import TrainConfig, train_nested
 
 
@@ -17,21 +18,24 @@ class NestedReplay:
     """The nested model behind the replay interface: fit = train + write the history into
     the fast state; then score/update are the online API."""
 
-    def __init__(self, use_fast: bool = True, train_cfg: TrainConfig = TrainConfig(progress=False), **levels):
+    def __init__(self, use_fast: bool = True, train_cfg: TrainConfig = TrainConfig(progress=False),
+                 population_clock: str = POPULATION_CLOCK, **levels):
         """``levels``: NestedConfig switches for ablations (``user_fast=False``, …)."""
         self.use_fast, self.train_cfg, self.levels = use_fast, train_cfg, levels
+        self.population_clock = population_clock
         self.model: NestedModel | None = None
         self.state = None
         self.applied = None  # the batch score_fresh has applied already
 
     def fit(self, history) -> None:
         model_cfg = NestedConfig(n_items=history.n_items_known, use_fast=self.use_fast, **self.levels,
-                                 **population_defaults(history.n_events))
+                                 **population_defaults(history.n_events, history.ts, self.population_clock))
         self.model, self.state = train_nested(history, model_cfg, self.train_cfg)
 
     # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------
     def fit_key(self) -> str:
-        return repr((self.use_fast, sorted(self.levels.items()), replace(self.train_cfg, progress=False)))
+        return repr((self.use_fast, sorted(self.levels.items()), replace(self.train_cfg, progress=False),
+                     self.population_clock))
 
     def save_fit(self, folder: Path) -> None:
         self.model.save(folder / "model.safetensors")

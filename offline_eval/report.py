@@ -49,6 +49,8 @@ def _registry(log: EncodedLog, progress: bool, truth: dict) -> dict[str, Callabl
         "nested_no_user_mid": lambda: NestedReplay(train_cfg=train, user_mid=False),
         "nested_no_population": lambda: NestedReplay(train_cfg=train, population=False),
         "nested_no_sequence": lambda: NestedReplay(train_cfg=train, sequence_items=0),
+        "nested_pop_by_time": lambda: NestedReplay(train_cfg=train, population_clock="time"),
+        "nested_pop_by_events": lambda: NestedReplay(train_cfg=train, population_clock="events"),
         "oracle": lambda: Oracle(truth, log),
     }
 

@@ -87,7 +87,7 @@ class WorkerPath:
             topic=self.topic, offsets={0: 0}, user_ids=[str(u) for u in self.log.user_ids[:n_users]],
             partitions=torch.zeros(n_users, dtype=torch.int64),
             users={k: getattr(state, k)[:n_users].clone() for k in USER_FIELDS},
-            population={k: getattr(state, k).clone() for k in POPULATION_FIELDS}, item_ids=item_ids))
+            population={0: {k: getattr(state, k).clone() for k in POPULATION_FIELDS}}, item_ids=item_ids))
         return model_path
 
     def _wait(self, done, what: str) -> None:
@@ -107,7 +107,8 @@ class WorkerPath:
         blank = len(w.users)  # users the worker has not seen yet score from an empty row
         rows = torch.from_numpy(np.where(rows >= 0, rows, blank))
         state = w.model.grow_state(w.state, blank + 1, len(w.items))  # no copy where it has room
-        return w.model.score(state, rows, len(w.items))[:, torch.from_numpy(self._columns(n_items))]
+        scores = w.model.score_users(w.model.read_users(state, rows), state.absent_s(rows), w.population, len(w.items))
+        return scores[:, torch.from_numpy(self._columns(n_items))]
 
     def _columns(self, n_items: int) -> np.ndarray:
         """The worker's index of each of the replay's first ``n_items`` items."""
@@ -131,7 +132,7 @@ class WorkerPath:
         item_cols = np.where(item_cols >= 0, item_cols, len(w.items))
         _, reads = w.model.update_reading(ahead, torch.from_numpy(local.astype(np.int64)),
                                           torch.from_numpy(item_cols.astype(np.int64)), torch.from_numpy(batch.ts))
-        scores = w.model.score_users(reads.z, state.clock() - reads.last_ts, state.pop, len(w.items))
+        scores = w.model.score_users(reads.z, state.clock() - reads.last_ts, w.population, len(w.items))
         return scores[:, torch.from_numpy(self._columns(n_items))]
 
     def update(self, batch: EncodedLog) -> None:

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +53,10 @@ class NestedConfig:
     c_mid: int = 8  # user-mid level: update every c_mid of the user's events
     c_pop: int = 1000  # population level: update every c_pop global events
     pop_half_life: float = 8000.0  # population counts halve every this many events
+    # Set: the population level decays by event time instead (counts halve every this many
+    # seconds), so partial levels of any split of the stream (a worker group's partitions)
+    # add up exactly to the whole; c_pop and pop_half_life are then unused.
+    pop_half_life_s: float | None = None
     recent_items: int = 50  # the user's latest items, kept so serving can mask what was just seen
     # The user's latest items read through the slow level's successor table ("what follows
     # these, across everyone"): the fresh-user signal a live stream is about. 0: off.
@@ -78,7 +83,7 @@ class NestedConfig:
 
 
 USER_FIELDS = ("M", "S", "last", "last_ts", "mid", "acc", "cnt", "recent")  # one row per user
-POPULATION_FIELDS = ("pop", "pop_acc", "pop_events")  # shared by everyone
+POPULATION_FIELDS = ("pop", "pop_acc", "pop_events", "pop_ts")  # shared by everyone
 
 
 @dataclass
@@ -96,6 +101,7 @@ class FastState:
     pop: torch.Tensor  # (N,) population-fast decayed item counts (at the last chunk end)
     pop_acc: torch.Tensor  # (N,) counts of the current, unfinished population chunk
     pop_events: torch.Tensor  # () int64 global events applied
+    pop_ts: torch.Tensor  # () int64 the time ``pop`` refers to (time-decayed level), -1: none
 
     def to(self, device) -> FastState:
         return FastState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -221,7 +227,8 @@ class NestedModel(nn.Module):
                          last_ts=torch.full((n_users,), -1, dtype=torch.int64, device=device),
                          mid=z(n_users, D), acc=z(n_users, D), cnt=z(n_users, dtype=torch.int64),
                          recent=torch.full((n_users, self.cfg.recent_items), -1, dtype=torch.int64, device=device),
-                         pop=z(n_items), pop_acc=z(n_items), pop_events=z((), dtype=torch.int64))
+                         pop=z(n_items), pop_acc=z(n_items), pop_events=z((), dtype=torch.int64),
+                         pop_ts=torch.full((), -1, dtype=torch.int64, device=device))
 
     @staticmethod
     def grow_state(state: FastState, n_users: int, n_items: int) -> FastState:
@@ -232,7 +239,7 @@ class NestedModel(nn.Module):
             t = getattr(state, f.name)
             if f.name in ("pop", "pop_acc"):
                 out[f.name] = grow(t, n_items)
-            elif f.name == "pop_events":
+            elif f.name in ("pop_events", "pop_ts"):
                 out[f.name] = t
             else:
                 out[f.name] = grow(t, n_users, fill=-1 if f.name in ("last_ts", "recent") else 0)
@@ -277,7 +284,12 @@ class NestedModel(nn.Module):
         return torch.einsum("...kd,k->...d", V, self.sequence_weights)
 
     def pop_term(self, pop: torch.Tensor) -> torch.Tensor:
-        return self.pop_weight * torch.log1p(pop) if self.cfg.use_fast and self.cfg.population else torch.zeros_like(pop)
+        return population_term(pop, self.population_weight())
+
+    def population_weight(self) -> torch.Tensor:
+        """() the population term's weight; 0 where the model has no population level."""
+        active = self.cfg.use_fast and self.cfg.population
+        return self.pop_weight if active else torch.zeros((), dtype=self.user0.dtype)
 
     def event_terms(self, x: torch.Tensor, dt: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything the write rules need from the events alone, for any batch shape at once,
@@ -335,9 +347,12 @@ class NestedModel(nn.Module):
         return score_items(z, E, b, self.pop_term(pop[:n_items]), weight)
 
     @torch.no_grad()
-    def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor) -> FastState:
-        """Apply a time-ordered micro-batch of events; a user's events apply in their order."""
-        return self._recur(state, users, items, ts, read=False)[0]
+    def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
+               population: bool = True) -> FastState:
+        """Apply a time-ordered micro-batch of events; a user's events apply in their order.
+        ``population=False``: the user levels only (a stream worker keeps one population
+        level per partition, with `update_population`)."""
+        return self._recur(state, users, items, ts, read=False, population=population)[0]
 
     @torch.no_grad()
     def update_reading(self, state: FastState, users: torch.Tensor, items: torch.Tensor,
@@ -347,7 +362,7 @@ class NestedModel(nn.Module):
         return self._recur(state, users, items, ts, read=True)
 
     def _recur(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
-               read: bool) -> tuple[FastState, Reads | None]:
+               read: bool, population: bool = True) -> tuple[FastState, Reads | None]:
         """The recurrence behind ``update`` and ``update_reading``.
 
         Batched: the events are laid out step-major (step t holds the t-th event of every
@@ -411,12 +426,19 @@ class NestedModel(nn.Module):
             z = self.combine(mid_before, read_before, seq) if self.cfg.use_fast else self.user0.expand_as(x)
             reads = Reads(z=torch.empty_like(z).index_copy_(0, sm, z),
                           last_ts=torch.empty_like(prev_ts).index_copy_(0, sm, prev_ts))
-        return self._update_population(state, items), reads
+        return (self.update_population(state, items, ts) if population else state), reads
 
-    def _update_population(self, state: FastState, items: torch.Tensor) -> FastState:
+    @torch.no_grad()
+    def update_population(self, state: FastState, items: torch.Tensor, ts: torch.Tensor) -> FastState:
         """Population-fast: counts accumulate per chunk of c_pop global events; at each chunk
         end the level consolidates: pop ← δ·pop + chunk counts. Cuts of micro-batches do not
-        change the result: chunk boundaries are global event positions."""
+        change the result: chunk boundaries are global event positions. With a half-life in
+        seconds, every event counts by its age instead (`decay_add`)."""
+        if self.cfg.pop_half_life_s is not None:
+            if len(items):
+                state.pop, state.pop_ts = decay_add(state.pop, state.pop_ts, items, ts, self.cfg.pop_half_life_s)
+            state.pop_events = state.pop_events + len(items)
+            return state
         C = self.cfg.c_pop
         start = int(state.pop_events)
         pos = start
@@ -460,10 +482,45 @@ def trust(absent_s: torch.Tensor, fade: torch.Tensor) -> torch.Tensor:
     return 1 / (1 + fade * torch.log1p(absent_s.clamp(min=0) / 86400))
 
 
+def decay_add(pop: torch.Tensor, pop_ts: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
+              half_life_s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The time-decayed population level: (N,) counts as of ``pop_ts`` plus events (items, ts)
+    → the counts as of T = the latest of them, each event weighted 2^(−age at T / half-life).
+    Exact under any split of the stream: levels of disjoint parts, brought to one time
+    (`decay_to`), sum to the level of the whole."""
+    T = torch.maximum(pop_ts, ts.max())
+    weight = torch.pow(0.5, (T - ts).to(torch.float64) / half_life_s).to(pop.dtype)
+    return decay_to(pop, pop_ts, T, half_life_s).index_add_(0, items, weight), T
+
+
+def decay_to(pop: torch.Tensor, pop_ts, t, half_life_s: float) -> torch.Tensor:
+    """(…, N) counts as of ``pop_ts`` → as of the later time ``t`` (a new tensor)."""
+    age = torch.as_tensor(t, dtype=torch.float64) - torch.as_tensor(pop_ts, dtype=torch.float64)
+    return pop * torch.pow(0.5, age.clamp(min=0) / half_life_s).to(pop.dtype).to(pop.device)
+
+
+def sum_levels(levels, half_life_s: float | None) -> tuple[torch.Tensor, int]:
+    """Partial population levels [(counts, clock)] of disjoint parts of the stream → the
+    whole level's counts and clock: time-decayed ones brought to the freshest clock first;
+    event-counted ones (``half_life_s`` None) summed as they are."""
+    clock = max(int(t) for _, t in levels)
+    total = torch.zeros(max(len(c) for c, _ in levels), dtype=levels[0][0].dtype)
+    for counts, t in levels:
+        counts = counts.cpu()
+        total[:len(counts)] += counts if half_life_s is None else decay_to(counts, int(t), clock, half_life_s)
+    return total, clock
+
+
 def consolidate(pop: torch.Tensor, chunk_counts: torch.Tensor, cfg: NestedConfig) -> torch.Tensor:
     """The population level at the end of a chunk of ``c_pop`` global events: the counts so
     far decay by the chunk's share of the half-life, and the chunk's counts join them."""
     return pop * 0.5 ** (cfg.c_pop / cfg.pop_half_life) + chunk_counts
+
+
+def population_term(pop: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The population level's score: ``weight · log(1 + counts)`` (the model's, and the
+    exported graph's from the counts serving sums over partitions)."""
+    return weight * torch.log1p(pop)
 
 
 def score_items(z: torch.Tensor, E: torch.Tensor, b: torch.Tensor, population: torch.Tensor,
@@ -517,9 +574,26 @@ def load_state(path) -> FastState:
     return FastState(**load_file(str(path)))
 
 
-def population_defaults(history_events: int) -> dict:
-    """Population-level defaults from the history's size alone (never from the stream): a
-    half-life of 1% of the history, consolidated 8 times per half-life so the level is
-    never staler than an eighth of its own memory."""
+# How the population level forgets by default: "time" (a half-life in seconds; a worker
+# group's partial levels add up exactly) or "events" (a half-life in global events). Chosen
+# on the histories alone (each history's own 80/20 replay, NDCG@10 time vs events): ML-1M
+# 0.1552 vs 0.1531, Steam 0.0456 vs 0.0450, synthetic 0.0649 vs 0.0645.
+POPULATION_CLOCK = "time"
+
+
+def population_defaults(history_events: int, history_ts=None, clock: str = POPULATION_CLOCK) -> dict:
+    """Population-level defaults from the history alone (never from the stream): a half-life
+    of 1 % of the history's events, consolidated 8 times per half-life so the level is never
+    staler than an eighth of its own memory. ``clock="time"``: the same memory in seconds —
+    the time the history's latest 1 % of events took (at least an hour)."""
     half_life = float(max(1000, math.ceil(0.01 * history_events)))
-    return {"pop_half_life": half_life, "c_pop": int(min(1000, half_life // 8))}
+    out = {"pop_half_life": half_life, "c_pop": int(min(1000, half_life // 8))}
+    if clock == "time":
+        if history_ts is None:
+            raise ValueError("a time-decayed population level needs the history's timestamps (history_ts)")
+        ts = np.asarray(history_ts)
+        k = min(int(half_life), len(ts) - 1)
+        out["pop_half_life_s"] = float(max(3600, int(ts[-1]) - int(ts[-1 - k]))) if k > 0 else 86400.0
+    elif clock != "events":
+        raise ValueError(f"population clock must be 'events' or 'time', got {clock!r}")
+    return out

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from recsys.calibration import calibrate, split_history
-from recsys.nested_model import (FastState, NestedConfig, NestedModel, consolidate, population_defaults,
+from recsys.nested_model import (FastState, NestedConfig, NestedModel, consolidate, decay_add, population_defaults,
                                  score_items, write_log)
 
 
@@ -44,13 +44,19 @@ class TrainConfig:
     shard: bool = False
 
 
-def population_snapshots(items: np.ndarray, n_items: int, cfg: NestedConfig) -> torch.Tensor:
-    """(chunks + 1, N): the population level as it stands before each chunk of ``c_pop`` events."""
+def population_snapshots(items: np.ndarray, ts: np.ndarray, n_items: int, cfg: NestedConfig) -> torch.Tensor:
+    """(chunks + 1, N): the population level as it stands before each chunk of ``c_pop`` events,
+    by the model's own step (event-count consolidation, or time decay)."""
     n_chunks = math.ceil(len(items) / cfg.c_pop)
     snaps = torch.zeros(n_chunks + 1, n_items)
+    pop_ts = torch.tensor(-1)
     for c in range(n_chunks):
         part = torch.from_numpy(items[c * cfg.c_pop:(c + 1) * cfg.c_pop])
-        snaps[c + 1] = consolidate(snaps[c], torch.bincount(part, minlength=n_items).float(), cfg)
+        if cfg.pop_half_life_s is not None:
+            part_ts = torch.from_numpy(ts[c * cfg.c_pop:(c + 1) * cfg.c_pop])
+            snaps[c + 1], pop_ts = decay_add(snaps[c], pop_ts, part, part_ts, cfg.pop_half_life_s)
+        else:
+            snaps[c + 1] = consolidate(snaps[c], torch.bincount(part, minlength=n_items).float(), cfg)
     return snaps
 
 
@@ -68,7 +74,8 @@ def train_nested(history, model_cfg: NestedConfig | None = None,
     """Meta-train on the history but its latest ``calibration_tail``, then set the mix of the
     population and personal levels (weight multiplier, fade) on that tail. Returns the model
     and the fast state after the whole history."""
-    model_cfg = model_cfg or NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events))
+    model_cfg = model_cfg or NestedConfig(n_items=history.n_items_known,
+                                          **population_defaults(history.n_events, history.ts))
     if not model_cfg.use_fast or cfg.calibration_tail <= 0:
         model = _meta_train(history, model_cfg, cfg)
         with torch.no_grad():
@@ -95,7 +102,7 @@ def _meta_train(history, model_cfg: NestedConfig, cfg: TrainConfig) -> NestedMod
     if cfg.shard:
         shard_item_table(model, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # the sharded table's optimizer is its own
-    snaps = population_snapshots(history.items, model_cfg.n_items, model_cfg).to(cfg.device)
+    snaps = population_snapshots(history.items, history.ts, model_cfg.n_items, model_cfg).to(cfg.device)
     items_t = torch.from_numpy(history.items).to(cfg.device)
     ts_t = torch.from_numpy(history.ts).to(cfg.device)
     seqs = _user_sequences(history, cfg.max_len)
@@ -245,7 +252,7 @@ def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: Train
 
 def sequence_loss(model: NestedModel, history, cfg: TrainConfig = TrainConfig(progress=False)) -> float:
     """Mean next-item cross-entropy of the model over the users' history sequences (no update)."""
-    snaps = population_snapshots(history.items, model.cfg.n_items, model.cfg)
+    snaps = population_snapshots(history.items, history.ts, model.cfg.n_items, model.cfg)
     items_t, ts_t = torch.from_numpy(history.items), torch.from_numpy(history.ts)
     seqs = _user_sequences(history, cfg.max_len)
     rng = np.random.default_rng(cfg.seed)

@@ -38,9 +38,9 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from features.store import POPULATION_KEY  # a constant; feast itself loads lazily
+from features.store import MAX_PARTITIONS, is_population_key  # feast itself loads lazily
 from streaming.clients import make_request_producer
-from streaming.events import RESERVED_USER_IDS, Event, InvalidEvent
+from streaming.events import Event, InvalidEvent
 
 log = logging.getLogger("recsys.serve")
 INLINE_SCORING_ITEMS = 50_000  # larger catalogues are scored on a thread, off the event loop
@@ -55,13 +55,31 @@ class ServeConfig:
     api_key: str | None = None  # writes need it (header X-API-Key) ...
     allow_anonymous_writes: bool = False  # ... unless this is said explicitly
     reload_every_s: float = 1.0  # how often the model file is checked for a new version
-    population_every_s: float = 1.0  # how often the population term is re-read from the store
+    population_every_s: float = 1.0  # how often the population level is re-read from the store
+    max_partitions: int = MAX_PARTITIONS  # population rows read: one per partition of the topic, up to this many
+    # A partition's row whose stream clock is this far behind the freshest one is left out of the
+    # sum: a partition nobody applies any more (with a time-decayed level it weighs ~0 anyway).
+    population_max_lag_s: float = 30 * 86400.0
     max_k: int = 100
     max_body_bytes: int = 64 * 1024  # larger request bodies are refused before they are read
     max_exclude: int = 500  # item ids one request may exclude
     feature_timeout_s: float = 0.25  # a slower online-store read is answered from the population level
     send_timeout_s: float = 2.0  # the broker's acknowledgement of POST /events, or 503
     degraded_for_s: float = 10.0  # /healthz says degraded this long after a fault
+
+
+def whole_population(partials, half_life_s: float | None, max_lag_s: float) -> tuple[np.ndarray, int]:
+    """The partitions' partial levels (partition, counts, events, clock) → the whole level's
+    counts and clock: each partial brought to the freshest clock (time-decayed levels) and
+    summed, leaving out any partition that has fallen ``max_lag_s`` behind."""
+    import torch
+
+    from recsys.nested_model import sum_levels
+
+    freshest = max(t for *_, t in partials)
+    total, clock = sum_levels([(torch.from_numpy(c), t) for _, c, _, t in partials if freshest - t <= max_lag_s],
+                              half_life_s)
+    return total.numpy(), clock
 
 
 class Ranker:
@@ -84,6 +102,9 @@ class Ranker:
         self.inputs = sorted(i.name for i in self.session.get_inputs())
         meta = self.session.get_modelmeta().custom_metadata_map
         self.item_ids: list[str] = json.loads(meta["item_ids"])
+        # How the partitions' partial counts come to one time: by their half-life (None: the
+        # level counts events, and the partials are summed as they are).
+        self.pop_half_life_s: float | None = json.loads(meta.get("pop_half_life_s", "null"))
         self.user0 = np.asarray(json.loads(meta["user0"]), dtype=np.float32)
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         log.info("model %s: %d items, execution provider %s", path, len(self.item_ids), self.provider)
@@ -136,7 +157,7 @@ class Service:
         self.reads_in_flight = 0
         self.producer = None  # set once the broker answers (writes are 503 until then)
         self.faults: dict[str, float] = {}  # reason -> monotonic time it was last seen
-        self._population = (np.zeros(0, dtype=np.float32), -1)  # (term, clock), refreshed by a thread
+        self._population = (np.zeros(0, dtype=np.float32), -1)  # (counts, clock), refreshed by a thread
         self.attributes: tuple[Ranker | None, dict[str, dict]] = (None, {})  # (for which ranker, item id -> attributes)
         self.rejected_mtime = None  # a refused model file is not retried until it changes
         self.started = time.time()
@@ -185,22 +206,21 @@ class Service:
                 -1 if last_ts is None else last_ts, "user", None)
 
     def population(self, n: int) -> tuple[np.ndarray, int]:
-        """The population level's score term over ``n`` items and the stream's clock (the
+        """The population level's item counts over ``n`` items and the stream's clock (the
         latest event applied, -1: unknown), as last read by the population thread."""
-        term, clock = self._population
+        counts, clock = self._population
         out = np.zeros(n, dtype=np.float32)
-        out[:min(n, len(term))] = term[:n]  # items newer than the model are not in its graph
+        out[:min(n, len(counts))] = counts[:n]  # items newer than the model are not in its graph
         return out, clock
 
     def _watch_population(self) -> None:
         while not self._stop.is_set():
             try:
-                row = self.features.user_state([POPULATION_KEY])
-                if row["vector"][0] is not None:
-                    last_ts = row["last_ts"][0]
-                    self._population = (np.asarray(row["vector"][0], dtype=np.float32),
-                                        -1 if last_ts is None else last_ts)
-            except Exception as e:  # the last term read stays in use
+                partials = self.features.populations(self.cfg.max_partitions)
+                if partials:
+                    self._population = whole_population(partials, self.ranker.pop_half_life_s,
+                                                        self.cfg.population_max_lag_s)
+            except Exception as e:  # the last level read stays in use
                 self.fault("population read failing", e)
             ranker = self.ranker
             if self.attributes[0] is not ranker:
@@ -327,7 +347,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise HTTPException(401, "missing or wrong X-API-Key header")
 
     def check_user_id(user_id: str) -> None:
-        if user_id in RESERVED_USER_IDS or not user_id.isprintable() or user_id.strip() != user_id:
+        if is_population_key(user_id) or not user_id.isprintable() or user_id.strip() != user_id:
             raise HTTPException(422, "user_id is reserved or holds control, formatting or surrounding space characters")
 
     @app.get("/recommendations/{user_id}", summary="top-k items for a user")

@@ -7,8 +7,10 @@ population level's term) → seen/excluded items masked → top ``K_MAX``.
 Item embeddings and biases are **initializers**: they change only when the slow level
 is retrained, which produces a new model file that the server hot-swaps; baking them
 in lets ONNX Runtime fold and place them once, and keeps each request's input to a
-few hundred bytes. The population term is an **input**: it moves every ``c_pop``
-events, far faster than any model file.
+few hundred bytes. The population level's item counts are an **input**: they move with
+every micro-batch, far faster than any model file; serving sums the partitions' partial
+counts (metadata ``pop_half_life_s`` says how they decay to one time) and the graph turns
+them into the population term with the model's own weight.
 
     >>> export_onnx(Path("runs/model/model.safetensors"), Path("runs/model/model.onnx"))
     ExportCheck(max_abs_diff=2.4e-07, ...)
@@ -26,27 +28,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from recsys.nested_model import NestedModel, load_item_ids, score_items, trust
+from recsys.nested_model import NestedModel, load_item_ids, population_term, score_items, trust
 
 K_MAX = 100  # the graph returns the top 100; the API slices to the requested k
 
 
 class Scorer(nn.Module):
-    def __init__(self, item_embeddings: torch.Tensor, item_bias: torch.Tensor, fade: torch.Tensor):
+    def __init__(self, item_embeddings: torch.Tensor, item_bias: torch.Tensor, fade: torch.Tensor,
+                 pop_weight: torch.Tensor | None = None):
         super().__init__()
+        weight = torch.zeros(()) if pop_weight is None else pop_weight.detach().float().clone().reshape(())
+        self.register_buffer("pop_weight", weight)  # () the population term's weight
         self.register_buffer("E", item_embeddings.detach().float().clone())  # (N, D)
         self.register_buffer("b", item_bias.detach().float().clone())  # (N,)
         self.register_buffer("fade", fade.detach().float().clone())  # ()
 
     def forward(self, user: torch.Tensor, absent_s: torch.Tensor, population: torch.Tensor, exclude: torch.Tensor):
         """user (B, D), absent_s (B,) seconds since the user's latest event (by the stream's
-        clock), population (N,) score term, exclude (B, N) bool → top-K values and indices."""
+        clock), population (N,) item counts, exclude (B, N) bool → top-K values and indices."""
         return torch.topk(self.scores(user, absent_s, population, exclude), min(K_MAX, self.E.shape[0]), dim=1)
 
     def scores(self, user, absent_s, population, exclude) -> torch.Tensor:
         """(B, N) every item's score, excluded ones -inf."""
-        return score_items(user, self.E, self.b, population, trust(absent_s, self.fade)).masked_fill(
-            exclude, float("-inf"))
+        term = population_term(population, self.pop_weight)
+        return score_items(user, self.E, self.b, term, trust(absent_s, self.fade)).masked_fill(exclude, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -59,10 +64,10 @@ class ExportCheck:
 
 def scorer_from_model(model_file: Path) -> tuple[Scorer, list[str], torch.Tensor]:
     """The scorer, the external id of each item row, and the population user vector."""
-
     model = NestedModel.load(model_file).float().eval()
     E, b = model.all_items(model.n_items)
-    return Scorer(E, b, model.fade), load_item_ids(model_file), model.user0.detach().float().clone()
+    scorer = Scorer(E, b, model.fade, model.population_weight())
+    return scorer, load_item_ids(model_file), model.user0.detach().float().clone()
 
 
 def export_onnx(model_file: Path, out: Path, seed: int = 0) -> ExportCheck:
@@ -71,8 +76,9 @@ def export_onnx(model_file: Path, out: Path, seed: int = 0) -> ExportCheck:
     scorer, item_ids, user0 = scorer_from_model(model_file)
     write_graph(scorer, out)
     proto = onnx.load(str(out))
+    half_life_s = NestedModel.load(model_file).cfg.pop_half_life_s
     for key, value in {"item_ids": json.dumps(item_ids), "user0": json.dumps(user0.tolist()),
-                       "source_model": str(model_file)}.items():
+                       "source_model": str(model_file), "pop_half_life_s": json.dumps(half_life_s)}.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
@@ -93,7 +99,7 @@ def write_graph(scorer: Scorer, out: Path) -> Path:
 
 def check_export(scorer: Scorer, path: Path, g: torch.Generator, batches=(1, 7, 64), tol: float = 1e-4) -> ExportCheck:
     """Random valid inputs: user vectors at the trained scale, absences from none to months,
-    a population term, a sparse mask. Items are compared by score, not by index: where
+    population counts, a sparse mask. Items are compared by score, not by index: where
     two items tie, either may come first (torch and ONNX Runtime break ties differently)."""
     import onnxruntime as ort
 
@@ -103,7 +109,7 @@ def check_export(scorer: Scorer, path: Path, g: torch.Generator, batches=(1, 7, 
     for B in batches:
         user = torch.randn(B, D, generator=g) * scorer.E.std()
         absent_s = torch.rand(B, generator=g) * 90 * 86400
-        population = torch.log1p(torch.rand(N, generator=g) * 100)
+        population = torch.rand(N, generator=g) * 100
         exclude = torch.rand(B, N, generator=g) < 0.05
         with torch.no_grad():
             want_v, _ = scorer(user, absent_s, population, exclude)

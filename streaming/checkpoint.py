@@ -49,7 +49,7 @@ class Snapshot:
     user_ids: list[str]  # row -> external user id
     partitions: torch.Tensor  # (U,) int64 row -> partition that owns the user
     users: dict[str, torch.Tensor]  # the per-user fields of FastState, (U, ...)
-    population: dict[str, torch.Tensor]  # pop, pop_acc, pop_events
+    population: dict[int, dict[str, torch.Tensor]]  # partition -> its partial population level (pop, …)
     item_ids: list[str]  # index -> external item id (the model's table, then items first seen online)
     topic_id: str | None = None  # the broker's id of the topic: a recreated topic gets a new one
     ends: dict[int, int] = field(default_factory=dict)  # partition -> log end offset seen at write time
@@ -69,7 +69,7 @@ def write_checkpoint(path: Path, snap: Snapshot, keep_previous: bool = True) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"user.{k}": v.contiguous() for k, v in snap.users.items()}
-    tensors |= {f"population.{k}": v.contiguous() for k, v in snap.population.items()}
+    tensors |= {f"population.{p}.{k}": v.contiguous() for p, level in snap.population.items() for k, v in level.items()}
     tensors["partitions"] = snap.partitions.contiguous()
     if snap.event_ids is not None:
         tensors["event_ids"] = snap.event_ids.contiguous()
@@ -136,9 +136,12 @@ def read_checkpoint(path: Path) -> Snapshot:
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CorruptCheckpoint(f"{path}: non-finite values in {', '.join(bad)}")
-    population = {k.removeprefix("population."): v for k, v in tensors.items() if k.startswith("population.")}
-    if "seen" in population:  # the name before 0.1's glossary
-        population["pop_events"] = population.pop("seen")
+    population: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("population."):
+            partition, _, name = key.removeprefix("population.").partition(".")
+            if name:  # a file before per-partition levels holds one global level: not a partition's
+                population.setdefault(int(partition), {})[name] = v
     return Snapshot(topic=meta["topic"], offsets=_int_map(meta["offsets"]),
                     user_ids=json.loads(meta["user_ids"]), partitions=tensors["partitions"],
                     users={k.removeprefix("user."): v for k, v in tensors.items() if k.startswith("user.")},

@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from features.store import POPULATION_KEY
+from features.store import is_population_key
 
 EVENT_TYPES = ("view", "click", "rating", "cart", "purchase")
 MAX_PAYLOAD_BYTES = 1024
@@ -29,8 +29,6 @@ MAX_ID_CHARS = 128
 TS_RANGE = (0, 4_102_444_800)
 _FIELDS = {"user_id", "item_id", "ts", "event_type", "value", "event_id"}
 _REQUIRED = ("user_id", "item_id", "ts")
-# Ids the system writes itself: an event under one would overwrite the population's row.
-RESERVED_USER_IDS = frozenset({POPULATION_KEY})
 
 
 class InvalidEvent(ValueError):
@@ -140,7 +138,7 @@ def decode_fields(payload: bytes) -> tuple[str, str, int, str | None] | InvalidE
             i = str(i) if type(i) is int else i
             if (type(u) is str and type(i) is str and type(ts) is int and TS_RANGE[0] <= ts < TS_RANGE[1]
                     and 0 < len(u) <= MAX_ID_CHARS and u.strip() == u and 0 < len(i) <= MAX_ID_CHARS
-                    and i.strip() == i and u.isprintable() and i.isprintable() and u not in RESERVED_USER_IDS
+                    and i.strip() == i and u.isprintable() and i.isprintable() and not is_population_key(u)
                     and obj.get("event_type", "view") in EVENT_TYPES
                     and _plain_value(obj.get("value")) and e is None):
                 return u, i, ts, None
@@ -176,5 +174,5 @@ def _check_id(name: str, value: object) -> None:
         raise InvalidEvent("bad_id", f"{name}={value!r} must be 1..{MAX_ID_CHARS} chars without surrounding spaces")
     if not value.isprintable():  # control characters (NUL, newlines) and bidi overrides hide what an id is
         raise InvalidEvent("bad_id", f"{name}={value!r} holds control or formatting characters")
-    if name == "user_id" and value in RESERVED_USER_IDS:
+    if name == "user_id" and is_population_key(value):
         raise InvalidEvent("reserved_id", f"user_id={value!r} is reserved for the system's own rows")

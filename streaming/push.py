@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from features.store import POPULATION_KEY
+from features.store import is_population_key, population_key
 from recsys.vocab import Vocab
 
 log = logging.getLogger("recsys.stream")
@@ -42,23 +42,26 @@ class FeaturePush:
         self.waiter = ThreadPoolExecutor(1, thread_name_prefix="feast-push")
         self.job = None
         self.dirty: set[int] = set()  # rows whose vector changed since the last push
+        self.dirty_partitions: set[int] = set()  # partitions whose population level changed
         self.lock = threading.Lock()  # guards the two lists a failed write refills from the waiter thread
         self.failed_users: list[str] = []  # users of failed writes: dirty again at the next push
         self.unpushed_ms: list[np.ndarray] = []  # produce timestamps of events not yet in the store
         self.fresh_s = np.zeros(0)  # recent freshness samples: produced → in the store (seconds)
 
-    def touched(self, rows: torch.Tensor, produced_ms: np.ndarray) -> None:
+    def touched(self, rows: torch.Tensor, partitions, produced_ms: np.ndarray) -> None:
         self.dirty.update(rows.tolist())
+        self.dirty_partitions.update(partitions)
         with self.lock:
             self.unpushed_ms.append(produced_ms)
 
     def pending(self) -> bool:
         """Whether a push has anything to write: touched rows, or rows of a failed push."""
-        return bool(self.dirty or self.failed_users)
+        return bool(self.dirty or self.dirty_partitions or self.failed_users)
 
-    def push(self, model, state, users: Vocab, clock: int, wait: bool = False) -> None:
+    def push(self, model, state, users: Vocab, clock: int, levels: dict, wait: bool = False) -> None:
         """Fresh user vectors of every row touched since the last push, and the population
-        level, in one write (``wait``: until it landed or failed)."""
+        level of every partition touched (``levels``: partition → its level), in one write
+        (``wait``: until it landed or failed)."""
         if self.job is not None and not self.job.done():
             if not wait:
                 return
@@ -66,36 +69,42 @@ class FeaturePush:
         self._redirty_failed(users)
         with self.lock:
             unpushed, self.unpushed_ms = self.unpushed_ms, []
-        if self.writer is not None and self.dirty:
-            rows = torch.tensor(sorted(self.dirty), device=state.cnt.device)
+        self.dirty_partitions &= set(levels)  # a partition revoked meanwhile is its new owner's to push
+        if self.writer is not None and (self.dirty or self.dirty_partitions):
+            rows = torch.tensor(sorted(self.dirty), dtype=torch.int64, device=state.cnt.device)
+            parts = sorted(self.dirty_partitions)
             with torch.no_grad():
-                user = model.read_users(state, rows).float().cpu().numpy()
-                population = model.pop_term(state.pop[:model.n_items]).float().cpu().numpy()
-            ids = [users.ids[r] for r in rows.tolist()] + [POPULATION_KEY]
-            events = np.append(state.cnt[rows].cpu().numpy(), int(state.pop_events))
-            recent = [r[r >= 0] for r in state.recent[rows].cpu().numpy()] + [np.zeros(0, np.int64)]
-            last_ts = np.append(state.last_ts[rows].cpu().numpy(), clock)  # population: the stream's clock
+                user = model.read_users(state, rows).float().cpu().numpy() if len(rows) else []
+            # A partition's row: its partial item counts, as of its own clock (a time-decayed
+            # level's time; an event-counted level has none, the stream's clock stands in).
+            ids = [users.ids[r] for r in rows.tolist()] + [population_key(p) for p in parts]
+            vectors = [*user, *(levels[p].pop.float().cpu().numpy() for p in parts)]
+            events = np.concatenate([state.cnt[rows].cpu().numpy(), [int(levels[p].pop_events) for p in parts]])
+            recent = [r[r >= 0] for r in state.recent[rows].cpu().numpy()] + [np.zeros(0, np.int64)] * len(parts)
+            last_ts = np.concatenate([state.last_ts[rows].cpu().numpy(),
+                                      [int(levels[p].pop_ts) if int(levels[p].pop_ts) >= 0 else clock for p in parts]])
             stamps = np.concatenate(unpushed) if unpushed else np.zeros(0)
-            self.job = self.waiter.submit(self._write, ids, [*user, population], events, recent, last_ts, stamps)
+            self.job = self.waiter.submit(self._write, ids, vectors, events, recent, last_ts, stamps)
             if wait:
                 self.job.result()
         elif unpushed:  # no online store: fresh when applied
             self._observe_freshness(np.concatenate(unpushed))
         self.dirty.clear()
+        self.dirty_partitions.clear()
 
-    def last_push(self, model, state, users: Vocab, clock: int, attempts: int = 5) -> None:
+    def last_push(self, model, state, users: Vocab, clock: int, levels: dict, attempts: int = 5) -> None:
         """At shutdown: push until the online store has every row, or give up loudly."""
         for attempt in range(attempts):
-            self.push(model, state, users, clock, wait=True)
+            self.push(model, state, users, clock, levels, wait=True)
             if not self.pending():
                 return
             time.sleep(min(2.0 ** attempt, 10.0))
         log.error("the online store refused %d users' last vectors; they are pushed with their next event",
                   len(self.failed_users))
 
-    def settled(self, model, state, users: Vocab, clock: int) -> set[int]:
+    def settled(self, model, state, users: Vocab, clock: int, levels: dict) -> set[int]:
         """Push and wait; the rows whose latest vector is still not in the store."""
-        self.push(model, state, users, clock, wait=True)
+        self.push(model, state, users, clock, levels, wait=True)
         self._redirty_failed(users)
         return self.dirty
 
@@ -135,7 +144,7 @@ class FeaturePush:
             log.warning("Feast push of %d rows failed (%s: %s); they stay dirty and are pushed again", len(ids),
                         type(e).__name__, e)
             with self.lock:
-                self.failed_users.extend(ids[:-1])  # the last row is the population, pushed every time
+                self.failed_users.extend(ids)
                 self.unpushed_ms.append(stamps_ms)
             return
         self._observe_freshness(stamps_ms)
@@ -144,7 +153,8 @@ class FeaturePush:
         """Rows of failed pushes that this worker still holds are dirty again."""
         with self.lock:
             failed, self.failed_users = self.failed_users, []
-        rows = users.index(failed, add=False)
+        self.dirty_partitions.update(int(u.rsplit("/", 1)[1]) for u in failed if is_population_key(u))
+        rows = users.index([u for u in failed if not is_population_key(u)], add=False)
         self.dirty.update(rows[rows >= 0].tolist())
 
     def _observe_freshness(self, stamps_ms: np.ndarray) -> None:

@@ -20,9 +20,11 @@ one before it (streaming/checkpoint.py). A stored offset past the log's end, or 
 whose id changed, means the topic was recreated: the partition starts from the
 beginning of the new log and keeps its user rows, with a warning and a metric.
 
-The population level is the worker's own: with several workers each sees its
-partitions' share of the stream, and a taken-over partition brings its users, not
-the previous owner's population counts.
+The population level is kept per partition: each partition's partial level is applied,
+checkpointed and handed over with the partition's users and offsets (so it too holds each
+event exactly once), and pushed under its own key; serving sums them. With a
+time-decayed level (the model's ``pop_half_life_s``) the sum equals the level of the
+whole stream, however partitions are spread over workers.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 from kafka import ConsumerRebalanceListener, TopicPartition
 
-from recsys.nested_model import POPULATION_FIELDS, USER_FIELDS, FastState, NestedModel, load_item_ids
+from recsys.nested_model import POPULATION_FIELDS, USER_FIELDS, FastState, NestedModel, load_item_ids, sum_levels
 from recsys.vocab import Vocab
 from streaming.checkpoint import (CheckpointWriter, Snapshot, UserRow, decode_user_row, encode_user_row, read_own,
                                   restore)
@@ -101,6 +103,7 @@ class Held:
     state: FastState
     users: Vocab  # row -> user id
     items: Vocab  # index -> item id (the model's table, then items first seen online)
+    population: torch.Tensor  # (N,) the worker's partitions' population levels, summed
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ class StreamWorker:
         self.model = NestedModel.load(cfg.model).to(self.device).eval()
         self.items = Vocab(load_item_ids(cfg.model))
         self.users = UserRows()
-        self.state = self.model.init_state(0, len(self.items), device=self.device)
+        self.state = self.model.init_state(0, len(self.items), device=self.device)  # the user rows
+        self.levels: dict[int, FastState] = {}  # owned partition -> its population level (no user rows)
         self.stream_clock = -1  # the latest accepted event's time
         self.offsets: dict[int, int] = {}  # owned partition -> next offset (all before it are in the state)
         self.pending: list = []  # records polled, not yet applied
@@ -162,7 +166,12 @@ class StreamWorker:
         return self.applied + self.dead_letters.total
 
     def held(self) -> Held:
-        return Held(self.model, self.state, self.users.ids, self.items)
+        levels = [(level.pop, level.pop_ts if int(level.pop_ts) >= 0 else self.clock()) for level in self.levels.values()]
+        population = torch.zeros(max(len(self.items), *(len(c) for c, _ in levels)), dtype=self.state.pop.dtype)
+        if levels:
+            summed = sum_levels(levels, self.model.cfg.pop_half_life_s)[0]
+            population[:len(summed)] = summed
+        return Held(self.model, self.state, self.users.ids, self.items, population.to(self.device))
 
     def stats(self) -> WorkerStats:
         return WorkerStats(self.applied, self.dead_letters.total, dict(self.seconds), self.first_apply,
@@ -223,7 +232,7 @@ class StreamWorker:
             if self.pending:
                 self.apply(self.pending)
                 self.pending = []
-            self.features.last_push(self.model, self.state, self.users.ids, self.clock())
+            self.features.last_push(self.model, self.state, self.users.ids, self.clock(), self.levels)
             clean = self.checkpoint(wait=True)
         except BaseException:
             # A batch may have failed half-applied: the last good checkpoint stays the truth
@@ -286,13 +295,18 @@ class StreamWorker:
             stamps = np.asarray(stamps, dtype=np.int64)
             new = self.users.unapplied(rows, offsets, event_ids)
             if not new.all():
-                rows, items, ts, offsets, stamps = rows[new], items[new], ts[new], offsets[new], stamps[new.numpy()]
+                rows, items, ts, offsets, parts = rows[new], items[new], ts[new], offsets[new], parts[new]
+                stamps = stamps[new.numpy()]
         if good and len(rows):
             self.users.applied(rows, offsets)
             self.stream_clock = max(self.stream_clock, int(ts.max()))
-            self.state = self.model.update(self.state, rows.to(self.device), items.to(self.device),
-                                           ts.to(self.device))
-            self.features.touched(rows, stamps)
+            items, ts = items.to(self.device), ts.to(self.device)
+            self.state = self.model.update(self.state, rows.to(self.device), items, ts, population=False)
+            touched = parts.unique().tolist()
+            for p in touched:
+                mine = (parts == p).to(self.device)
+                self.levels[p] = self.model.update_population(self._level(p), items[mine], ts[mine])
+            self.features.touched(rows, touched, stamps)
             self.applied_s = np.concatenate([self.applied_s[-50_000:], time.time() - stamps / 1000.0])
             self.metrics.events.inc(len(rows))
             self.metrics.users.set(len(self.users))
@@ -307,9 +321,14 @@ class StreamWorker:
         self.first_apply = self.first_apply or time.monotonic()
         self.last_apply = time.monotonic()
 
+    def _level(self, partition: int) -> FastState:
+        """The partition's population level, over every item known now."""
+        level = self.levels.get(partition) or self.model.init_state(0, len(self.items), device=self.device)
+        return self.model.grow_state(level, 0, len(self.items))
+
     def push(self, wait: bool = False) -> None:
         t0 = time.perf_counter()
-        self.features.push(self.model, self.state, self.users.ids, self.clock(), wait=wait)
+        self.features.push(self.model, self.state, self.users.ids, self.clock(), self.levels, wait=wait)
         self.seconds["push"] += time.perf_counter() - t0
 
     def clock(self) -> int:
@@ -323,7 +342,7 @@ class StreamWorker:
         row is in the online store; an unpushed or unwritten user stays until a later try."""
         if self.cfg.user_ttl_s is None or not len(self.users):
             return
-        unsettled = self.features.settled(self.model, self.state, self.users.ids, self.clock())
+        unsettled = self.features.settled(self.model, self.state, self.users.ids, self.clock(), self.levels)
         idle = self.users.idle(self.cfg.user_ttl_s)
         if unsettled:
             idle[sorted(unsettled)] = False
@@ -392,7 +411,8 @@ class StreamWorker:
             topic=self.cfg.topic, offsets=dict(self.offsets), user_ids=list(self.users.ids.ids),
             partitions=self.users.partition.clone(),
             users={k: _cpu_copy(getattr(self.state, k)[:n]) for k in USER_FIELDS},
-            population={k: _cpu_copy(getattr(self.state, k)) for k in POPULATION_FIELDS}, item_ids=list(self.items.ids),
+            population={p: {k: _cpu_copy(getattr(level, k)) for k in POPULATION_FIELDS} for p, level in self.levels.items()},
+            item_ids=list(self.items.ids),
             topic_id=self.topic_id, ends=self._highwaters(), event_ids=self.users.event_ids.clone())
         ok = self.checkpoints.write(snap, wait)
         self.seconds["checkpoint"] += time.perf_counter() - t0
@@ -405,6 +425,7 @@ class StreamWorker:
         self._keep_rows(~self.users.on(partitions))
         for p in partitions:
             self.offsets.pop(p, None)
+            self.levels.pop(p, None)
         log.info("revoked partitions %s (%s)", sorted(partitions),
                  "checkpointed" if on_disk else "NOT checkpointed: the next owner re-applies from the last file")
 
@@ -415,7 +436,7 @@ class StreamWorker:
         if not self.restored_own:
             own = read_own(path)
             if own is not None:
-                self._adopt_population(own[1])
+                self._adopt_items(own[1])
             # A damaged newest file is overwritten, not kept as the previous one: that stays good.
             self.checkpoints.keep_previous = own is not None and own[0] == path
             self.restored_own = True
@@ -476,25 +497,32 @@ class StreamWorker:
             self.consumer.seek_to_beginning(TopicPartition(self.cfg.topic, partition))
         self.changed = True
 
-    def _adopt_population(self, snap: Snapshot) -> None:
-        """On first start, the population level (and the online item ids) from our own file."""
+    def _adopt_items(self, snap: Snapshot) -> None:
+        """On first start, the item ids (the model's, then those first seen online) from our own file."""
         self.items = Vocab(snap.item_ids)
         self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
-        for name, value in snap.population.items():
-            setattr(self.state, name, value.to(self.device))
 
     def _import_rows(self, snap: Snapshot, partitions: list[int]) -> None:
         take = torch.isin(snap.partitions, torch.tensor(partitions, dtype=torch.int64)).nonzero().flatten()
         rows = self.users.rows([snap.user_ids[i] for i in take.tolist()], snap.partitions[take])
         users = dict(snap.users)
+        remap = torch.from_numpy(self.items.index(snap.item_ids))  # the file's item indices -> ours
         if "recent" in users:  # item indices past the model's table are each worker's own naming
-            remap = torch.from_numpy(self.items.index(snap.item_ids))
             users["recent"] = torch.where(users["recent"] >= 0, remap[users["recent"].clamp(min=0)], -1)
         self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
         for name, value in users.items():
             getattr(self.state, name)[rows.to(self.device)] = value[take].to(self.device)
         if snap.event_ids is not None:
             self.users.event_ids[rows] = snap.event_ids[take]
+        for p in partitions:  # each partition's population level comes with its users and offsets
+            if p in snap.population:
+                level = self.model.init_state(0, len(self.items), device=self.device)
+                for name, value in snap.population[p].items():
+                    if name in ("pop", "pop_acc"):  # by item id: indices past the model's table are per file
+                        n = min(len(value), len(remap))  # a level may hold spare capacity past its items
+                        value = torch.zeros(len(self.items), dtype=value.dtype).index_add_(0, remap[:n], value[:n])
+                    setattr(level, name, value.to(self.device))
+                self.levels[p] = level
 
     def _keep_rows(self, keep: torch.Tensor) -> None:
         rows = keep.nonzero().flatten()

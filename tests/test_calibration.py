@@ -35,7 +35,7 @@ def _replay_ndcg(model: NestedModel, fit_part, tail, multiplier: float, fade: fl
 def test_the_chosen_pair_is_the_one_the_replay_scores_best():
     history = encode(load_dataset("synthetic", n_users=300, n_items=400, n_events=12_000, seed=3)).history()
     fit_part, tail = split_history(history, 0.25)
-    cfg = NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events))
+    cfg = NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events, history.ts))
     model, _ = train_nested(fit_part, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0))
     grid = dict(multipliers=(0.5, 1.0, 4.0), fades=(0.0, 2.0))
 
@@ -49,7 +49,7 @@ def test_the_chosen_pair_is_the_one_the_replay_scores_best():
 
 def test_training_sets_the_calibrated_mix_on_the_model():
     history = encode(load_dataset("synthetic", n_users=200, n_items=300, n_events=8_000, seed=5)).history()
-    cfg = NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events))
+    cfg = NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events, history.ts))
     fit_part, _ = split_history(history, 0.1)
     plain, _ = train_nested(fit_part, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0))
     calibrated, state = train_nested(history, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0.1))

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsys import fused_update
-from recsys.nested_model import NestedConfig, NestedModel, load_state, save_state
+from recsys.nested_model import NestedConfig, NestedModel, decay_add, decay_to, load_state, save_state
 
 CFG = NestedConfig(n_items=30, dim=8, mem_dim=4, c_mid=3, c_pop=5, pop_half_life=10.0)
 
@@ -63,6 +63,30 @@ def test_micro_batch_equals_one_by_one(model64, seed, cuts):
     one_by_one = _apply(model64, users, items, ts, cuts=list(range(1, len(users))))
     batched = _apply(model64, users, items, ts, cuts=cuts)
     _assert_same(one_by_one, batched)
+
+
+@given(seed=st.integers(0, 10_000), cuts=st.lists(st.integers(1, 39), max_size=6))
+def test_a_time_decayed_population_is_the_same_for_any_batching(model64, seed, cuts):
+    by_time = copy.deepcopy(model64)
+    by_time.cfg = replace(CFG, pop_half_life_s=20_000.0)
+    users, items, ts = _events(seed)
+    _assert_same(_apply(by_time, users, items, ts, cuts=list(range(1, len(users)))),
+                 _apply(by_time, users, items, ts, cuts=cuts))
+
+
+@given(seed=st.integers(0, 10_000), parts=st.integers(2, 5))
+def test_partial_time_decayed_levels_of_any_split_add_up_to_the_whole(seed, parts):
+    """A worker group's partitions each hold a partial level; brought to one time, they sum
+    to the level of the whole stream, whatever the split (the serving side's sum)."""
+    rng = np.random.default_rng(seed)
+    items = torch.from_numpy(rng.integers(0, 30, 200))
+    ts = torch.from_numpy(np.sort(rng.integers(1_000, 500_000, 200)))
+    part = torch.from_numpy(rng.integers(0, parts, 200))
+    empty = torch.zeros(30, dtype=torch.float64), torch.tensor(-1)
+    whole, clock = decay_add(*empty, items, ts, 50_000.0)
+    partial = [decay_add(*empty, items[part == k], ts[part == k], 50_000.0) for k in range(parts) if (part == k).any()]
+    summed = sum(decay_to(pop, pop_ts, clock, 50_000.0) for pop, pop_ts in partial)
+    assert torch.allclose(summed, whole, rtol=1e-12, atol=1e-12)
 
 
 def test_every_level_moves(model64):
@@ -148,7 +172,7 @@ def test_meta_training_lowers_the_next_item_loss():
     from recsys.train import TrainConfig, sequence_loss, train_nested
 
     history = encode(load_dataset("synthetic", n_users=200, n_items=300, n_events=8_000, seed=5)).history()
-    cfg = NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events))
+    cfg = NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events, history.ts))
     torch.manual_seed(0)
     untrained = NestedModel(cfg)
     trained, _ = train_nested(history, cfg, TrainConfig(epochs=2, progress=False, calibration_tail=0))
@@ -170,12 +194,12 @@ def test_the_training_unroll_applies_exactly_the_online_update_rule():
     history = encode(load_dataset("synthetic", n_users=40, n_items=80, n_events=1_500, seed=2),
                      ProtocolConfig()).history()
     torch.manual_seed(0)
-    cfg = NestedConfig(n_items=history.n_items_known, c_mid=3, **population_defaults(history.n_events))
+    cfg = NestedConfig(n_items=history.n_items_known, c_mid=3, **population_defaults(history.n_events, history.ts))
     model = NestedModel(cfg).double().eval()
     for p in model.parameters():  # away from the initial values, where some levels are exactly zero
         p.data.add_(torch.randn_like(p) * 0.05)
     train = TrainConfig(progress=False, unroll=4, max_len=10_000)
-    snaps = population_snapshots(history.items, cfg.n_items, cfg).double()
+    snaps = population_snapshots(history.items, history.ts, cfg.n_items, cfg).double()
     items_t, ts_t = torch.from_numpy(history.items), torch.from_numpy(history.ts)
     seqs = _user_sequences(history, train.max_len)[:8]
     unrolled, n = _train_batch(model, None, seqs, items_t, ts_t, snaps, train, np.zeros(len(seqs), dtype=np.int64))

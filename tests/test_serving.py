@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from features.sources import write_sources
-from features.store import POPULATION_KEY, FeatureRepo
+from features.store import POPULATION_KEY, FeatureRepo, population_key
 from recsys.datasets import load_dataset
 from recsys.nested_model import NestedConfig, NestedModel
 from serving.app import BackgroundServer, ServeConfig, create_app
@@ -68,9 +68,9 @@ def test_export_matches_torch_on_random_inputs(data, tmp_path):
 def test_recommendations_rank_by_the_pushed_user_vector(data, model, repo):
     scorer, item_ids, _ = scorer_from_model(model.with_suffix(".safetensors"))
     vector = np.random.default_rng(0).normal(size=64).astype(np.float32)
-    population = np.linspace(0, 1, len(item_ids), dtype=np.float32)
+    population = np.linspace(0, 50, len(item_ids), dtype=np.float32)  # item counts of the one partition
     clock, away = 1_700_000_000, 3 * 86400  # alice's latest event was 3 days before the stream's clock
-    repo.push_user_state(["alice", POPULATION_KEY], [vector, population], events=[3, 100],
+    repo.push_user_state(["alice", population_key(0)], [vector, population], events=[3, 100],
                          last_ts=[clock - away, clock])
     with torch.no_grad():
         want = scorer(torch.from_numpy(vector)[None], torch.tensor([float(away)]), torch.from_numpy(population),
