@@ -11,7 +11,7 @@ DEVICE := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 DATA   ?= synthetic
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean redis-server
 
 install: $(STAMP)
 
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml infra/constraints-$(DEVICE).txt infra/fbgemm_stub.py
 demo: $(STAMP)
 	$(BIN)/recsys demo --data $(DATA)
 
-test: $(STAMP)
+test: $(STAMP) redis-server
 	$(BIN)/lint-imports --no-cache  # the layers in pyproject.toml: recsys < features < streaming < serving, offline_eval < commands
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
@@ -36,6 +36,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/update_throughput.py
 	$(BIN)/python bench/stream_throughput.py
 	$(BIN)/python bench/serving_load.py
+
+# The worker-group test runs against a real Redis online store too: its server binary comes
+# from the system's packages where we may install them (root with apt-get); elsewhere that
+# variant says it is skipped and why.
+redis-server:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get install -y -q redis-server >/dev/null 2>&1 && echo "installed redis-server"; } \
+	  || echo "redis-server not installed: the Redis variant of tests/test_worker_group.py will be skipped"
 
 clean:
 	rm -rf $(VENV) build runs

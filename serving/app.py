@@ -55,7 +55,7 @@ class ServeConfig:
     api_key: str | None = None  # writes need it (header X-API-Key) ...
     allow_anonymous_writes: bool = False  # ... unless this is said explicitly
     reload_every_s: float = 1.0  # how often the model file is checked for a new version
-    population_every_s: float = 1.0  # how often the population level is re-read from the store
+    population_every_s: float = 0.5  # how often the population level (and the item catalogue) is re-read
     max_partitions: int = MAX_PARTITIONS  # population rows read: one per partition of the topic, up to this many
     # A partition's row whose stream clock is this far behind the freshest one is left out of the
     # sum: a partition nobody applies any more (with a time-decayed level it weighs ~0 anyway).
@@ -105,6 +105,7 @@ class Ranker:
         # How the partitions' partial counts come to one time: by their half-life (None: the
         # level counts events, and the partials are summed as they are).
         self.pop_half_life_s: float | None = json.loads(meta.get("pop_half_life_s", "null"))
+        self.pop_weight = float(json.loads(meta.get("pop_weight", "0")))
         self.user0 = np.asarray(json.loads(meta["user0"]), dtype=np.float32)
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         log.info("model %s: %d items, execution provider %s", path, len(self.item_ids), self.provider)
@@ -122,19 +123,35 @@ class Ranker:
         return None
 
     def top(self, user: np.ndarray, absent_s: float, population: np.ndarray, seen: list[int], exclude: list[str],
-            k: int) -> list[tuple[str, float]]:
+            k: int, online_items: list[str] = ()) -> list[tuple[str, float]]:
         """``absent_s``: seconds from the user's latest event to the stream's clock (their
-        personal score fades with it); ``seen``: item indices from the stream worker (items
-        newer than this model are past its catalogue and skipped); ``exclude``: item ids
-        from the request."""
+        personal score fades with it); ``population``: item counts over the model's table and
+        then ``online_items``, the catalogue's items first seen on the stream; ``seen``: item
+        indices from the stream worker, in that same numbering; ``exclude``: item ids from
+        the request.
+
+        Items first seen online have no slow-level embedding yet (zero: cold), so their score
+        is the population term alone, computed here with the graph's weight; the two ranked
+        lists merge by score."""
         n = len(self.item_ids)
         mask = np.zeros((1, n), dtype=bool)
         mask[0, [i for i in seen if 0 <= i < n]] = True
         mask[0, [self.index[i] for i in exclude if i in self.index]] = True
         scores, items = self.session.run(None, {"user": user.reshape(1, -1).astype(np.float32, copy=False),
                                                 "absent_s": np.array([absent_s], dtype=np.float32),
-                                                "population": population, "exclude": mask})
-        return [(self.item_ids[i], float(s)) for i, s in zip(items[0, :k], scores[0, :k]) if np.isfinite(s)]
+                                                "population": population[:n], "exclude": mask})
+        ranked = [(self.item_ids[i], float(s)) for i, s in zip(items[0, :k], scores[0, :k]) if np.isfinite(s)]
+        if len(online_items):
+            import torch
+
+            from recsys.nested_model import population_term
+
+            counts = torch.from_numpy(np.ascontiguousarray(population[n:n + len(online_items)]))
+            extra = population_term(counts, torch.tensor(self.pop_weight)).numpy()
+            hidden = {i - n for i in seen if i >= n} | {j for j, item in enumerate(online_items) if item in exclude}
+            best = [j for j in np.argsort(-extra, kind="stable")[:k + len(hidden)] if j not in hidden][:k]
+            ranked = sorted(ranked + [(online_items[j], float(extra[j])) for j in best], key=lambda r: -r[1])[:k]
+        return ranked
 
 
 class Service:
@@ -163,8 +180,12 @@ class Service:
         self.started = time.time()
         self._stop = threading.Event()
         threading.Thread(target=self._watch_model, daemon=True, name="model-watch").start()
+        self.catalogue = None  # a reader of the worker group's item catalogue (streaming/catalogue.py)
+        self._online_items: tuple[Ranker | None, list[str]] = (None, [])  # (for which ranker, items past its table)
         if self.features is not None:
             threading.Thread(target=self._watch_population, daemon=True, name="population").start()
+            if cfg.bootstrap_servers:
+                threading.Thread(target=self._watch_catalogue, daemon=True, name="catalogue").start()
         if cfg.bootstrap_servers:
             threading.Thread(target=self._connect_producer, daemon=True, name="kafka-connect").start()
 
@@ -210,7 +231,7 @@ class Service:
         latest event applied, -1: unknown), as last read by the population thread."""
         counts, clock = self._population
         out = np.zeros(n, dtype=np.float32)
-        out[:min(n, len(counts))] = counts[:n]  # items newer than the model are not in its graph
+        out[:min(n, len(counts))] = counts[:n]  # items the level has not counted yet: 0
         return out, clock
 
     def _watch_population(self) -> None:
@@ -228,6 +249,31 @@ class Service:
                     self.attributes = (ranker, self._item_attributes(ranker.item_ids))
                 except Exception as e:  # answers go on without attributes; the next round tries again
                     self.fault("item attributes read failing", e)
+            self._stop.wait(self.cfg.population_every_s)
+
+    def online_items(self, ranker: Ranker) -> list[str]:
+        """The catalogue's items first seen on the stream, past ``ranker``'s table, in the
+        numbering the workers' population counts use."""
+        owner, items = self._online_items
+        return items if owner is ranker else []
+
+    def _watch_catalogue(self) -> None:
+        """New items become recommendable without a retrain: the worker group names them in
+        the catalogue topic, and this thread reads it (as often as the population level)."""
+        from streaming.catalogue import Catalogue
+
+        while not self._stop.is_set():
+            ranker = self.ranker
+            try:
+                if self.catalogue is None or self.catalogue.items.ids[:self.catalogue.n_model] != ranker.item_ids:
+                    if self.catalogue is not None:
+                        self.catalogue.close()
+                    self.catalogue = None
+                    self.catalogue = Catalogue(self.cfg.bootstrap_servers, self.cfg.topic, ranker.item_ids)
+                self.catalogue.refresh()
+                self._online_items = (ranker, self.catalogue.items.ids[len(ranker.item_ids):])
+            except Exception as e:  # answers go on with the items known so far
+                self.fault("item catalogue read failing", e)
             self._stop.wait(self.cfg.population_every_s)
 
     def _item_attributes(self, item_ids: list[str], chunk: int = 10_000) -> dict[str, dict]:
@@ -365,9 +411,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if user.shape != ranker.user0.shape:  # a vector from another model's dimension: rank by the population
             user, seen, last_ts, source = ranker.user0, [], -1, "population"
             degraded = service.fault("user vector of another dimension")
-        population, clock = service.population(len(ranker.item_ids))
+        online = service.online_items(ranker)
+        population, clock = service.population(len(ranker.item_ids) + len(online))
         absent_s = clock - last_ts if min(clock, last_ts) >= 0 else 0
-        items = await service.score(ranker, user, absent_s, population, seen, excluded, k)
+        items = await service.score(ranker, user, absent_s, population, seen, excluded, k, online)
         answer = {"user_id": user_id, "source": source, "model": str(ranker.path),
                   "items": [service.item(i, s) for i, s in items]}
         if degraded:

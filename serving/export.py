@@ -77,8 +77,10 @@ def export_onnx(model_file: Path, out: Path, seed: int = 0) -> ExportCheck:
     write_graph(scorer, out)
     proto = onnx.load(str(out))
     half_life_s = NestedModel.load(model_file).cfg.pop_half_life_s
+    # Items first seen online are past the graph: serving scores them by the population term alone.
     for key, value in {"item_ids": json.dumps(item_ids), "user0": json.dumps(user0.tolist()),
-                       "source_model": str(model_file), "pop_half_life_s": json.dumps(half_life_s)}.items():
+                       "source_model": str(model_file), "pop_half_life_s": json.dumps(half_life_s),
+                       "pop_weight": json.dumps(float(scorer.pop_weight))}.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))

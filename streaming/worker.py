@@ -44,6 +44,7 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 
 from recsys.nested_model import POPULATION_FIELDS, USER_FIELDS, FastState, NestedModel, load_item_ids, sum_levels
 from recsys.vocab import Vocab
+from streaming.catalogue import Catalogue
 from streaming.checkpoint import (CheckpointWriter, Snapshot, UserRow, decode_user_row, encode_user_row, read_own,
                                   restore)
 from streaming.clients import make_consumer
@@ -122,7 +123,8 @@ class StreamWorker:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.model = NestedModel.load(cfg.model).to(self.device).eval()
-        self.items = Vocab(load_item_ids(cfg.model))
+        self.items = Vocab(load_item_ids(cfg.model))  # the catalogue's, once the loop has connected
+        self.catalogue: Catalogue | None = None
         self.users = UserRows()
         self.state = self.model.init_state(0, len(self.items), device=self.device)  # the user rows
         self.levels: dict[int, FastState] = {}  # owned partition -> its population level (no user rows)
@@ -187,6 +189,8 @@ class StreamWorker:
                                       max_poll_records=max(self.cfg.batch_size, 4096),
                                       fetch_max_wait_ms=max(1, int(self.cfg.max_wait_s * 1000)))
         self.dead_letters.connect()
+        self.catalogue = Catalogue(self.cfg.bootstrap_servers, self.cfg.topic, list(self.items.ids))
+        self.items = self.catalogue.items
         self.consumer.subscribe([self.cfg.topic], listener=_Rebalance(self))
         if threading.current_thread() is threading.main_thread():  # embedded (replay): the host stops it
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -244,6 +248,8 @@ class StreamWorker:
             self.consumer.close(autocommit=False)  # revokes the partitions: a last checkpoint
             self.checkpoints.close()
             self.dead_letters.close()
+            if self.catalogue is not None:
+                self.catalogue.close()
         if not clean:
             log.error("worker %s stopped WITHOUT a last checkpoint (%s): a restart re-applies events since the "
                       "last file on disk", self.cfg.worker_id, self.checkpoints.path)
@@ -289,7 +295,7 @@ class StreamWorker:
             if self.cfg.user_ttl_s is not None:
                 self._rehydrate(user_ids, parts)
             rows = self.users.rows(list(user_ids), parts)
-            items = torch.from_numpy(self.items.index(list(item_ids)))
+            items = torch.from_numpy(self.catalogue.index(list(item_ids)))
             ts = torch.tensor(ts, dtype=torch.int64)
             offsets = torch.tensor(offsets, dtype=torch.int64)
             stamps = np.asarray(stamps, dtype=np.int64)
@@ -375,8 +381,10 @@ class StreamWorker:
         if not back:
             return
         rows = self.users.rows([u for u, _ in back], torch.tensor([missing[u] for u, _ in back], dtype=torch.int64))
-        recent = torch.tensor([[-1 if i is None else int(self.items.index([i])[0]) for i in row.recent]
-                               for _, row in back], dtype=torch.int64)
+        named = self.catalogue.index([i for _, row in back for i in row.recent if i is not None])
+        index = dict(zip((i for _, row in back for i in row.recent if i is not None), named.tolist()))
+        recent = torch.tensor([[-1 if i is None else index[i] for i in row.recent] for _, row in back],
+                              dtype=torch.int64)
         self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
         dev = rows.to(self.device)
         for name in USER_FIELDS:
@@ -435,8 +443,6 @@ class StreamWorker:
         path = self.checkpoints.path
         if not self.restored_own:
             own = read_own(path)
-            if own is not None:
-                self._adopt_items(own[1])
             # A damaged newest file is overwritten, not kept as the previous one: that stays good.
             self.checkpoints.keep_previous = own is not None and own[0] == path
             self.restored_own = True
@@ -497,16 +503,11 @@ class StreamWorker:
             self.consumer.seek_to_beginning(TopicPartition(self.cfg.topic, partition))
         self.changed = True
 
-    def _adopt_items(self, snap: Snapshot) -> None:
-        """On first start, the item ids (the model's, then those first seen online) from our own file."""
-        self.items = Vocab(snap.item_ids)
-        self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
-
     def _import_rows(self, snap: Snapshot, partitions: list[int]) -> None:
         take = torch.isin(snap.partitions, torch.tensor(partitions, dtype=torch.int64)).nonzero().flatten()
         rows = self.users.rows([snap.user_ids[i] for i in take.tolist()], snap.partitions[take])
         users = dict(snap.users)
-        remap = torch.from_numpy(self.items.index(snap.item_ids))  # the file's item indices -> ours
+        remap = torch.from_numpy(self.catalogue.index(snap.item_ids))  # the file's item indices -> the catalogue's
         if "recent" in users:  # item indices past the model's table are each worker's own naming
             users["recent"] = torch.where(users["recent"] >= 0, remap[users["recent"].clamp(min=0)], -1)
         self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
