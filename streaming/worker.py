@@ -40,22 +40,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from kafka import ConsumerRebalanceListener, TopicPartition
 
-from recsys.nested_model import POPULATION_FIELDS, USER_FIELDS, FastState, NestedModel, load_item_ids, sum_levels
+from recsys.nested_model import FastState, NestedModel, load_item_ids, sum_levels
 from recsys.vocab import Vocab
 from streaming.catalogue import Catalogue
-from streaming.checkpoint import (CheckpointWriter, Snapshot, UserRow, decode_user_row, encode_user_row, read_own,
-                                  restore)
+from streaming.checkpoint import CheckpointWriter
 from streaming.clients import make_consumer
 from streaming.dead_letters import DeadLetters
 from streaming.events import InvalidEvent, decode_fields
 from streaming.metrics import Metrics
+from streaming.ownership import Ownership, Rebalance
 from streaming.push import FeaturePush
 from streaming.user_rows import UserRows
 
 log = logging.getLogger("recsys.stream")
-PAST_END_GRACE_S = 2.0  # a position past the log's end this long means the topic was recreated
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,10 @@ class WorkerStats:
     applied_s: np.ndarray  # recent samples: produced → applied in the state
 
 
-class StreamWorker:
+class StreamWorker(Ownership):
+    """The loop: poll → micro-batch → decode → update → push → checkpoint. What it owns and
+    how that changes hands (rebalances, checkpoints, idle users) is `Ownership`'s."""
+
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
         self.device = torch.device(cfg.device)
@@ -191,7 +192,7 @@ class StreamWorker:
         self.dead_letters.connect()
         self.catalogue = Catalogue(self.cfg.bootstrap_servers, self.cfg.topic, list(self.items.ids))
         self.items = self.catalogue.items
-        self.consumer.subscribe([self.cfg.topic], listener=_Rebalance(self))
+        self.consumer.subscribe([self.cfg.topic], listener=Rebalance(self))
         if threading.current_thread() is threading.main_thread():  # embedded (replay): the host stops it
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
@@ -342,210 +343,7 @@ class StreamWorker:
         held = self.state.last_ts[:len(self.users)]
         return max(self.stream_clock, int(held.max()) if len(held) else -1)
 
-    # -- idle users: out to the online store and back ------------------------------------------
-    def evict_idle(self) -> None:
-        """Users idle for ``user_ttl_s`` leave memory (and the next checkpoint) once their whole
-        row is in the online store; an unpushed or unwritten user stays until a later try."""
-        if self.cfg.user_ttl_s is None or not len(self.users):
-            return
-        unsettled = self.features.settled(self.model, self.state, self.users.ids, self.clock(), self.levels)
-        idle = self.users.idle(self.cfg.user_ttl_s)
-        if unsettled:
-            idle[sorted(unsettled)] = False
-        rows = idle.nonzero().flatten()
-        if not len(rows):
-            return
-        ids = [self.users.ids.ids[r] for r in rows.tolist()]
-        values = {k: getattr(self.state, k)[rows.to(self.device)].cpu() for k in USER_FIELDS}
-        values["event_ids"] = self.users.event_ids[rows]
-        blobs = [encode_user_row(UserRow({k: v[j] for k, v in values.items() if k != "recent"},
-                                         [self.items.ids[i] if i >= 0 else None for i in values["recent"][j].tolist()],
-                                         int(self.users.through[r]), self.topic_id))
-                 for j, r in enumerate(rows.tolist())]
-        if not self.features.evict(ids, blobs):
-            return
-        self._keep_rows(~idle)
-        self.changed = True
-        self.metrics.evicted.inc(len(ids))
-        self.metrics.users.set(len(self.users))
-
-    def _rehydrate(self, user_ids, partitions: torch.Tensor) -> None:
-        """Users this worker does not hold take their rows back from the online store, if an
-        eviction left one there; the others start empty, as new users do."""
-        known = self.users.find(user_ids)
-        missing = {u: p for u, p, r in zip(user_ids, partitions.tolist(), known.tolist()) if r < 0}
-        if not missing:
-            return
-        back = [(u, decode_user_row(b)) for u, b in zip(missing, self.features.evicted(list(missing)))
-                if b is not None]
-        if not back:
-            return
-        rows = self.users.rows([u for u, _ in back], torch.tensor([missing[u] for u, _ in back], dtype=torch.int64))
-        named = self.catalogue.index([i for _, row in back for i in row.recent if i is not None])
-        index = dict(zip((i for _, row in back for i in row.recent if i is not None), named.tolist()))
-        recent = torch.tensor([[-1 if i is None else index[i] for i in row.recent] for _, row in back],
-                              dtype=torch.int64)
-        self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
-        dev = rows.to(self.device)
-        for name in USER_FIELDS:
-            value = recent if name == "recent" else torch.stack([row.fields[name] for _, row in back])
-            getattr(self.state, name)[dev] = value.to(self.device)
-        # An offset counts in the log it was read from: a recreated topic starts over.
-        self.users.through[rows] = torch.tensor([row.through if row.topic_id == self.topic_id else -1
-                                                 for _, row in back], dtype=torch.int64)
-        self.users.event_ids[rows] = torch.stack([row.fields["event_ids"] for _, row in back])
-        self.metrics.rehydrated.inc(len(back))
-
-    # -- checkpoints and rebalances ------------------------------------------------------------
-    def checkpoint(self, wait: bool = False) -> bool:
-        """State + offsets in one atomic file; dead letters are flushed first, so a message
-        is never past a checkpointed offset without being in the state or the DLQ (or
-        counted as lost). Returns whether the state is on disk (``wait``) or on its way.
-        An idle worker writes nothing: only a changed state makes a new file."""
-        if not self.offsets or self.broken:
-            return True
-        self.checkpoints.wait()  # a failure of the write in flight leaves its state to write again
-        if not (self.changed or self.checkpoints.retry):
-            return True
-        t0 = time.perf_counter()
-        try:
-            self.dead_letters.flush()
-        except Exception as e:  # the broker is away: try again at the next interval
-            log.warning("checkpoint postponed: dead letters not flushed (%s)", e)
-            return False
-        self.changed = False
-        n = len(self.users)  # rows past n are spare capacity (amortised growth)
-        snap = Snapshot(
-            topic=self.cfg.topic, offsets=dict(self.offsets), user_ids=list(self.users.ids.ids),
-            partitions=self.users.partition.clone(),
-            users={k: _cpu_copy(getattr(self.state, k)[:n]) for k in USER_FIELDS},
-            population={p: {k: _cpu_copy(getattr(level, k)) for k in POPULATION_FIELDS} for p, level in self.levels.items()},
-            item_ids=list(self.items.ids),
-            topic_id=self.topic_id, ends=self._highwaters(), event_ids=self.users.event_ids.clone())
-        ok = self.checkpoints.write(snap, wait)
-        self.seconds["checkpoint"] += time.perf_counter() - t0
-        return ok
-
-    def on_revoked(self, partitions: set[int]) -> None:
-        self.pending = []  # not applied: the next owner reads them again from the checkpoint
-        self.push(wait=True)  # the next owner does not know which of these users are unpushed
-        on_disk = self.checkpoint(wait=True)  # before the partitions change hands
-        self._keep_rows(~self.users.on(partitions))
-        for p in partitions:
-            self.offsets.pop(p, None)
-            self.levels.pop(p, None)
-        log.info("revoked partitions %s (%s)", sorted(partitions),
-                 "checkpointed" if on_disk else "NOT checkpointed: the next owner re-applies from the last file")
-
-    def on_assigned(self, partitions: set[int]) -> None:
-        self.pending = []
-        self.last_msg = time.monotonic()  # idle time counts from joining, not from start
-        path = self.checkpoints.path
-        if not self.restored_own:
-            own = read_own(path)
-            # A damaged newest file is overwritten, not kept as the previous one: that stays good.
-            self.checkpoints.keep_previous = own is not None and own[0] == path
-            self.restored_own = True
-        new = sorted(set(partitions) - set(self.offsets))
-        self.topic_id = _topic_id(self.consumer, self.cfg.topic)
-        restored = restore(path.parent, self.cfg.topic, new, self.topic_id)
-        for _, snap, mine in restored.snapshots:
-            self._import_rows(snap, mine)
-            for p in mine:
-                self.offsets[p] = snap.offsets[p]
-                if snap.topic_id and self.topic_id and snap.topic_id != self.topic_id:
-                    self._reset(p, f"the topic was recreated (id {snap.topic_id} -> {self.topic_id})")
-        for p in partitions:
-            tp = TopicPartition(self.cfg.topic, p)
-            if p in self.offsets:
-                self.consumer.seek(tp, self.offsets[p])
-            else:
-                self.consumer.seek_to_beginning(tp)  # never checkpointed: the whole partition
-        self.unverified |= set(partitions)  # against the log's end once poll() returns: no requests in here
-        self.changed = True
-        log.info("assigned partitions %s; restored %s from %s", sorted(partitions),
-                 sorted(p for *_, mine in restored.snapshots for p in mine),
-                 sorted(path.name for path, *_ in restored.snapshots))
-        self.metrics.users.set(len(self.users))
-
-    def _verify_positions(self) -> None:
-        tps = [TopicPartition(self.cfg.topic, p) for p in sorted(self.unverified)]
-        self.unverified = set()
-        ends = self.consumer.end_offsets(tps)
-        self._check_log_ends({tp.partition: end for tp, end in ends.items()})
-
-    def _check_log_ends(self, ends: dict[int, int] | None = None) -> None:
-        """A position past its partition's end means the log was recreated or truncated
-        under us: say so and start that partition again, never skip silently.
-
-        Only a lasting one counts: a broker may report an end a moment behind what it has
-        just served (Tansu does, under load), so the position must stay past the end, with
-        no record arriving, for ``PAST_END_GRACE_S``."""
-        ends = self._highwaters() if ends is None else ends
-        now = time.monotonic()
-        for p, end in ends.items():
-            if p not in self.offsets or self.offsets[p] <= end:
-                self.past_end.pop(p, None)
-            elif now - self.past_end.setdefault(p, now) >= PAST_END_GRACE_S:
-                self._reset(p, f"our next offset {self.offsets[p]:,} has been past the log's end {end:,} "
-                               f"for {now - self.past_end.pop(p):.0f}s")
-
-    def _reset(self, partition: int, why: str, seek: bool = True) -> None:
-        """The documented policy for a recreated topic: alert, keep the user rows, and apply
-        the partition's new log from its beginning (``seek``: unless the client is there already)."""
-        log.warning("partition %d: %s; the topic was recreated or truncated: applying it from the beginning of "
-                    "its log, keeping its users' state", partition, why)
-        self.metrics.resets.labels(str(partition)).inc()
-        self.offsets[partition] = 0
-        self.users.restart_log(partition)
-        if seek:
-            self.pending = [r for r in self.pending if r.partition != partition]
-            self.consumer.seek_to_beginning(TopicPartition(self.cfg.topic, partition))
-        self.changed = True
-
-    def _import_rows(self, snap: Snapshot, partitions: list[int]) -> None:
-        take = torch.isin(snap.partitions, torch.tensor(partitions, dtype=torch.int64)).nonzero().flatten()
-        rows = self.users.rows([snap.user_ids[i] for i in take.tolist()], snap.partitions[take])
-        users = dict(snap.users)
-        remap = torch.from_numpy(self.catalogue.index(snap.item_ids))  # the file's item indices -> the catalogue's
-        if "recent" in users:  # item indices past the model's table are each worker's own naming
-            users["recent"] = torch.where(users["recent"] >= 0, remap[users["recent"].clamp(min=0)], -1)
-        self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
-        for name, value in users.items():
-            getattr(self.state, name)[rows.to(self.device)] = value[take].to(self.device)
-        if snap.event_ids is not None:
-            self.users.event_ids[rows] = snap.event_ids[take]
-        for p in partitions:  # each partition's population level comes with its users and offsets
-            if p in snap.population:
-                level = self.model.init_state(0, len(self.items), device=self.device)
-                for name, value in snap.population[p].items():
-                    if name in ("pop", "pop_acc"):  # by item id: indices past the model's table are per file
-                        n = min(len(value), len(remap))  # a level may hold spare capacity past its items
-                        value = torch.zeros(len(self.items), dtype=value.dtype).index_add_(0, remap[:n], value[:n])
-                    setattr(level, name, value.to(self.device))
-                self.levels[p] = level
-
-    def _keep_rows(self, keep: torch.Tensor) -> None:
-        rows = keep.nonzero().flatten()
-        self.state = self.state.with_user_rows(self.state.user_rows(rows.to(self.device)))
-        self.features.renumber(self.users.keep(keep))
-
     # -- observability -------------------------------------------------------------------------
-    def _highwaters(self) -> dict[int, int]:
-        """Each owned partition's log end as of the latest fetch (no request)."""
-        tps = {p: TopicPartition(self.cfg.topic, p) for p in self.offsets}
-        return {p: high for p, tp in tps.items() if (high := self.consumer.highwater(tp)) is not None}
-
-    def lag(self) -> dict[int, int]:
-        """Messages behind each partition's end (a position past the end is a reset, not 0)."""
-        ends = self._highwaters()
-        self._check_log_ends(ends)
-        out = {p: high - self.offsets[p] for p, high in ends.items()}
-        for p, n in out.items():
-            self.metrics.lag.labels(str(p)).set(n)
-        self.metrics.users.set(len(self.users))
-        return out
-
     def log_line(self, rate: float) -> None:
         lag = self.lag()
         fresh = self.features.fresh_s[-10_000:]
@@ -554,34 +352,6 @@ class StreamWorker:
         log.info("%s ev/s | applied %s | dead letters %s | lag %s | users %s | freshness p50/p99 %s",
                  f"{rate:,.0f}", f"{self.applied:,}", f"{self.dead_letters.total:,}",
                  f"{sum(lag.values()):,}" if lag else "n/a", f"{len(self.users):,}", fq)
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    """kafka-python calls these inside poll(); no commits here (they deadlock: RECIPES.md)."""
-
-    def __init__(self, worker: StreamWorker):
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked):
-        self.worker.on_revoked({tp.partition for tp in revoked})
-
-    def on_partitions_assigned(self, assigned):
-        self.worker.on_assigned({tp.partition for tp in assigned})
-
-
-def _topic_id(consumer, topic: str) -> str | None:
-    """The broker's id of ``topic`` (a recreated topic gets a new one), None if it names none.
-    kafka-python keeps it in its cluster metadata, with no public accessor yet."""
-    try:
-        topic_id = consumer._client.cluster.topic_id(topic)
-    except Exception:
-        return None
-    return str(topic_id) if topic_id else None
-
-
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    """A snapshot's own copy: the loop goes on updating the state while the file is written."""
-    return t.detach().to("cpu", copy=True)
 
 
 def run_worker(cfg: WorkerConfig) -> int:
