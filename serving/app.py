@@ -33,12 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from features.store import MAX_PARTITIONS, is_population_key  # feast itself loads lazily
+from recsys.nested_model import population_term, sum_levels
+from streaming.catalogue import Catalogue
 from streaming.clients import make_request_producer
 from streaming.events import Event, InvalidEvent
 
@@ -72,10 +75,6 @@ def whole_population(partials, half_life_s: float | None, max_lag_s: float) -> t
     """The partitions' partial levels (partition, counts, events, clock) → the whole level's
     counts and clock: each partial brought to the freshest clock (time-decayed levels) and
     summed, leaving out any partition that has fallen ``max_lag_s`` behind."""
-    import torch
-
-    from recsys.nested_model import sum_levels
-
     freshest = max(t for *_, t in partials)
     total, clock = sum_levels([(torch.from_numpy(c), t) for _, c, _, t in partials if freshest - t <= max_lag_s],
                               half_life_s)
@@ -89,8 +88,6 @@ class Ranker:
         import onnxruntime as ort
 
         self.path, self.mtime = Path(path), Path(path).stat().st_mtime
-        import torch
-
         providers = ["CPUExecutionProvider"]
         # The onnxruntime-gpu build lists CUDA even without a GPU: ask the device, as the worker does.
         if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -142,10 +139,6 @@ class Ranker:
                                                 "population": population[:n], "exclude": mask})
         ranked = [(self.item_ids[i], float(s)) for i, s in zip(items[0, :k], scores[0, :k]) if np.isfinite(s)]
         if len(online_items):
-            import torch
-
-            from recsys.nested_model import population_term
-
             counts = torch.from_numpy(np.ascontiguousarray(population[n:n + len(online_items)]))
             extra = population_term(counts, torch.tensor(self.pop_weight)).numpy()
             hidden = {i - n for i in seen if i >= n} | {j for j, item in enumerate(online_items) if item in exclude}
@@ -260,8 +253,6 @@ class Service:
     def _watch_catalogue(self) -> None:
         """New items become recommendable without a retrain: the worker group names them in
         the catalogue topic, and this thread reads it (as often as the population level)."""
-        from streaming.catalogue import Catalogue
-
         while not self._stop.is_set():
             ranker = self.ranker
             try:
