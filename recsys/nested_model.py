@@ -101,7 +101,7 @@ class FastState:
     pop: torch.Tensor  # (N,) population-fast decayed item counts (at the last chunk end)
     pop_acc: torch.Tensor  # (N,) counts of the current, unfinished population chunk
     pop_events: torch.Tensor  # () int64 global events applied
-    pop_ts: torch.Tensor  # () int64 the time ``pop`` refers to (time-decayed level), -1: none
+    pop_ts: torch.Tensor  # () int64 the level's clock: its latest event's time (-1: none yet)
 
     def to(self, device) -> FastState:
         return FastState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -434,11 +434,13 @@ class NestedModel(nn.Module):
         end the level consolidates: pop ← δ·pop + chunk counts. Cuts of micro-batches do not
         change the result: chunk boundaries are global event positions. With a half-life in
         seconds, every event counts by its age instead (`decay_add`)."""
+        if not len(items):
+            return state
         if self.cfg.pop_half_life_s is not None:
-            if len(items):
-                state.pop, state.pop_ts = decay_add(state.pop, state.pop_ts, items, ts, self.cfg.pop_half_life_s)
+            state.pop, state.pop_ts = decay_add(state.pop, state.pop_ts, items, ts, self.cfg.pop_half_life_s)
             state.pop_events = state.pop_events + len(items)
             return state
+        state.pop_ts = torch.maximum(state.pop_ts, ts.max())  # the level's clock, whichever way it decays
         C = self.cfg.c_pop
         start = int(state.pop_events)
         pos = start

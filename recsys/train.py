@@ -11,7 +11,6 @@ Shapes: ``U`` users in a training batch, ``L`` padded sequence length, ``N`` ite
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -21,8 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from recsys.calibration import calibrate, split_history
-from recsys.nested_model import (FastState, NestedConfig, NestedModel, consolidate, decay_add, population_defaults,
-                                 score_items, write_log)
+from recsys.nested_model import FastState, NestedConfig, NestedModel, population_defaults, score_items, write_log
 
 
 @dataclass(frozen=True)
@@ -44,20 +42,17 @@ class TrainConfig:
     shard: bool = False
 
 
-def population_snapshots(items: np.ndarray, ts: np.ndarray, n_items: int, cfg: NestedConfig) -> torch.Tensor:
+def population_snapshots(model: NestedModel, items: np.ndarray, ts: np.ndarray, n_items: int) -> torch.Tensor:
     """(chunks + 1, N): the population level as it stands before each chunk of ``c_pop`` events,
-    by the model's own step (event-count consolidation, or time decay)."""
-    n_chunks = math.ceil(len(items) / cfg.c_pop)
-    snaps = torch.zeros(n_chunks + 1, n_items)
-    pop_ts = torch.tensor(-1)
-    for c in range(n_chunks):
-        part = torch.from_numpy(items[c * cfg.c_pop:(c + 1) * cfg.c_pop])
-        if cfg.pop_half_life_s is not None:
-            part_ts = torch.from_numpy(ts[c * cfg.c_pop:(c + 1) * cfg.c_pop])
-            snaps[c + 1], pop_ts = decay_add(snaps[c], pop_ts, part, part_ts, cfg.pop_half_life_s)
-        else:
-            snaps[c + 1] = consolidate(snaps[c], torch.bincount(part, minlength=n_items).float(), cfg)
-    return snaps
+    by the model's own online step (`NestedModel.update_population`)."""
+    C = model.cfg.c_pop
+    level = model.init_state(0, n_items)
+    snaps = [level.pop.clone()]
+    for lo in range(0, len(items), C):
+        part, part_ts = (torch.from_numpy(a[lo:lo + C]).to(level.pop.device) for a in (items, ts))
+        level = model.update_population(level, part, part_ts)
+        snaps.append(level.pop[:n_items].clone())
+    return torch.stack(snaps)
 
 
 def _user_sequences(history, max_len: int) -> list[np.ndarray]:
@@ -102,7 +97,7 @@ def _meta_train(history, model_cfg: NestedConfig, cfg: TrainConfig) -> NestedMod
     if cfg.shard:
         shard_item_table(model, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # the sharded table's optimizer is its own
-    snaps = population_snapshots(history.items, history.ts, model_cfg.n_items, model_cfg).to(cfg.device)
+    snaps = population_snapshots(model, history.items, history.ts, model_cfg.n_items)
     items_t = torch.from_numpy(history.items).to(cfg.device)
     ts_t = torch.from_numpy(history.ts).to(cfg.device)
     seqs = _user_sequences(history, cfg.max_len)
@@ -252,7 +247,7 @@ def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: Train
 
 def sequence_loss(model: NestedModel, history, cfg: TrainConfig = TrainConfig(progress=False)) -> float:
     """Mean next-item cross-entropy of the model over the users' history sequences (no update)."""
-    snaps = population_snapshots(history.items, history.ts, model.cfg.n_items, model.cfg)
+    snaps = population_snapshots(model, history.items, history.ts, model.cfg.n_items)
     items_t, ts_t = torch.from_numpy(history.items), torch.from_numpy(history.ts)
     seqs = _user_sequences(history, cfg.max_len)
     rng = np.random.default_rng(cfg.seed)

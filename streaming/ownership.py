@@ -36,7 +36,7 @@ class Ownership:
         row is in the online store; an unpushed or unwritten user stays until a later try."""
         if self.cfg.user_ttl_s is None or not len(self.users):
             return
-        unsettled = self.features.settled(self.model, self.state, self.users.ids, self.clock(), self.levels)
+        unsettled = self.features.settled(self.model, self.state, self.users.ids, self.levels)
         idle = self.users.idle(self.cfg.user_ttl_s)
         if unsettled:
             idle[sorted(unsettled)] = False

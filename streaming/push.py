@@ -9,7 +9,7 @@ failed write keeps its users dirty until a later one lands (at-least-once).
 
     >>> push = FeaturePush(Path("runs/features"), metrics)
     >>> push.touched(rows, produce_ms)             # after each micro-batch
-    >>> push.push(model, state, users, clock)      # every push_every_s
+    >>> push.push(model, state, users, levels)     # every push_every_s
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class FeaturePush:
         """Whether a push has anything to write: touched rows, or rows of a failed push."""
         return bool(self.dirty or self.dirty_partitions or self.failed_users)
 
-    def push(self, model, state, users: Vocab, clock: int, levels: dict, wait: bool = False) -> None:
+    def push(self, model, state, users: Vocab, levels: dict, wait: bool = False) -> None:
         """Fresh user vectors of every row touched since the last push, and the population
         level of every partition touched (``levels``: partition → its level), in one write
         (``wait``: until it landed or failed)."""
@@ -75,14 +75,13 @@ class FeaturePush:
             parts = sorted(self.dirty_partitions)
             with torch.no_grad():
                 user = model.read_users(state, rows).float().cpu().numpy() if len(rows) else []
-            # A partition's row: its partial item counts, as of its own clock (a time-decayed
-            # level's time; an event-counted level has none, the stream's clock stands in).
+            # A partition's row: its partial item counts, as of its own clock.
             ids = [users.ids[r] for r in rows.tolist()] + [population_key(p) for p in parts]
             vectors = [*user, *(levels[p].pop.float().cpu().numpy() for p in parts)]
             events = np.concatenate([state.cnt[rows].cpu().numpy(), [int(levels[p].pop_events) for p in parts]])
             recent = [r[r >= 0] for r in state.recent[rows].cpu().numpy()] + [np.zeros(0, np.int64)] * len(parts)
             last_ts = np.concatenate([state.last_ts[rows].cpu().numpy(),
-                                      [int(levels[p].pop_ts) if int(levels[p].pop_ts) >= 0 else clock for p in parts]])
+                                      [int(levels[p].pop_ts) for p in parts]])
             stamps = np.concatenate(unpushed) if unpushed else np.zeros(0)
             self.job = self.waiter.submit(self._write, ids, vectors, events, recent, last_ts, stamps)
             if wait:
@@ -92,19 +91,19 @@ class FeaturePush:
         self.dirty.clear()
         self.dirty_partitions.clear()
 
-    def last_push(self, model, state, users: Vocab, clock: int, levels: dict, attempts: int = 5) -> None:
+    def last_push(self, model, state, users: Vocab, levels: dict, attempts: int = 5) -> None:
         """At shutdown: push until the online store has every row, or give up loudly."""
         for attempt in range(attempts):
-            self.push(model, state, users, clock, levels, wait=True)
+            self.push(model, state, users, levels, wait=True)
             if not self.pending():
                 return
             time.sleep(min(2.0 ** attempt, 10.0))
         log.error("the online store refused %d users' last vectors; they are pushed with their next event",
                   len(self.failed_users))
 
-    def settled(self, model, state, users: Vocab, clock: int, levels: dict) -> set[int]:
+    def settled(self, model, state, users: Vocab, levels: dict) -> set[int]:
         """Push and wait; the rows whose latest vector is still not in the store."""
-        self.push(model, state, users, clock, levels, wait=True)
+        self.push(model, state, users, levels, wait=True)
         self._redirty_failed(users)
         return self.dirty
 

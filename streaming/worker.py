@@ -129,7 +129,6 @@ class StreamWorker(Ownership):
         self.users = UserRows()
         self.state = self.model.init_state(0, len(self.items), device=self.device)  # the user rows
         self.levels: dict[int, FastState] = {}  # owned partition -> its population level (no user rows)
-        self.stream_clock = -1  # the latest accepted event's time
         self.offsets: dict[int, int] = {}  # owned partition -> next offset (all before it are in the state)
         self.pending: list = []  # records polled, not yet applied
         self.metrics = Metrics(cfg.metrics_port, cfg.metrics_host)
@@ -169,7 +168,7 @@ class StreamWorker(Ownership):
         return self.applied + self.dead_letters.total
 
     def held(self) -> Held:
-        levels = [(level.pop, level.pop_ts if int(level.pop_ts) >= 0 else self.clock()) for level in self.levels.values()]
+        levels = [(level.pop, level.pop_ts) for level in self.levels.values()]
         population = torch.zeros(max(len(self.items), *(len(c) for c, _ in levels)), dtype=self.state.pop.dtype)
         if levels:
             summed = sum_levels(levels, self.model.cfg.pop_half_life_s)[0]
@@ -237,7 +236,7 @@ class StreamWorker(Ownership):
             if self.pending:
                 self.apply(self.pending)
                 self.pending = []
-            self.features.last_push(self.model, self.state, self.users.ids, self.clock(), self.levels)
+            self.features.last_push(self.model, self.state, self.users.ids, self.levels)
             clean = self.checkpoint(wait=True)
         except BaseException:
             # A batch may have failed half-applied: the last good checkpoint stays the truth
@@ -306,7 +305,6 @@ class StreamWorker(Ownership):
                 stamps = stamps[new.numpy()]
         if good and len(rows):
             self.users.applied(rows, offsets)
-            self.stream_clock = max(self.stream_clock, int(ts.max()))
             items, ts = items.to(self.device), ts.to(self.device)
             self.state = self.model.update(self.state, rows.to(self.device), items, ts, population=False)
             touched = parts.unique().tolist()
@@ -335,13 +333,8 @@ class StreamWorker(Ownership):
 
     def push(self, wait: bool = False) -> None:
         t0 = time.perf_counter()
-        self.features.push(self.model, self.state, self.users.ids, self.clock(), self.levels, wait=wait)
+        self.features.push(self.model, self.state, self.users.ids, self.levels, wait=wait)
         self.seconds["push"] += time.perf_counter() - t0
-
-    def clock(self) -> int:
-        """The stream's clock: the latest accepted event's time (evicting a user never moves it back)."""
-        held = self.state.last_ts[:len(self.users)]
-        return max(self.stream_clock, int(held.max()) if len(held) else -1)
 
     # -- observability -------------------------------------------------------------------------
     def log_line(self, rate: float) -> None:

@@ -199,7 +199,7 @@ def test_the_training_unroll_applies_exactly_the_online_update_rule():
     for p in model.parameters():  # away from the initial values, where some levels are exactly zero
         p.data.add_(torch.randn_like(p) * 0.05)
     train = TrainConfig(progress=False, unroll=4, max_len=10_000)
-    snaps = population_snapshots(history.items, history.ts, cfg.n_items, cfg).double()
+    snaps = population_snapshots(model, history.items, history.ts, cfg.n_items)
     items_t, ts_t = torch.from_numpy(history.items), torch.from_numpy(history.ts)
     seqs = _user_sequences(history, train.max_len)[:8]
     unrolled, n = _train_batch(model, None, seqs, items_t, ts_t, snaps, train, np.zeros(len(seqs), dtype=np.int64))
