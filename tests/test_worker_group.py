@@ -101,20 +101,23 @@ def serve_after(broker, events: pl.DataFrame, model: Path, n_workers: int, onlin
     try:
         wait_until(lambda: _checkpointed(work / "ckpt") == events.height
                    or any(w.proc.poll() is not None for w in workers), "every event checkpointed", timeout_s=300)
-    finally:  # a clean stop pushes every worker's last rows before it exits
+        # Every event applied: the partitions' population rows reach the store in the same writes as
+        # their users' rows, so once the rows count every event, every user's latest row is there too.
+        wait_until(lambda: sum(e for _, _, e, _ in repo.populations()) == events.height,
+                   "one population row per partition, counting every event once", timeout_s=60)
+        with BackgroundServer(create_app(ServeConfig(model=model.with_suffix(".onnx"), feature_repo=repo.path,
+                                                     bootstrap_servers=broker.bootstrap_servers, topic=topic))) as url:
+            top = lambda user: httpx.get(f"{url}/recommendations/{user}", params={"k": 10}).json()  # noqa: E731
+            # The server reads the level and the catalogue on its own threads: wait for the new item's counts.
+            wait_until(lambda: NEW_ITEM in [r["item_id"] for r in top(NEWCOMERS[0])["items"]],
+                       "the new item in a newcomer's top 10", timeout_s=60)
+            users = [*events["user_id"].unique(maintain_order=True).head(25).to_list(), *NEWCOMERS]
+            return {u: [(r["item_id"], r["score"]) for r in top(u)["items"]] for u in users}
+    finally:
         for w in workers:
             w.proc.terminate()
         for w in workers:
             assert w.proc.wait(60) == 0, w.text()[-3000:]
-    assert sum(e for _, _, e, _ in repo.populations()) == events.height  # one row per partition, whoever owned it
-    with BackgroundServer(create_app(ServeConfig(model=model.with_suffix(".onnx"), feature_repo=repo.path,
-                                                 bootstrap_servers=broker.bootstrap_servers, topic=topic))) as url:
-        top = lambda user: httpx.get(f"{url}/recommendations/{user}", params={"k": 10}).json()  # noqa: E731
-        # The server reads the level and the catalogue on its own threads: wait for the new item's counts.
-        wait_until(lambda: NEW_ITEM in [r["item_id"] for r in top(NEWCOMERS[0])["items"]],
-                   "the new item in a newcomer's top 10", timeout_s=60)
-        users = [*events["user_id"].unique(maintain_order=True).head(25).to_list(), *NEWCOMERS]
-        return {u: [(r["item_id"], r["score"]) for r in top(u)["items"]] for u in users}
 
 
 def _checkpointed(folder: Path) -> int:
