@@ -208,15 +208,35 @@ class NestedModel(nn.Module):
         return pooled.to(self.user0.dtype).reshape(*items.shape, self.cfg.dim)
 
     def all_items(self, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings and biases of the first ``n_items`` items; items newer than the table
-        have a zero embedding and the mean trained bias (cold start: nothing is known
-        of them yet, so the population level ranks them as they gain events)."""
+        """Scoring embeddings and biases of the first ``n_items`` items, centred on the
+        table's mean embedding; items newer than the table have a zero embedding and the
+        mean trained bias. Cold start: nothing is known of a new item yet, so it scores as
+        the average item would, and the population level ranks it as it gains events.
+        (Centring shifts each user's scores by one constant: the softmax and the ranking
+        of the table's items do not change; without it a new item would rank below every
+        item a user's vector points at, by the average item's affinity.)"""
         E, b = self.item_table(), self.item_bias
+        E = E - E.mean(0)
         if n_items > self.cfg.n_items:
             extra = n_items - self.cfg.n_items
             E = torch.cat([E, E.new_zeros(extra, E.shape[1])])
             b = torch.cat([b, b.detach().mean().expand(extra)])
         return E[:n_items], b[:n_items]
+
+    @torch.no_grad()
+    def forget_items(self, rows: torch.Tensor) -> None:
+        """Table rows that training never saw as an event (items first seen after its data):
+        their embeddings learned only to lose every softmax, so they become cold, as an item
+        past the table is: the mean embedding and bias of the others, no successor vector."""
+        keep = torch.ones(self.cfg.n_items, dtype=torch.bool)
+        keep[rows] = False
+        if not len(rows) or not keep.any():
+            return
+        E = self.tables.embedding_bags["item"].weight
+        E[rows] = E[keep].mean(0)
+        self.item_bias[rows] = self.item_bias[keep].mean()
+        if self.cfg.sequence_items:
+            self.successors.embedding_bags["next"].weight[rows] = 0
 
     # -- state ------------------------------------------------------------------------------
     def init_state(self, n_users: int, n_items: int, device=None) -> FastState:

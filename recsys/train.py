@@ -55,6 +55,11 @@ def population_snapshots(model: NestedModel, items: np.ndarray, ts: np.ndarray, 
     return torch.stack(snaps)
 
 
+def untrained_rows(history, n_items: int) -> torch.Tensor:
+    """The table rows of items without an event in ``history``."""
+    return torch.from_numpy(np.setdiff1d(np.arange(n_items), history.items))
+
+
 def _user_sequences(history, max_len: int) -> list[np.ndarray]:
     """Each user's latest ``max_len`` event positions in time order, longest first (less padding)."""
     order = np.lexsort((np.arange(len(history.users)), history.users))
@@ -120,7 +125,9 @@ def _meta_train(history, model_cfg: NestedConfig, cfg: TrainConfig) -> NestedMod
             bar.set_postfix(loss=f"{total / max(n, 1):.3f}", refresh=False)
         if cfg.progress and rank == 0:
             print(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f} in {time.perf_counter() - t0:.0f}s")
-    return (unshard(model) if cfg.shard else model).eval()
+    model = unshard(model) if cfg.shard else model
+    model.forget_items(untrained_rows(history, model_cfg.n_items))
+    return model.eval()
 
 
 def shard_item_table(model: NestedModel, cfg: TrainConfig) -> None:

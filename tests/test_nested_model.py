@@ -108,6 +108,31 @@ def test_unseen_users_and_items_get_state_online(model64):
     assert scores.shape == (2, CFG.n_items + 5) and torch.isfinite(scores).all()
 
 
+def test_an_item_new_to_the_model_scores_as_the_average_item(model64):
+    """A new item has no embedding yet: for any user it sits where the average item does,
+    not below every item the user's vector points at (Steam: 23 % of the stream's events
+    are on games newer than the history)."""
+    state = model64.update(model64.init_state(3, CFG.n_items), *_events(3, n_users=3))
+    state = model64.grow_state(state, 3, CFG.n_items + 1)
+    users = torch.tensor([0, 1, 2])
+    scores = model64.score(state, users, CFG.n_items + 1)  # the last: past the table
+    E, b = model64.all_items(CFG.n_items)
+    affinity = scores[:, :CFG.n_items] - b - model64.pop_term(state.pop[:CFG.n_items])
+    cold = scores[:, -1] - b.mean() - model64.pop_term(state.pop[CFG.n_items:CFG.n_items + 1])
+    assert torch.allclose(cold, affinity.mean(1), atol=1e-9)  # the table's mean affinity, user by user
+    assert torch.allclose(E.mean(0), torch.zeros(CFG.dim, dtype=E.dtype), atol=1e-12)
+
+
+def test_rows_training_never_saw_become_cold():
+    model = NestedModel(CFG).double()
+    model.forget_items(torch.tensor([3, 7]))
+    E, b = model.all_items(CFG.n_items + 1)  # row CFG.n_items: past the table
+    for row in (3, 7):
+        assert torch.allclose(E[row], E[CFG.n_items], atol=1e-12) and torch.isclose(b[row], b[CFG.n_items])
+        assert not model.successors.embedding_bags["next"].weight[row].any()
+    assert not torch.allclose(E[4], E[CFG.n_items])
+
+
 def test_recent_items_keep_each_users_latest_in_order(model64):
     R = model64.cfg.recent_items
     users = torch.tensor([0, 1, 0] + [1] * (R + 2))
