@@ -47,6 +47,7 @@ class DemoConfig:
     topic: str = "interactions"
     epochs: int = 1  # the slow level is trained briefly; `recsys train` trains properly
     new_events: int = 6  # the demo user's fresh events
+    seed: int = 0  # which of the group's items those are
     k: int = 10
     replay_models: tuple[str, ...] = ("pop_static", "pop_online_decay", "itemknn_online", "nested")
 
@@ -162,8 +163,7 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
     shown = Counter(group.get(r["item_id"]) for r in before[:cfg.k])
     volume = Counter(group.get(str(i)) for i in inter["item_id"].to_list())
     target = next(g for g, _ in volume.most_common() if g is not None and shown[g] == 0)
-    popular = inter["item_id"].cast(str).value_counts(sort=True)["item_id"].to_list()
-    fresh = [i for i in popular if group.get(i) == target and i not in seen][:cfg.new_events]
+    fresh = _session_items(inter, group, target, seen, cfg)
 
     print(f"\n[user {user}] {len(seen)} past events; top {cfg.k} now (from the {source} state):")
     _print_items(before[:cfg.k], label)
@@ -197,8 +197,40 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
     print(f"[user {user}] the personal part alone (slow + user levels, before the population term is added): "
           f"{in_target(personal_before)} → {in_target(personal_after)} of its top {cfg.k} from {target!r}; "
           f"the mix calibrated on the history weighs the population term {nested.pop_weight.item():.2f} × "
-          f"log(1 + count) and fades a returning user's personal part with fade {nested.fade.item():g}\n")
+          f"log(1 + count) and fades a returning user's personal part with fade {nested.fade.item():g}")
+    if "session_cluster" in (ds.extra or {}):
+        truth = _true_top(ds.extra, user, target, now, seen | set(fresh), cfg.k)
+        print(f"[user {user}] the log's own generator, for this user certainly in a {target!r} session: "
+              f"{in_target(truth)} of its top {cfg.k} from {target!r} (the `oracle`'s ranking; trending items "
+              f"are likelier than the group's less popular ones)")
+    print()
     return ids(after) != ids(before)
+
+
+def _session_items(inter, group: dict, target: str, seen: set[str], cfg: DemoConfig) -> list[str]:
+    """``cfg.new_events`` items of the group the user has not taken, drawn by the group's own
+    popularity in the log, as a session in that group would draw them (seeded). Not its most
+    popular ones: those are exactly what a ranking should then show."""
+    counts = inter["item_id"].cast(str).value_counts()
+    pool = [(i, n) for i, n in zip(counts["item_id"].to_list(), counts["count"].to_list())
+            if group.get(i) == target and i not in seen]
+    weights = np.array([n for _, n in pool], dtype=np.float64)
+    picks = np.random.default_rng(cfg.seed).choice(len(pool), min(cfg.new_events, len(pool)), replace=False,
+                                                   p=weights / weights.sum())
+    return [pool[j][0] for j in picks]
+
+
+def _true_top(truth: dict, user: str, target: str, ts: int, exclude: set[str], k: int) -> list[str]:
+    """The top ``k`` items of the synthetic generator's true distribution for ``user`` at
+    ``ts`` with ``target`` as their session cluster (the replay's `oracle`)."""
+    import torch
+
+    from offline_eval.oracle import true_probabilities
+
+    items = torch.arange(len(truth["item_cluster"]))  # generator indices; ids are 1-based
+    p = true_probabilities(truth, torch.tensor([ts]), torch.tensor([int(user) - 1]),
+                           torch.tensor([int(target.removeprefix("cluster-"))]), items)[0]
+    return [str(i + 1) for i in torch.argsort(p, descending=True).tolist() if str(i + 1) not in exclude][:k]
 
 
 def _personal_top(table: np.ndarray, item_ids: list[str], repo, user: str, k: int, exclude: set[str]) -> list[str]:
