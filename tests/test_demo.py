@@ -2,6 +2,7 @@
 ranking reacts to their posted events, everything stops cleanly, and a report is written."""
 
 import json
+import re
 
 import pytest
 
@@ -17,6 +18,9 @@ def test_the_demo_runs_the_whole_stack_and_cleans_up(tmp_path, capsys):
                  "server stopped cleanly", "[demo] OK"):
         assert step in out, step
     assert "top 10" in out and "after posting" in out
+    # Beside the served list, what the synthetic log's true distribution ranks for that session.
+    assert re.search(r"the log's own generator, for this user certainly in a 'cluster-\d+' session: \d+ of its top 10",
+                     out)
     assert (tmp_path / "checkpoints" / "demo.safetensors").is_file()  # the worker's last checkpoint
     report = json.loads((tmp_path / "replay" / "report.json").read_text())
     assert set(report["models"]) == {"pop_online_decay", "nested"}
