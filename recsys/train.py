@@ -37,6 +37,12 @@ class TrainConfig:
     # The latest share of the history held out to calibrate the population level's weight
     # (recsys/calibration.py); 0 keeps the weight meta-training learned.
     calibration_tail: float = 0.1
+    # Once the mix is set on the tail, train the slow level again on the whole history, so
+    # it knows the tail's events and the items they introduce (the stream's newest), and
+    # apply the mix to it. Chosen on the histories' own 80/20 replays (NDCG@10 without →
+    # with): ML-1M 0.1551 → 0.1610, Steam 0.0463 → 0.0473, synthetic 0.0646 → 0.0638.
+    # Costs a second training.
+    refit: bool = True
     # Under torchrun: split the item table across the processes (TorchRec model parallel)
     # instead of replicating it; the dense parameters stay data parallel.
     shard: bool = False
@@ -72,8 +78,9 @@ def _user_sequences(history, max_len: int) -> list[np.ndarray]:
 def train_nested(history, model_cfg: NestedConfig | None = None,
                  cfg: TrainConfig = TrainConfig()) -> tuple[NestedModel, FastState]:
     """Meta-train on the history but its latest ``calibration_tail``, then set the mix of the
-    population and personal levels (weight multiplier, fade) on that tail. Returns the model
-    and the fast state after the whole history."""
+    population and personal levels (weight multiplier, fade) on that tail; with ``refit``,
+    train again on the whole history and give that model the mix. Returns the model and
+    the fast state after the whole history."""
     model_cfg = model_cfg or NestedConfig(n_items=history.n_items_known,
                                           **population_defaults(history.n_events, history.ts))
     if not model_cfg.use_fast or cfg.calibration_tail <= 0:
@@ -85,6 +92,11 @@ def train_nested(history, model_cfg: NestedConfig | None = None,
     model = _meta_train(fit_part, model_cfg, cfg)
     t0 = time.perf_counter()
     multiplier, fade, state = calibrate(model.cpu(), fit_part, tail, absorb_batch=cfg.absorb_batch)
+    if cfg.refit:
+        model = _meta_train(history, model_cfg, cfg)
+        with torch.no_grad():
+            state = write_log(model, model.init_state(history.n_users_known, history.n_items_known), history,
+                              cfg.absorb_batch)
     model.to(cfg.device)
     with torch.no_grad():
         model.pop_weight.mul_(multiplier)

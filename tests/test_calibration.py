@@ -1,6 +1,7 @@
 """Calibrating the population/personal mix on the history's tail ranks exactly as the replay does."""
 
 import numpy as np
+import pytest
 import torch
 
 from offline_eval.metrics import summarize
@@ -47,18 +48,21 @@ def test_the_chosen_pair_is_the_one_the_replay_scores_best():
     assert float(model.fade) == 0.0  # calibrating leaves the model as it was
 
 
-def test_training_sets_the_calibrated_mix_on_the_model():
+@pytest.mark.parametrize("refit", [False, True], ids=["tail-held-out", "refit"])
+def test_training_sets_the_calibrated_mix_on_the_model(refit):
     history = encode(load_dataset("synthetic", n_users=200, n_items=300, n_events=8_000, seed=5)).history()
     cfg = NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events, history.ts))
     fit_part, _ = split_history(history, 0.1)
-    plain, _ = train_nested(fit_part, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0))
-    calibrated, state = train_nested(history, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0.1))
-    # Trained on the same 90%, then the mix set on the last 10%: the weights differ by the grid's factor.
+    # Refit: the slow level trained again on the whole history, the tail included.
+    plain, _ = train_nested(history if refit else fit_part, cfg, TrainConfig(epochs=1, progress=False,
+                                                                             calibration_tail=0))
+    calibrated, state = train_nested(history, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0.1,
+                                                               refit=refit))
+    # Trained on the same events, then the mix set on the last 10%: the weights differ by the grid's factor.
     ratio = (calibrated.pop_weight / plain.pop_weight).item()
     assert any(abs(ratio - k) < 1e-5 for k in MULTIPLIERS), ratio
     assert torch.equal(calibrated.item_table(), plain.item_table())
-    # The calibration's pass wrote the whole history: the state it hands back is the one a
-    # fresh write of the history gives.
+    # The state handed back is the one a fresh write of the whole history gives.
     fresh = write_log(calibrated, calibrated.init_state(history.n_users_known, history.n_items_known), history, 4096)
     for name, value in fresh.tensors().items():
         assert torch.allclose(state.tensors()[name], value, atol=1e-5), name
