@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from commands.train import train_artifact
 from features.sources import write_sources
 from features.store import FeatureRepo
+from offline_eval.oracle import true_probabilities
 from offline_eval.report import ReplayConfig, markdown_table, run_replay
 from recsys.datasets import load_dataset
 from recsys.nested_model import NestedModel, load_item_ids
@@ -223,10 +225,6 @@ def _session_items(inter, group: dict, target: str, seen: set[str], cfg: DemoCon
 def _true_top(truth: dict, user: str, target: str, ts: int, exclude: set[str], k: int) -> list[str]:
     """The top ``k`` items of the synthetic generator's true distribution for ``user`` at
     ``ts`` with ``target`` as their session cluster (the replay's `oracle`)."""
-    import torch
-
-    from offline_eval.oracle import true_probabilities
-
     items = torch.arange(len(truth["item_cluster"]))  # generator indices; ids are 1-based
     p = true_probabilities(truth, torch.tensor([ts]), torch.tensor([int(user) - 1]),
                            torch.tensor([int(target.removeprefix("cluster-"))]), items)[0]
