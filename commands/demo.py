@@ -201,7 +201,7 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
           f"the mix calibrated on the history weighs the population term {nested.pop_weight.item():.2f} × "
           f"log(1 + count) and fades a returning user's personal part with fade {nested.fade.item():g}")
     if "session_cluster" in (ds.extra or {}):
-        truth = _true_top(ds.extra, user, target, now, seen | set(fresh), cfg.k)
+        truth = _true_top(ds.extra, user, fresh, now, seen | set(fresh), cfg.k)
         print(f"[user {user}] the log's own generator, for this user certainly in a {target!r} session: "
               f"{in_target(truth)} of its top {cfg.k} from {target!r} (the `oracle`'s ranking; trending items "
               f"are likelier than the group's less popular ones)")
@@ -222,12 +222,13 @@ def _session_items(inter, group: dict, target: str, seen: set[str], cfg: DemoCon
     return [pool[j][0] for j in picks]
 
 
-def _true_top(truth: dict, user: str, target: str, ts: int, exclude: set[str], k: int) -> list[str]:
+def _true_top(truth: dict, user: str, session: list[str], ts: int, exclude: set[str], k: int) -> list[str]:
     """The top ``k`` items of the synthetic generator's true distribution for ``user`` at
-    ``ts`` with ``target`` as their session cluster (the replay's `oracle`)."""
+    ``ts`` in the session cluster of the ``session`` items (the replay's `oracle`)."""
     items = torch.arange(len(truth["item_cluster"]))  # generator indices; ids are 1-based
-    p = true_probabilities(truth, torch.tensor([ts]), torch.tensor([int(user) - 1]),
-                           torch.tensor([int(target.removeprefix("cluster-"))]), items)[0]
+    cluster = int(truth["item_cluster"][int(session[0]) - 1])
+    p = true_probabilities(truth, torch.tensor([ts]), torch.tensor([int(user) - 1]), torch.tensor([cluster]),
+                           items)[0]
     return [str(i + 1) for i in torch.argsort(p, descending=True).tolist() if str(i + 1) not in exclude][:k]
 
 

@@ -490,7 +490,7 @@ class NestedModel(nn.Module):
     def load(cls, path, **overrides) -> NestedModel:
         from safetensors.torch import load_file
 
-        cfg = NestedConfig(**json.loads(_metadata(path)["config"]))
+        cfg = model_config(path)
         weights = load_file(str(path))
         model = cls(replace(cfg, **overrides)).to(weights["user0"].dtype)  # exact: no dtype rounding
         model.load_state_dict(weights)
@@ -565,6 +565,11 @@ def write_log(model: NestedModel, state: FastState, log, batch_size: int) -> Fas
         part = (torch.from_numpy(a[lo:lo + batch_size]) for a in (log.users, log.items, log.ts))
         state = model.update(state, *part)
     return state
+
+
+def model_config(path) -> NestedConfig:
+    """A model file's config, read from its metadata (no weights loaded)."""
+    return NestedConfig(**json.loads(_metadata(path)["config"]))
 
 
 def load_item_ids(path) -> list[str]:

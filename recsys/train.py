@@ -84,27 +84,30 @@ def train_nested(history, model_cfg: NestedConfig | None = None,
     model_cfg = model_cfg or NestedConfig(n_items=history.n_items_known,
                                           **population_defaults(history.n_events, history.ts))
     if not model_cfg.use_fast or cfg.calibration_tail <= 0:
-        model = _meta_train(history, model_cfg, cfg)
-        with torch.no_grad():
-            return model, write_log(model, model.init_state(history.n_users_known, history.n_items_known), history,
-                                    cfg.absorb_batch)
+        return _train_and_write(history, model_cfg, cfg)
     fit_part, tail = split_history(history, cfg.calibration_tail)
     model = _meta_train(fit_part, model_cfg, cfg)
     t0 = time.perf_counter()
     multiplier, fade, state = calibrate(model.cpu(), fit_part, tail, absorb_batch=cfg.absorb_batch)
+    seconds = time.perf_counter() - t0
     if cfg.refit:
-        model = _meta_train(history, model_cfg, cfg)
-        with torch.no_grad():
-            state = write_log(model, model.init_state(history.n_users_known, history.n_items_known), history,
-                              cfg.absorb_batch)
+        model, state = _train_and_write(history, model_cfg, cfg)
     model.to(cfg.device)
     with torch.no_grad():
         model.pop_weight.mul_(multiplier)
         model.fade.fill_(fade)
     if cfg.progress and distributed_rank()[0] == 0:
-        print(f"calibrated on the history's latest {cfg.calibration_tail:.0%} in {time.perf_counter() - t0:.0f}s: "
+        print(f"calibrated on the history's latest {cfg.calibration_tail:.0%} in {seconds:.0f}s: "
               f"population weight ×{multiplier:g} → {model.pop_weight.item():.3f}, fade {fade:g}")
     return model, state.to(cfg.device)
+
+
+def _train_and_write(history, model_cfg: NestedConfig, cfg: TrainConfig) -> tuple[NestedModel, FastState]:
+    """Meta-train on ``history``, then write it into a fresh fast state."""
+    model = _meta_train(history, model_cfg, cfg)
+    with torch.no_grad():
+        return model, write_log(model, model.init_state(history.n_users_known, history.n_items_known), history,
+                                cfg.absorb_batch)
 
 
 def _meta_train(history, model_cfg: NestedConfig, cfg: TrainConfig) -> NestedModel:

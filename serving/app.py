@@ -127,8 +127,9 @@ class Ranker:
         indices from the stream worker, in that same numbering; ``exclude``: item ids from
         the request.
 
-        Items first seen online have no slow-level embedding yet (zero: cold), so their score
-        is the population term alone, computed here with the graph's weight; the two ranked
+        Items first seen online have no slow-level embedding yet: the average item's, zero
+        once the table is centred (`NestedModel.all_items`), so their score is the
+        population term alone, computed here with the graph's weight; the two ranked
         lists merge by score."""
         n = len(self.item_ids)
         mask = np.zeros((1, n), dtype=bool)

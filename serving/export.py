@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recsys.nested_model import NestedModel, load_item_ids, population_term, score_items, trust
+from recsys.nested_model import NestedModel, load_item_ids, model_config, population_term, score_items, trust
 
 K_MAX = 100  # the graph returns the top 100; the API slices to the requested k
 
@@ -76,7 +76,7 @@ def export_onnx(model_file: Path, out: Path, seed: int = 0) -> ExportCheck:
     scorer, item_ids, user0 = scorer_from_model(model_file)
     write_graph(scorer, out)
     proto = onnx.load(str(out))
-    half_life_s = NestedModel.load(model_file).cfg.pop_half_life_s
+    half_life_s = model_config(model_file).pop_half_life_s
     # Items first seen online are past the graph: serving scores them by the population term alone.
     for key, value in {"item_ids": json.dumps(item_ids), "user0": json.dumps(user0.tolist()),
                        "source_model": str(model_file), "pop_half_life_s": json.dumps(half_life_s),
