@@ -55,7 +55,7 @@ class NestedReplay:
         nothing left to do. Global state (population, clock) stays as at the batch start."""
         users = torch.from_numpy(batch.users)
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
-        clock, pop = self.state.clock(), self.state.pop[:n_items].clone()
+        clock, pop = self.state.clock(), self.model.population_counts(self.state.pop)
         self.state, reads = self.model.update_reading(self.state, users, torch.from_numpy(batch.items),
                                                       torch.from_numpy(batch.ts))
         self.applied = batch

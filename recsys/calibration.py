@@ -62,7 +62,7 @@ def calibrate(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb_
             state = model.update(state, users, items, ts)
         else:  # protocol v2: each event from its user's state after their earlier events (replay's score_fresh)
             n_known = int(known_upto[lo])
-            clock, pop = state.clock(), state.pop[:n_known].clone()
+            clock, pop = state.clock(), model.population_counts(state.pop)[:n_known]
             state, reads = model.update_reading(state, users, items, ts)
             absent = clock - reads.last_ts
             E, bias = model.all_items(n_known)

@@ -3,7 +3,7 @@
 | level | state | updated |
 | --- | --- | --- |
 | slow | item and successor tables (TorchRec), projections, gates — `NestedModel` parameters | offline (`recsys train`) |
-| population-fast | decayed item counts `pop` | every `C_pop` global events |
+| population-fast | decayed item counts `pop`, at several speeds | every event (by its time), or every `C_pop` global events |
 | user-mid | taste adapter `mid` + gradient accumulator | every `C_mid` of the user's events |
 | user-fast | matrix memory `M` + momentum `S` (Titans delta rule); the latest items `recent` | every event |
 
@@ -52,11 +52,17 @@ class NestedConfig:
     mem_dim: int = 32  # m
     c_mid: int = 8  # user-mid level: update every c_mid of the user's events
     c_pop: int = 1000  # population level: update every c_pop global events
-    pop_half_life: float = 8000.0  # population counts halve every this many events
+    pop_half_life: float = 8000.0  # population counts halve every this many events (time clock: the memory read)
     # Set: the population level decays by event time instead (counts halve every this many
     # seconds), so partial levels of any split of the stream (a worker group's partitions)
-    # add up exactly to the whole; c_pop and pop_half_life are then unused.
+    # add up exactly to the whole; c_pop is then unused.
     pop_half_life_s: float | None = None
+    # With a time clock, the level runs at several speeds (CMS): one count vector per half-life
+    # pop_half_life_s × speed, all time-decayed (so splits still add up exactly). Reading takes
+    # the speed whose counts hold about pop_half_life events' worth (`population_counts`): the
+    # memory stays near that many events when the stream's rate drifts from the history's
+    # (ML-1M's stream thins 75× over its years, Steam's runs 1.5–2.4× faster than its history's end).
+    pop_speeds: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
     recent_items: int = 50  # the user's latest items, kept so serving can mask what was just seen
     # The user's latest items read through the slow level's successor table ("what follows
     # these, across everyone"): the fresh-user signal a live stream is about. 0: off.
@@ -80,6 +86,19 @@ class NestedConfig:
             raise ValueError(f"NestedConfig sizes must be positive: {self}")
         if not 0 <= self.sequence_items <= self.recent_items:
             raise ValueError(f"sequence_items must be in [0, recent_items={self.recent_items}]: {self}")
+        object.__setattr__(self, "pop_speeds", tuple(float(s) for s in self.pop_speeds))  # JSON gives a list
+        if not self.pop_speeds or list(self.pop_speeds) != sorted(set(self.pop_speeds)) or self.pop_speeds[0] <= 0:
+            raise ValueError(f"pop_speeds must be positive and increasing: {self}")
+
+    def pop_half_lives(self) -> tuple[float, ...] | None:
+        """The time-decayed population speeds' half-lives in seconds; None: one level on the event clock."""
+        if self.pop_half_life_s is None:
+            return None
+        return tuple(self.pop_half_life_s * s for s in self.pop_speeds)
+
+    def pop_levels(self) -> int:
+        """Count vectors the population level keeps per item (its speeds)."""
+        return 1 if self.pop_half_life_s is None else len(self.pop_speeds)
 
 
 USER_FIELDS = ("M", "S", "last", "last_ts", "mid", "acc", "cnt", "recent")  # one row per user
@@ -98,8 +117,8 @@ class FastState:
     acc: torch.Tensor  # (U, D) user-mid gradient accumulated over the current chunk
     cnt: torch.Tensor  # (U,) int64 events of the user applied in total
     recent: torch.Tensor  # (U, R) int64 the user's latest R item indices, oldest first, -1 = empty
-    pop: torch.Tensor  # (N,) population-fast decayed item counts (at the last chunk end)
-    pop_acc: torch.Tensor  # (N,) counts of the current, unfinished population chunk
+    pop: torch.Tensor  # (N, speeds) population-fast decayed item counts (at the last chunk end)
+    pop_acc: torch.Tensor  # (N, speeds) counts of the current, unfinished population chunk
     pop_events: torch.Tensor  # () int64 global events applied
     pop_ts: torch.Tensor  # () int64 the level's clock: its latest event's time (-1: none yet)
 
@@ -247,7 +266,8 @@ class NestedModel(nn.Module):
                          last_ts=torch.full((n_users,), -1, dtype=torch.int64, device=device),
                          mid=z(n_users, D), acc=z(n_users, D), cnt=z(n_users, dtype=torch.int64),
                          recent=torch.full((n_users, self.cfg.recent_items), -1, dtype=torch.int64, device=device),
-                         pop=z(n_items), pop_acc=z(n_items), pop_events=z((), dtype=torch.int64),
+                         pop=z(n_items, self.cfg.pop_levels()), pop_acc=z(n_items, self.cfg.pop_levels()),
+                         pop_events=z((), dtype=torch.int64),
                          pop_ts=torch.full((), -1, dtype=torch.int64, device=device))
 
     @staticmethod
@@ -303,8 +323,14 @@ class NestedModel(nn.Module):
         V = self.item_vectors(recent[..., -K:], table="next")  # (…, K, D)
         return torch.einsum("...kd,k->...d", V, self.sequence_weights)
 
-    def pop_term(self, pop: torch.Tensor) -> torch.Tensor:
-        return population_term(pop, self.population_weight())
+    def pop_term(self, counts: torch.Tensor) -> torch.Tensor:
+        """(N,) counts read from the level (`population_counts`) → (N,) the population term."""
+        return population_term(counts, self.population_weight())
+
+    def population_counts(self, pop: torch.Tensor) -> torch.Tensor:
+        """(N, speeds) the level's counts (a state's ``pop``, or partitions' summed) → (N,) the
+        counts its score reads (`read_speeds`)."""
+        return read_speeds(pop, self.cfg.pop_half_life)
 
     def population_weight(self) -> torch.Tensor:
         """() the population term's weight; 0 where the model has no population level."""
@@ -357,14 +383,15 @@ class NestedModel(nn.Module):
     @torch.no_grad()
     def score(self, state: FastState, users: torch.Tensor, n_items: int) -> torch.Tensor:
         """(B,) users → (B, n_items) scores from the current state."""
-        return self.score_users(self.read_users(state, users), state.absent_s(users), state.pop, n_items)
+        return self.score_users(self.read_users(state, users), state.absent_s(users),
+                                self.population_counts(state.pop), n_items)
 
-    def score_users(self, z: torch.Tensor, absent_s: torch.Tensor, pop: torch.Tensor, n_items: int) -> torch.Tensor:
+    def score_users(self, z: torch.Tensor, absent_s: torch.Tensor, counts: torch.Tensor, n_items: int) -> torch.Tensor:
         """(B, D) user vectors, (B,) seconds since each one's latest event, the population's
-        counts → (B, n_items) scores: the personal part fades with absence."""
+        read counts (`population_counts`) → (B, n_items) scores: the personal part fades with absence."""
         E, b = self.all_items(n_items)
         weight = trust(absent_s.to(z.dtype), self.fade) if self.cfg.use_fast else None
-        return score_items(z, E, b, self.pop_term(pop[:n_items]), weight)
+        return score_items(z, E, b, self.pop_term(counts[:n_items]), weight)
 
     @torch.no_grad()
     def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
@@ -457,7 +484,7 @@ class NestedModel(nn.Module):
         if not len(items):
             return state
         if self.cfg.pop_half_life_s is not None:
-            state.pop, state.pop_ts = decay_add(state.pop, state.pop_ts, items, ts, self.cfg.pop_half_life_s)
+            state.pop, state.pop_ts = decay_add(state.pop, state.pop_ts, items, ts, self.cfg.pop_half_lives())
             state.pop_events = state.pop_events + len(items)
             return state
         state.pop_ts = torch.maximum(state.pop_ts, ts.max())  # the level's clock, whichever way it decays
@@ -467,7 +494,7 @@ class NestedModel(nn.Module):
         while pos < start + len(items):
             end = min((pos // C + 1) * C, start + len(items))
             part = items[pos - start:end - start]
-            state.pop_acc.index_add_(0, part, torch.ones(len(part), dtype=state.pop_acc.dtype, device=items.device))
+            state.pop_acc.index_add_(0, part, state.pop_acc.new_ones(len(part), *state.pop_acc.shape[1:]))
             if end % C == 0:
                 state.pop = consolidate(state.pop, state.pop_acc, self.cfg)
                 state.pop_acc.zero_()
@@ -505,20 +532,40 @@ def trust(absent_s: torch.Tensor, fade: torch.Tensor) -> torch.Tensor:
 
 
 def decay_add(pop: torch.Tensor, pop_ts: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
-              half_life_s: float) -> tuple[torch.Tensor, torch.Tensor]:
+              half_life_s) -> tuple[torch.Tensor, torch.Tensor]:
     """The time-decayed population level: (N,) counts as of ``pop_ts`` plus events (items, ts)
     → the counts as of T = the latest of them, each event weighted 2^(−age at T / half-life).
     Exact under any split of the stream: levels of disjoint parts, brought to one time
-    (`decay_to`), sum to the level of the whole."""
+    (`decay_to`), sum to the level of the whole. With (N, S) counts and S half-lives, each
+    column is one speed."""
     T = torch.maximum(pop_ts, ts.max())
-    weight = torch.pow(0.5, (T - ts).to(torch.float64) / half_life_s).to(pop.dtype)
-    return decay_to(pop, pop_ts, T, half_life_s).index_add_(0, items, weight), T
+    hl = torch.as_tensor(half_life_s, dtype=torch.float64)
+    weight = torch.pow(0.5, (T - ts).to(torch.float64).unsqueeze(-1) / hl).to(pop.dtype).to(pop.device)
+    return decay_to(pop, pop_ts, T, half_life_s).index_add_(0, items, weight.reshape(len(ts), *pop.shape[1:])), T
 
 
-def decay_to(pop: torch.Tensor, pop_ts, t, half_life_s: float) -> torch.Tensor:
-    """(…, N) counts as of ``pop_ts`` → as of the later time ``t`` (a new tensor)."""
+def decay_to(pop: torch.Tensor, pop_ts, t, half_life_s) -> torch.Tensor:
+    """(N, …) counts as of ``pop_ts`` → as of the later time ``t`` (a new tensor); the
+    half-life is one number, or one per speed (the last dim)."""
     age = torch.as_tensor(t, dtype=torch.float64) - torch.as_tensor(pop_ts, dtype=torch.float64)
-    return pop * torch.pow(0.5, age.clamp(min=0) / half_life_s).to(pop.dtype).to(pop.device)
+    hl = torch.as_tensor(half_life_s, dtype=torch.float64)
+    return pop * torch.pow(0.5, age.clamp(min=0) / hl).to(pop.dtype).to(pop.device)
+
+
+def read_speeds(pop: torch.Tensor, memory_events: float) -> torch.Tensor:
+    """(N, S) counts at S speeds, slowest last → (N,) the counts of a level that holds about
+    ``memory_events`` events' worth (a steady stream's count mass under an event half-life
+    of that many: memory_events / ln 2), interpolated between the two speeds whose mass
+    brackets it, in log mass. A function of the whole level's counts only: applied after the
+    partitions' levels are summed, it reads exactly what one level of the whole stream would."""
+    if pop.shape[-1] == 1:
+        return pop[..., 0]
+    mass = pop.sum(0).clamp(min=1e-12).log2()  # (S,) increasing: a longer memory holds more
+    target = math.log2(memory_events / math.log(2))
+    hi = torch.searchsorted(mass.contiguous(), torch.tensor([target], dtype=mass.dtype)).clamp(1, len(mass) - 1)
+    lo = hi - 1
+    a = ((target - mass[lo]) / (mass[hi] - mass[lo]).clamp(min=1e-12)).clamp(0, 1)
+    return (1 - a) * pop[:, lo].squeeze(-1) + a * pop[:, hi].squeeze(-1)
 
 
 def sum_levels(levels, half_life_s: float | None) -> tuple[torch.Tensor, int]:
@@ -526,7 +573,7 @@ def sum_levels(levels, half_life_s: float | None) -> tuple[torch.Tensor, int]:
     whole level's counts and clock: time-decayed ones brought to the freshest clock first;
     event-counted ones (``half_life_s`` None) summed as they are."""
     clock = max(int(t) for _, t in levels)
-    total = torch.zeros(max(len(c) for c, _ in levels), dtype=levels[0][0].dtype)
+    total = torch.zeros(max(len(c) for c, _ in levels), *levels[0][0].shape[1:], dtype=levels[0][0].dtype)
     for counts, t in levels:
         counts = counts.cpu()
         total[:len(counts)] += counts if half_life_s is None else decay_to(counts, int(t), clock, half_life_s)
@@ -612,7 +659,8 @@ def population_defaults(history_events: int, history_ts=None, clock: str = POPUL
     """Population-level defaults from the history alone (never from the stream): a half-life
     of 1 % of the history's events, consolidated 8 times per half-life so the level is never
     staler than an eighth of its own memory. ``clock="time"``: the same memory in seconds —
-    the time the history's latest 1 % of events took (at least an hour)."""
+    the time the history's latest 1 % of events took (at least an hour) — is the middle speed;
+    the read keeps the 1 % in events when the stream runs slower or faster (``pop_speeds``)."""
     half_life = float(max(1000, math.ceil(0.01 * history_events)))
     out = {"pop_half_life": half_life, "c_pop": int(min(1000, half_life // 8))}
     if clock == "time":

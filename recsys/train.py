@@ -49,15 +49,15 @@ class TrainConfig:
 
 
 def population_snapshots(model: NestedModel, items: np.ndarray, ts: np.ndarray, n_items: int) -> torch.Tensor:
-    """(chunks + 1, N): the population level as it stands before each chunk of ``c_pop`` events,
-    by the model's own online step (`NestedModel.update_population`)."""
+    """(chunks + 1, N): the population level's read counts as they stand before each chunk of
+    ``c_pop`` events, by the model's own online step (`NestedModel.update_population`)."""
     C = model.cfg.c_pop
     level = model.init_state(0, n_items)
-    snaps = [level.pop.clone()]
+    snaps = [model.population_counts(level.pop)]
     for lo in range(0, len(items), C):
         part, part_ts = (torch.from_numpy(a[lo:lo + C]).to(level.pop.device) for a in (items, ts))
         level = model.update_population(level, part, part_ts)
-        snaps.append(level.pop[:n_items].clone())
+        snaps.append(model.population_counts(level.pop)[:n_items])
     return torch.stack(snaps)
 
 

@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from features.store import MAX_PARTITIONS, is_population_key  # feast itself loads lazily
-from recsys.nested_model import population_term, sum_levels
+from recsys.nested_model import population_term, read_speeds, sum_levels
 from streaming.catalogue import Catalogue
 from streaming.clients import make_request_producer
 from streaming.events import Event, InvalidEvent
@@ -71,14 +71,17 @@ class ServeConfig:
     degraded_for_s: float = 10.0  # /healthz says degraded this long after a fault
 
 
-def whole_population(partials, half_life_s: float | None, max_lag_s: float) -> tuple[np.ndarray, int]:
-    """The partitions' partial levels (partition, counts, events, clock) → the whole level's
-    counts and clock: each partial brought to the freshest clock (time-decayed levels) and
-    summed, leaving out any partition that has fallen ``max_lag_s`` behind."""
+def whole_population(partials, half_lives_s: list[float] | None, memory_events: float,
+                     max_lag_s: float) -> tuple[np.ndarray, int]:
+    """The partitions' partial levels (partition, item-major counts at each speed, events,
+    clock) → the whole level's read counts (`read_speeds`, as the model reads its own) and
+    clock: each partial brought to the freshest clock (time-decayed levels) and summed,
+    leaving out any partition that has fallen ``max_lag_s`` behind."""
+    speeds = len(half_lives_s) if half_lives_s is not None else 1
     freshest = max(t for *_, t in partials)
-    total, clock = sum_levels([(torch.from_numpy(c), t) for _, c, _, t in partials if freshest - t <= max_lag_s],
-                              half_life_s)
-    return total.numpy(), clock
+    total, clock = sum_levels([(torch.from_numpy(c).reshape(-1, speeds), t) for _, c, _, t in partials
+                               if freshest - t <= max_lag_s], half_lives_s)
+    return read_speeds(total, memory_events).numpy(), clock
 
 
 class Ranker:
@@ -99,9 +102,11 @@ class Ranker:
         self.inputs = sorted(i.name for i in self.session.get_inputs())
         meta = self.session.get_modelmeta().custom_metadata_map
         self.item_ids: list[str] = json.loads(meta["item_ids"])
-        # How the partitions' partial counts come to one time: by their half-life (None: the
-        # level counts events, and the partials are summed as they are).
-        self.pop_half_life_s: float | None = json.loads(meta.get("pop_half_life_s", "null"))
+        # How the partitions' partial counts come to one time: by each speed's half-life (None:
+        # the level counts events, and the partials are summed as they are), and which memory
+        # the score reads from the speeds.
+        self.pop_half_lives_s: list[float] | None = json.loads(meta.get("pop_half_lives_s", "null"))
+        self.pop_memory_events = float(json.loads(meta.get("pop_memory_events", "1")))
         self.pop_weight = float(json.loads(meta.get("pop_weight", "0")))
         self.user0 = np.asarray(json.loads(meta["user0"]), dtype=np.float32)
         self.index = {item: i for i, item in enumerate(self.item_ids)}
@@ -233,8 +238,8 @@ class Service:
             try:
                 partials = self.features.populations(self.cfg.max_partitions)
                 if partials:
-                    self._population = whole_population(partials, self.ranker.pop_half_life_s,
-                                                        self.cfg.population_max_lag_s)
+                    self._population = whole_population(partials, self.ranker.pop_half_lives_s,
+                                                        self.ranker.pop_memory_events, self.cfg.population_max_lag_s)
             except Exception as e:  # the last level read stays in use
                 self.fault("population read failing", e)
             ranker = self.ranker

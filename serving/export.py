@@ -9,8 +9,9 @@ is retrained, which produces a new model file that the server hot-swaps; baking 
 in lets ONNX Runtime fold and place them once, and keeps each request's input to a
 few hundred bytes. The population level's item counts are an **input**: they move with
 every micro-batch, far faster than any model file; serving sums the partitions' partial
-counts (metadata ``pop_half_life_s`` says how they decay to one time) and the graph turns
-them into the population term with the model's own weight.
+counts (metadata ``pop_half_lives_s``: how each speed decays to one time), reads them as
+the model does (``pop_memory_events``: `read_speeds`) and the graph turns the read counts
+into the population term with the model's own weight.
 
     >>> export_onnx(Path("runs/model/model.safetensors"), Path("runs/model/model.onnx"))
     ExportCheck(max_abs_diff=2.4e-07, ...)
@@ -76,10 +77,11 @@ def export_onnx(model_file: Path, out: Path, seed: int = 0) -> ExportCheck:
     scorer, item_ids, user0 = scorer_from_model(model_file)
     write_graph(scorer, out)
     proto = onnx.load(str(out))
-    half_life_s = model_config(model_file).pop_half_life_s
+    cfg = model_config(model_file)
     # Items first seen online are past the graph: serving scores them by the population term alone.
     for key, value in {"item_ids": json.dumps(item_ids), "user0": json.dumps(user0.tolist()),
-                       "source_model": str(model_file), "pop_half_life_s": json.dumps(half_life_s),
+                       "source_model": str(model_file), "pop_half_lives_s": json.dumps(cfg.pop_half_lives()),
+                       "pop_memory_events": json.dumps(cfg.pop_half_life),
                        "pop_weight": json.dumps(float(scorer.pop_weight))}.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)

@@ -209,7 +209,7 @@ class Ownership:
                 for name, value in snap.population[p].items():
                     if name in ("pop", "pop_acc"):  # by item id: indices past the model's table are per file
                         n = min(len(value), len(remap))  # a level may hold spare capacity past its items
-                        value = torch.zeros(len(self.items), dtype=value.dtype).index_add_(0, remap[:n], value[:n])
+                        value = value.new_zeros(len(self.items), *value.shape[1:]).index_add_(0, remap[:n], value[:n])
                     setattr(level, name, value.to(self.device))
                 self.levels[p] = level
 

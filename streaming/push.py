@@ -77,7 +77,7 @@ class FeaturePush:
                 user = model.read_users(state, rows).float().cpu().numpy() if len(rows) else []
             # A partition's row: its partial item counts, as of its own clock.
             ids = [users.ids[r] for r in rows.tolist()] + [population_key(p) for p in parts]
-            vectors = [*user, *(levels[p].pop.float().cpu().numpy() for p in parts)]
+            vectors = [*user, *(levels[p].pop.float().cpu().numpy().ravel() for p in parts)]  # item-major speeds
             events = np.concatenate([state.cnt[rows].cpu().numpy(), [int(levels[p].pop_events) for p in parts]])
             recent = [r[r >= 0] for r in state.recent[rows].cpu().numpy()] + [np.zeros(0, np.int64)] * len(parts)
             last_ts = np.concatenate([state.last_ts[rows].cpu().numpy(),

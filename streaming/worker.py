@@ -171,7 +171,7 @@ class StreamWorker(Ownership):
         levels = [(level.pop, level.pop_ts) for level in self.levels.values()]
         population = torch.zeros(max(len(self.items), *(len(c) for c, _ in levels)), dtype=self.state.pop.dtype)
         if levels:
-            summed = sum_levels(levels, self.model.cfg.pop_half_life_s)[0]
+            summed = self.model.population_counts(sum_levels(levels, self.model.cfg.pop_half_lives())[0])
             population[:len(summed)] = summed
         return Held(self.model, self.state, self.users.ids, self.items, population.to(self.device))
 

@@ -1,6 +1,7 @@
 """The nested model's state semantics: batching never changes the result."""
 
 import copy
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -10,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsys import fused_update
-from recsys.nested_model import NestedConfig, NestedModel, decay_add, decay_to, load_state, save_state
+from recsys.nested_model import (NestedConfig, NestedModel, decay_add, decay_to, load_state, read_speeds, save_state,
+                                 sum_levels)
 
 CFG = NestedConfig(n_items=30, dim=8, mem_dim=4, c_mid=3, c_pop=5, pop_half_life=10.0)
 
@@ -89,6 +91,40 @@ def test_partial_time_decayed_levels_of_any_split_add_up_to_the_whole(seed, part
     assert torch.allclose(summed, whole, rtol=1e-12, atol=1e-12)
 
 
+@given(seed=st.integers(0, 10_000), parts=st.integers(2, 5))
+def test_a_population_at_several_speeds_reads_the_same_from_any_split(seed, parts):
+    """Each speed is time-decayed, so the partitions' partial levels sum to the whole at
+    every speed, and the read, applied to the sum (as serving does), is the whole's read."""
+    rng = np.random.default_rng(seed)
+    items = torch.from_numpy(rng.integers(0, 30, 300))
+    ts = torch.from_numpy(np.sort(rng.integers(1_000, 900_000, 300)))
+    part = torch.from_numpy(rng.integers(0, parts, 300))
+    half_lives = (10_000.0, 40_000.0, 160_000.0)
+    empty = torch.zeros(30, 3, dtype=torch.float64), torch.tensor(-1)
+    whole = decay_add(*empty, items, ts, half_lives)
+    partial = [decay_add(*empty, items[part == k], ts[part == k], half_lives) for k in range(parts) if (part == k).any()]
+    summed, clock = sum_levels(partial, half_lives)
+    assert clock == int(whole[1]) and torch.allclose(summed, whole[0], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(read_speeds(summed, 20.0), read_speeds(whole[0], 20.0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("events_per_day", [50, 400, 3200])
+def test_the_population_read_keeps_its_memory_in_events_whatever_the_rate(events_per_day):
+    """A model whose history ran at 400 events a day (half-life: the 1 day its latest 400
+    events took) serves a stream 8× slower or faster: the level it reads still holds
+    about 400 events' worth of counts, as an event-counted level would (a steady stream's
+    mass: 400 / ln 2); a single speed would hold 8× too little or too much."""
+    cfg = NestedConfig(n_items=10, pop_half_life=400.0, pop_half_life_s=86400.0)
+    model = NestedModel(cfg).double()
+    n = 40 * events_per_day  # 40 days: every speed up to 16 half-lives is near steady
+    ts = torch.arange(n, dtype=torch.int64) * 86400 // events_per_day
+    state = model.update_population(model.init_state(0, cfg.n_items), torch.arange(n) % cfg.n_items, ts)
+    read = float(model.population_counts(state.pop).sum())
+    assert abs(math.log(read / (400 / math.log(2)))) < math.log(1.25), read
+    single = float(state.pop[:, cfg.pop_speeds.index(1.0)].sum())  # the history's own speed
+    assert events_per_day == 400 or abs(math.log(single / read)) > math.log(4), (single, read)
+
+
 def test_every_level_moves(model64):
     users, items, ts = _events(1)
     before = model64.init_state(n_users=6, n_items=CFG.n_items)
@@ -117,8 +153,9 @@ def test_an_item_new_to_the_model_scores_as_the_average_item(model64):
     users = torch.tensor([0, 1, 2])
     scores = model64.score(state, users, CFG.n_items + 1)  # the last: past the table
     E, b = model64.all_items(CFG.n_items)
-    affinity = scores[:, :CFG.n_items] - b - model64.pop_term(state.pop[:CFG.n_items])
-    cold = scores[:, -1] - b.mean() - model64.pop_term(state.pop[CFG.n_items:CFG.n_items + 1])
+    counts = model64.population_counts(state.pop)
+    affinity = scores[:, :CFG.n_items] - b - model64.pop_term(counts[:CFG.n_items])
+    cold = scores[:, -1] - b.mean() - model64.pop_term(counts[CFG.n_items:CFG.n_items + 1])
     assert torch.allclose(cold, affinity.mean(1), atol=1e-9)  # the table's mean affinity, user by user
     assert torch.allclose(E.mean(0), torch.zeros(CFG.dim, dtype=E.dtype), atol=1e-12)
 
