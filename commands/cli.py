@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the end-to-end demo on the embedded local stack")
     _data_args(p)
-    p.add_argument("--epochs", type=int, default=1, help="slow-level training epochs (brief, for the demo)")
+    p.add_argument("--epochs", type=int, default=2, help="slow-level training epochs")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
 

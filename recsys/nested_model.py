@@ -61,7 +61,7 @@ class NestedConfig:
     # pop_half_life_s × speed, all time-decayed (so splits still add up exactly). Reading takes
     # the speed whose counts hold about pop_half_life events' worth (`population_counts`): the
     # memory stays near that many events when the stream's rate drifts from the history's
-    # (ML-1M's stream thins 75× over its years, Steam's runs 1.5–2.4× faster than its history's end).
+    # (ML-1M's stream thins 75× over its years, Steam's runs 1.3–2.4× faster than its history's end).
     pop_speeds: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
     recent_items: int = 50  # the user's latest items, kept so serving can mask what was just seen
     # The user's latest items read through the slow level's successor table ("what follows
