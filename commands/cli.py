@@ -203,7 +203,7 @@ def cmd_demo(args) -> int:
     from commands.demo import DemoConfig, run_demo
 
     return run_demo(DemoConfig(data=args.data, events=args.events or DemoConfig.events, out=Path(args.out),
-                               epochs=args.epochs))
+                               epochs=args.epochs or DemoConfig.epochs))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the end-to-end demo on the embedded local stack")
     _data_args(p)
-    p.add_argument("--epochs", type=int, default=2, help="slow-level training epochs")
+    p.add_argument("--epochs", type=int, help="slow-level training epochs (default: as `recsys train`)")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
 

@@ -118,7 +118,7 @@ class FastState:
     cnt: torch.Tensor  # (U,) int64 events of the user applied in total
     recent: torch.Tensor  # (U, R) int64 the user's latest R item indices, oldest first, -1 = empty
     pop: torch.Tensor  # (N, speeds) population-fast decayed item counts (at the last chunk end)
-    pop_acc: torch.Tensor  # (N, speeds) counts of the current, unfinished population chunk
+    pop_acc: torch.Tensor  # (N, 1) counts of the current, unfinished population chunk (event clock only)
     pop_events: torch.Tensor  # () int64 global events applied
     pop_ts: torch.Tensor  # () int64 the level's clock: its latest event's time (-1: none yet)
 
@@ -266,7 +266,7 @@ class NestedModel(nn.Module):
                          last_ts=torch.full((n_users,), -1, dtype=torch.int64, device=device),
                          mid=z(n_users, D), acc=z(n_users, D), cnt=z(n_users, dtype=torch.int64),
                          recent=torch.full((n_users, self.cfg.recent_items), -1, dtype=torch.int64, device=device),
-                         pop=z(n_items, self.cfg.pop_levels()), pop_acc=z(n_items, self.cfg.pop_levels()),
+                         pop=z(n_items, self.cfg.pop_levels()), pop_acc=z(n_items, 1),
                          pop_events=z((), dtype=torch.int64),
                          pop_ts=torch.full((), -1, dtype=torch.int64, device=device))
 
@@ -562,10 +562,10 @@ def read_speeds(pop: torch.Tensor, memory_events: float) -> torch.Tensor:
         return pop[..., 0]
     mass = pop.sum(0).clamp(min=1e-12).log2()  # (S,) increasing: a longer memory holds more
     target = math.log2(memory_events / math.log(2))
-    hi = torch.searchsorted(mass.contiguous(), torch.tensor([target], dtype=mass.dtype)).clamp(1, len(mass) - 1)
+    hi = (mass < target).sum().clamp(1, len(mass) - 1)  # the first speed holding at least the target
     lo = hi - 1
     a = ((target - mass[lo]) / (mass[hi] - mass[lo]).clamp(min=1e-12)).clamp(0, 1)
-    return (1 - a) * pop[:, lo].squeeze(-1) + a * pop[:, hi].squeeze(-1)
+    return (1 - a) * pop[:, lo] + a * pop[:, hi]
 
 
 def sum_levels(levels, half_life_s: float | None) -> tuple[torch.Tensor, int]:

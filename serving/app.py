@@ -106,6 +106,8 @@ class Ranker:
         # the level counts events, and the partials are summed as they are), and which memory
         # the score reads from the speeds.
         self.pop_half_lives_s: list[float] | None = json.loads(meta.get("pop_half_lives_s", "null"))
+        if self.pop_half_lives_s is None and json.loads(meta.get("pop_half_life_s", "null")) is not None:
+            self.pop_half_lives_s = [json.loads(meta["pop_half_life_s"])]  # exported before the speeds: one
         self.pop_memory_events = float(json.loads(meta.get("pop_memory_events", "1")))
         self.pop_weight = float(json.loads(meta.get("pop_weight", "0")))
         self.user0 = np.asarray(json.loads(meta["user0"]), dtype=np.float32)
