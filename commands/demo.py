@@ -213,11 +213,12 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
 
 def _session_items(inter, group: dict, target: str, seen: set[str], cfg: DemoConfig) -> list[str]:
     """``cfg.new_events`` items of the group the user has not taken, drawn by the group's own
-    popularity in the log, as a session in that group would draw them (seeded). Not its most
-    popular ones: those are exactly what a ranking should then show."""
-    counts = inter["item_id"].cast(str).value_counts()
-    pool = [(i, n) for i, n in zip(counts["item_id"].to_list(), counts["count"].to_list())
-            if group.get(i) == target and i not in seen]
+    popularity in the log, as a session in that group would draw them (seeded). Not its ``k``
+    most popular ones: those are exactly what a ranking should then show (a draw by popularity
+    took most of them, and the ranking could only show the group's tail)."""
+    counts = inter["item_id"].cast(str).value_counts().sort(["count", "item_id"], descending=[True, False])
+    members = [(i, n) for i, n in zip(counts["item_id"].to_list(), counts["count"].to_list()) if group.get(i) == target]
+    pool = [(i, n) for i, n in members[cfg.k:] if i not in seen]
     weights = np.array([n for _, n in pool], dtype=np.float64)
     picks = np.random.default_rng(cfg.seed).choice(len(pool), min(cfg.new_events, len(pool)), replace=False,
                                                    p=weights / weights.sum())

@@ -81,7 +81,7 @@ def export_onnx(model_file: Path, out: Path, seed: int = 0) -> ExportCheck:
     # Items first seen online are past the graph: serving scores them by the population term alone.
     for key, value in {"item_ids": json.dumps(item_ids), "user0": json.dumps(user0.tolist()),
                        "source_model": str(model_file), "pop_half_lives_s": json.dumps(cfg.pop_half_lives()),
-                       "pop_memory_events": json.dumps(cfg.pop_half_life),
+                       "pop_memory_events": json.dumps(cfg.pop_memory()),
                        "pop_weight": json.dumps(float(scorer.pop_weight))}.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)

@@ -114,7 +114,7 @@ def test_the_population_read_keeps_its_memory_in_events_whatever_the_rate(events
     events took) serves a stream 8× slower or faster: the level it reads still holds
     about 400 events' worth of counts, as an event-counted level would (a steady stream's
     mass: 400 / ln 2); a single speed would hold 8× too little or too much."""
-    cfg = NestedConfig(n_items=10, pop_half_life=400.0, pop_half_life_s=86400.0)
+    cfg = NestedConfig(n_items=10, pop_half_life=400.0, pop_read=1.0, pop_half_life_s=86400.0)
     model = NestedModel(cfg).double()
     n = 40 * events_per_day  # 40 days: every speed up to 16 half-lives is near steady
     ts = torch.arange(n, dtype=torch.int64) * 86400 // events_per_day

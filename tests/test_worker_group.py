@@ -73,7 +73,7 @@ def time_model(stream, tmp_path_factory) -> Path:
     memory of 500 events, so the launch's 50 count), and its ONNX export."""
     torch.manual_seed(1)
     items = stream.head(6_000)["item_id"].unique(maintain_order=True).head(800)  # the rest arrive online
-    model = NestedModel(NestedConfig(n_items=len(items), pop_half_life=500.0, pop_half_life_s=3 * 86400.0))
+    model = NestedModel(NestedConfig(n_items=len(items), pop_half_life=500.0, pop_read=1.0, pop_half_life_s=3 * 86400.0))
     with torch.no_grad():
         model.pop_weight.fill_(2.0)  # the population term ranks for the newcomers
     folder = tmp_path_factory.mktemp("group-model")
