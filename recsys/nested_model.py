@@ -67,9 +67,9 @@ class NestedConfig:
     # histories' own 80/20 replays (NDCG@10, training seeds 0 / 1, read 1 → ¼): ML-1M
     # 0.1570 / 0.1611 → 0.1606 / 0.1598, Steam 0.0481 / 0.0477 → 0.0538 / 0.0538, synthetic
     # 0.0636 / 0.0640 → 0.0699 / 0.0703 (½, seed 0: ML-1M 0.1616, Steam 0.0509, synthetic
-    # 0.0679; synthetic ⅛: 0.0667). What everyone does now says more than what they did over
-    # the last 1 % of the history; the speeds reach 32 × faster than the history's so the
-    # read keeps that short memory on a faster stream.
+    # 0.0679; synthetic ⅛: 0.0667; all with speeds ⅛ … 64). What everyone does now says more
+    # than what they did over the last 1 % of the history; the fastest speed (1/32) keeps the
+    # ¼ read from clamping on a stream up to 8× faster than the history's end.
     pop_read: float = 0.25
     recent_items: int = 50  # the user's latest items, kept so serving can mask what was just seen
     # The user's latest items read through the slow level's successor table ("what follows
@@ -629,8 +629,9 @@ def write_log(model: NestedModel, state: FastState, log, batch_size: int) -> Fas
 
 
 def model_config(path) -> NestedConfig:
-    """A model file's config, read from its metadata (no weights loaded)."""
-    return NestedConfig(**json.loads(_metadata(path)["config"]))
+    """A model file's config, read from its metadata (no weights loaded). A file saved before
+    ``pop_read`` was calibrated reading the whole ``pop_half_life``: it keeps reading that."""
+    return NestedConfig(**{"pop_read": 1.0} | json.loads(_metadata(path)["config"]))
 
 
 def load_item_ids(path) -> list[str]:

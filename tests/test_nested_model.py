@@ -1,8 +1,9 @@
 """The nested model's state semantics: batching never changes the result."""
 
 import copy
+import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -225,6 +226,17 @@ def test_checkpoint_round_trips_exactly(model64, tmp_path):
     save_state(state, tmp_path / "state.safetensors")
     _assert_same(state, load_state(tmp_path / "state.safetensors"))
     assert torch.equal(model64.score(state, users[:3], CFG.n_items), loaded.score(state, users[:3], CFG.n_items))
+
+
+def test_a_model_saved_before_the_read_share_keeps_its_memory(model64, tmp_path):
+    """Files from before ``pop_read`` were calibrated reading the whole half-life."""
+    from safetensors.torch import save_file
+
+    config = asdict(CFG)
+    del config["pop_read"]
+    save_file({k: v.contiguous() for k, v in model64.state_dict().items()}, str(tmp_path / "old.safetensors"),
+              metadata={"config": json.dumps(config)})
+    assert CFG.pop_read == 0.25 and NestedModel.load(tmp_path / "old.safetensors").cfg.pop_read == 1.0
 
 
 def test_meta_training_lowers_the_next_item_loss():
