@@ -165,9 +165,14 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
     source, before = ranking()
     personal_before = _personal_top(table, item_ids, repo, user, cfg.k, seen)
     shown = Counter(group.get(r["item_id"]) for r in before[:cfg.k])
-    volume = Counter(group.get(str(i)) for i in inter["item_id"].to_list())
+    # Each item's events, most first (ties by id: `value_counts` alone has no stable order).
+    by_item = inter["item_id"].cast(str).value_counts().sort(["count", "item_id"], descending=[True, False])
+    counts = list(zip(by_item["item_id"].to_list(), by_item["count"].to_list()))
+    volume = Counter()
+    for i, n in counts:
+        volume[group.get(i)] += n
     target = next(g for g, _ in volume.most_common() if g is not None and shown[g] == 0)
-    fresh = _session_items(inter, group, target, seen, cfg)
+    fresh = _session_items(counts, group, target, seen, cfg)
 
     print(f"\n[user {user}] {len(seen)} past events; top {cfg.k} now (from the {source} state):")
     _print_items(before[:cfg.k], label)
@@ -211,13 +216,13 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
     return ids(after) != ids(before)
 
 
-def _session_items(inter, group: dict, target: str, seen: set[str], cfg: DemoConfig) -> list[str]:
+def _session_items(counts: list[tuple[str, int]], group: dict, target: str, seen: set[str],
+                   cfg: DemoConfig) -> list[str]:
     """``cfg.new_events`` items of the group the user has not taken, drawn by the group's own
-    popularity in the log, as a session in that group would draw them (seeded). Not its ``k``
+    popularity in the log (``counts``: each item's events, most first), as a session in that group would draw them (seeded). Not its ``k``
     most popular ones: those are exactly what a ranking should then show (a draw by popularity
     took most of them, and the ranking could only show the group's tail)."""
-    counts = inter["item_id"].cast(str).value_counts().sort(["count", "item_id"], descending=[True, False])
-    members = [(i, n) for i, n in zip(counts["item_id"].to_list(), counts["count"].to_list()) if group.get(i) == target]
+    members = [(i, n) for i, n in counts if group.get(i) == target]
     pool = [(i, n) for i, n in members[cfg.k:] if i not in seen]
     weights = np.array([n for _, n in pool], dtype=np.float64)
     picks = np.random.default_rng(cfg.seed).choice(len(pool), min(cfg.new_events, len(pool)), replace=False,
