@@ -21,7 +21,9 @@ The fast state is a value (`FastState`), passed in and returned:
     >>> state, reads = model.update_reading(state, users, items, ts)  # + each user just before each event
 
 The update rule of the fast levels is the same code in meta-training (with
-gradients), in replay and in the stream worker (without).
+gradients), in replay and in the stream worker (without); only the user-mid level, which
+changes once per chunk, is applied per chunk online (`mid_chunks`) and per event in
+training (`mid_step`) — the same rule, held equal by a test in float64.
 
 Shapes: ``B`` events, ``U`` users in a batch, ``T`` steps per user, ``N`` items,
 ``D`` embedding dim, ``m`` memory dim.
@@ -388,6 +390,33 @@ class NestedModel(nn.Module):
         mid = torch.addcmul(mid, boundary, decay * mid + step * acc, value=-1)
         return mid, acc * (1 - boundary)
 
+    def mid_chunks(self, mid, acc, target, srow, spos, cnt, counts, steps: int, rates):
+        """User-mid over a whole batch (``mid_step`` for every event, in its users' order): the
+        adapter changes only where a chunk of c_mid of the user's events closes, so this runs
+        once per chunk instead of once per event. A chunk's accumulator is its carried
+        ``acc`` plus Σ(mid − target) = n·mid − Σ target over its events.
+
+        mid, acc, cnt, counts: per row (U, …); target, srow, spos: per event, step-major;
+        ``steps``: the most events of any row. → each event's mid before it (B, D) step-major,
+        and mid, acc after the batch."""
+        c, (step, decay) = self.cfg.c_mid, rates
+        U, D = mid.shape
+        opened = cnt % c  # (U,) events already in each row's open chunk
+        J = (c - 1 + steps - 1) // c + 1  # chunks a row can touch in this batch
+        chunk = (opened[srow] + spos) // c  # (B,) each event's chunk, the open one is 0
+        slot = srow * J + chunk
+        sums = target.new_zeros(U * J, D).index_add_(0, slot, target).view(U, J, D)
+        n = target.new_zeros(U * J).index_add_(0, slot, target.new_ones(len(slot))).view(U, J, 1)
+        filled = (opened + counts).unsqueeze(1)  # (U, 1) events from the open chunk's start to the batch end
+        last = (filled - 1) // c  # the row's latest chunk
+        mids = [mid]
+        for j in range(J):
+            a = (acc if j == 0 else 0) + n[:, j] * mids[-1] - sums[:, j]
+            closes = filled >= (j + 1) * c
+            mids.append(torch.where(closes, mids[-1] - (decay * mids[-1] + step * a), mids[-1]))
+            acc = torch.where(last == j, torch.where(closes, torch.zeros_like(a), a), acc)
+        return torch.stack(mids, 1)[srow, chunk], mids[-1], acc
+
     def chunk_ends(self, applied: torch.Tensor) -> torch.Tensor:
         """(…,) the user's event count once an event is applied → (…, 1) 0/1: does that event
         close a user-mid chunk."""
@@ -429,8 +458,9 @@ class NestedModel(nn.Module):
         Batched: the events are laid out step-major (step t holds the t-th event of every
         user that has one) with users ordered by event count, so each step's users are a
         prefix of the rows and its events a contiguous slice. Everything that depends on the
-        events alone is computed once over the batch; the state recurrence then runs once
-        per step, over all of that step's users at once."""
+        events alone is computed once over the batch; the user-fast recurrence then runs
+        once per step, over all of that step's users at once, and the user-mid level once
+        per chunk of c_mid (`mid_chunks`)."""
         state = self.grow_state(state, int(users.max()) + 1, int(items.max()) + 1)
         dev = users.device
         uniq, inv, counts = torch.unique(users, return_inverse=True, return_counts=True)  # (U,), (B,), (U,)
@@ -456,22 +486,26 @@ class NestedModel(nn.Module):
 
         M, S = state.M[uniq], state.S[uniq]
         mid, acc, cnt = state.mid[uniq], state.acc[uniq], state.cnt[uniq]
-        ends, rates = self.chunk_ends(cnt[srow] + spos + 1), self.mid_rates_now()
+        rates = self.mid_rates_now()
         if read:  # each event's query context: the user's previous item, and latest items
             last_before = torch.where((spos > 0).unsqueeze(1), x[prev], state.last[uniq][srow])
             seq = self.sequence_read(sequences_before(state.recent[users], users, items)[sm])
             q = self.query(last_before)  # (B, m) step-major
-            read_before, mid_before = q.new_empty(q.shape), torch.empty_like(x)
         if not read and fused_update.usable(M, self.cfg.dim, self.cfg.mem_dim):  # CUDA: one kernel for all steps
+            ends = self.chunk_ends(cnt[srow] + spos + 1)
             fused_update.recurrence(M, S, mid, acc, terms, ends, step_start, counts, rates)
         else:
-            for lo, n in zip(starts, active.tolist()):
-                term = {name: v[lo:lo + n] for name, v in terms.items()}
-                if read:  # the state before this step; the levels are combined once, after the loop
-                    read_before[lo:lo + n] = self.memory_read(M[:n], q[lo:lo + n])
-                    mid_before[lo:lo + n] = mid[:n]
-                M[:n], S[:n] = self.memory_step(M[:n], S[:n], term)
-                mid[:n], acc[:n] = self.mid_step(mid[:n], acc[:n], term["mid_target"], ends[lo:lo + n], rates)
+            sizes = active.tolist()
+            mid_before, mid, acc = self.mid_chunks(mid, acc, terms["mid_target"], srow, spos, cnt, counts,
+                                                   len(sizes), rates)
+            # Each step's slice of the memory's terms, cut once: on a CPU the loop is op-bound.
+            parts = {name: terms[name].split(sizes) for name in ("k", "neg_v", "theta_k", "retain", "eta")}
+            queries, reads_before = q.split(sizes) if read else None, []
+            for t, n in enumerate(sizes):
+                if read:  # the memory before this step; the levels are combined once, after the loop
+                    reads_before.append(self.memory_read(M[:n], queries[t]))
+                M[:n], S[:n] = self.memory_step(M[:n], S[:n], {name: p[t] for name, p in parts.items()})
+            read_before = torch.cat(reads_before) if read else None
 
         latest = step_start[counts - 1] + torch.arange(len(uniq), device=dev)  # each user's latest event
         ITEMS = torch.full((len(uniq), len(starts)), -1, dtype=torch.int64, device=dev)
@@ -613,10 +647,9 @@ def score_items(z: torch.Tensor, E: torch.Tensor, b: torch.Tensor, population: t
     (broadcast to (…, N)), and ``trust`` weights (…,) of the personal part (None: 1). Replay,
     calibration (over a grid of weights at once), training, the stream's push and the
     exported serving graph all score with it."""
-    affinity = z @ E.T
-    if weight is not None:
-        affinity = affinity * weight.unsqueeze(-1)
-    return affinity + b + population
+    if weight is not None:  # scaling the (…, D) vectors, not the (…, N) affinities: one pass less
+        z = z * weight.unsqueeze(-1)
+    return z @ E.T + (b + population)
 
 
 def write_log(model: NestedModel, state: FastState, log, batch_size: int) -> FastState:
