@@ -108,7 +108,7 @@ def serve_after(broker, events: pl.DataFrame, model: Path, n_workers: int, onlin
                    "one population row per partition, counting every event once", timeout_s=60)
         with BackgroundServer(create_app(ServeConfig(model=model.with_suffix(".onnx"), feature_repo=repo.path,
                                                      bootstrap_servers=broker.bootstrap_servers, topic=topic))) as url:
-            top = lambda user: httpx.get(f"{url}/recommendations/{user}", params={"k": 10}).json()  # noqa: E731
+            top = lambda user: httpx.get(f"{url}/recommendations/{user}", params={"k": 10}, timeout=60).json()  # noqa: E731
             # The server reads the level and the catalogue on its own threads: wait for the new item's counts.
             wait_until(lambda: NEW_ITEM in [r["item_id"] for r in top(NEWCOMERS[0])["items"]],
                        "the new item in a newcomer's top 10", timeout_s=60)
@@ -166,7 +166,9 @@ def test_a_new_item_is_recommended_seconds_after_its_events_without_a_retrain(br
                    or worker.proc.poll() is not None, "the worker to catch up", timeout_s=300)
         with BackgroundServer(create_app(ServeConfig(model=time_model.with_suffix(".onnx"), feature_repo=repo.path,
                                                      bootstrap_servers=broker.bootstrap_servers, topic=topic))) as url:
-            top = lambda: [r["item_id"] for r in httpx.get(f"{url}/recommendations/nobody").json()["items"]]  # noqa: E731
+            def top():
+                return [r["item_id"] for r in httpx.get(f"{url}/recommendations/nobody", timeout=60).json()["items"]]
+
             assert NEW_ITEM not in top()
             last = int(before["ts"].max())
             launch = pl.DataFrame({"user_id": before["user_id"].head(50), "item_id": [NEW_ITEM] * 50,
