@@ -368,12 +368,13 @@ class NestedModel(nn.Module):
                 "mid_target": self.W_mid(x)}  # (…, D)
 
     @staticmethod
-    def memory_step(M, S, term):
+    def memory_step(M, S, term, in_place: bool = False):
         """User-fast, one event per row (Titans delta rule with momentum and forgetting):
-        S ← η·S − θ·∇½‖Mk − v‖² = η·S − (Mk − v)(θk)ᵀ, M ← (1 − α)·M + S."""
+        S ← η·S − θ·∇½‖Mk − v‖² = η·S − (Mk − v)(θk)ᵀ, M ← (1 − α)·M + S.
+        ``in_place``: written into M and S (views of the batch's rows; no autograd)."""
         err = torch.baddbmm(term["neg_v"], M, term["k"])  # (U, m, 1) the memory's prediction error
-        S = torch.baddbmm(term["eta"] * S, err, term["theta_k"], alpha=-1)
-        return torch.addcmul(S, term["retain"], M), S
+        S = torch.baddbmm(term["eta"] * S, err, term["theta_k"], alpha=-1, out=S if in_place else None)
+        return torch.addcmul(S, term["retain"], M, out=M if in_place else None), S
 
     def mid_rates_now(self) -> tuple[torch.Tensor, torch.Tensor]:
         """User-mid (step / c_mid, decay): one chunk's step is the mean of its gradients."""
@@ -504,7 +505,7 @@ class NestedModel(nn.Module):
             for t, n in enumerate(sizes):
                 if read:  # the memory before this step; the levels are combined once, after the loop
                     reads_before.append(self.memory_read(M[:n], queries[t]))
-                M[:n], S[:n] = self.memory_step(M[:n], S[:n], {name: p[t] for name, p in parts.items()})
+                self.memory_step(M[:n], S[:n], {name: p[t] for name, p in parts.items()}, in_place=True)
             read_before = torch.cat(reads_before) if read else None
 
         latest = step_start[counts - 1] + torch.arange(len(uniq), device=dev)  # each user's latest event
