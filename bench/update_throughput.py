@@ -4,7 +4,13 @@
 
 Replays the log's events in time order through `NestedModel.update` at micro-batch 256
 and 4096 (the stream worker's path, no broker), then scores batches of users over the
-whole catalogue. On CUDA it runs the fused Triton recurrence and the eager loop. Prints a table and writes bench/results/update_throughput.json.
+whole catalogue. On CUDA it runs the fused Triton recurrence and the eager loop. On the
+CPU it also runs replay v2 itself (`offline_eval.replay.replay_model`, B = 256: each
+event's user read just before it, scored over the catalogue, seen items filtered) for the
+nested model and for decayed popularity, side by side: their ratio is the figure that a
+shared machine's speed does not change (the nested model is untrained here, its shapes and
+population speeds as `recsys replay` sets them). Prints a table and writes
+bench/results/update_throughput.json.
 """
 
 from __future__ import annotations
@@ -13,15 +19,19 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from offline_eval.protocol import encode
-from recsys.datasets import load_dataset
+from offline_eval.nested import NestedReplay
+from offline_eval.protocol import ProtocolConfig, encode
+from offline_eval.replay import replay_model
 from recsys import fused_update
-from recsys.nested_model import NestedConfig, NestedModel
+from recsys.baselines import pop_online_decay
+from recsys.datasets import load_dataset
+from recsys.nested_model import NestedConfig, NestedModel, population_defaults, write_log
 
 
 def _sync(device: str) -> None:
@@ -57,6 +67,28 @@ def score_rate(model, state, n_items: int, batch: int, device: str, repeats: int
     return batch * repeats / (time.perf_counter() - t0)
 
 
+def replay_rates(log, max_events: int) -> dict[str, float]:
+    """Replay v2's events/s on the log's first ``max_events`` stream events: the nested model
+    (untrained, the history written into its fast state) and decayed popularity."""
+    history = log.history()
+    end = log.n_history + max_events
+    stream = replace(log, users=log.users[:end], items=log.items[:end], ts=log.ts[:end])
+    nested = NestedReplay()
+    torch.manual_seed(0)
+    nested.model = NestedModel(NestedConfig(n_items=history.n_items_known,
+                                            **population_defaults(history.n_events, history.ts))).eval()
+    with torch.no_grad():
+        nested.state = write_log(nested.model, nested.model.init_state(history.n_users_known, history.n_items_known),
+                                 history, 4096)
+    popularity = pop_online_decay(log.n_history)
+    popularity.fit(history)
+    rates = {}
+    for name, model in (("pop_online_decay", popularity), ("nested", nested)):
+        result = replay_model(model, stream, ProtocolConfig(), name, progress=False, fitted=True)
+        rates[name] = (stream.n_events - stream.n_history) / result.replay_seconds
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="synthetic")
@@ -83,18 +115,25 @@ def main() -> None:
             rows.append({"device": label, "what": "score", "batch": batch,
                          "per_s": score_rate(model, r["state"], log.n_items_known, batch, device), "mean_steps": None})
 
+    replay = replay_rates(log, args.events)
+    for name, per_s in replay.items():
+        rows.append({"device": "cpu", "what": f"replay v2 {name}", "batch": 256, "per_s": per_s, "mean_steps": None})
+    ratio = replay["nested"] / replay["pop_online_decay"]
+
     print(f"{args.data}: {min(args.events, log.n_events):,} events, {log.n_users_known:,} users, "
           f"{log.n_items_known:,} items; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'device':<11}{'what':<8}{'batch':>7}{'per second':>14}{'steps/batch':>13}")
+    print(f"{'device':<11}{'what':<28}{'batch':>7}{'per second':>14}{'steps/batch':>13}")
     for r in rows:
         steps = f"{r['mean_steps']:.1f}" if r["mean_steps"] is not None else ""
-        unit = "events" if r["what"] == "update" else "users"
-        print(f"{r['device']:<11}{r['what']:<8}{r['batch']:>7}{r['per_s']:>14,.0f}{steps:>13}  {unit}")
+        unit = "users" if r["what"] == "score" else "events"
+        print(f"{r['device']:<11}{r['what']:<28}{r['batch']:>7}{r['per_s']:>14,.0f}{steps:>13}  {unit}")
+    print(f"replay v2: nested / decayed popularity = {ratio:.2f} (the same run; the issue's line is 20,000 "
+          f"events/s for the nested replay of ML-1M on 2 cores)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"data": args.data, "events": args.events, "host": platform.node(),
                                "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                               "rows": rows}, indent=2))
+                               "rows": rows, "replay_ratio_nested_to_pop_online_decay": ratio}, indent=2))
     print(f"wrote {out}")
 
 
