@@ -219,9 +219,10 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
 def _session_items(counts: list[tuple[str, int]], group: dict, target: str, seen: set[str],
                    cfg: DemoConfig) -> list[str]:
     """``cfg.new_events`` items of the group the user has not taken, drawn by the group's own
-    popularity in the log (``counts``: each item's events, most first), as a session in that group would draw them (seeded). Not its ``k``
-    most popular ones: those are exactly what a ranking should then show (a draw by popularity
-    took most of them, and the ranking could only show the group's tail)."""
+    popularity in the log (``counts``: each item's events, most first), as a session in that
+    group would draw them (seeded). Not its ``k`` most popular ones: those are exactly what a
+    ranking should then show (a draw by popularity took most of them, and the ranking could
+    only show the group's tail)."""
     members = [(i, n) for i, n in counts if group.get(i) == target]
     pool = [(i, n) for i, n in members[cfg.k:] if i not in seen]
     weights = np.array([n for _, n in pool], dtype=np.float64)
