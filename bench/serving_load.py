@@ -89,13 +89,15 @@ def eager_vs_onnx(checkpoint: Path, onnx_path: Path, repeats: int = 2000) -> dic
     scorer, _, _ = scorer_from_model(checkpoint)
     N, D = scorer.E.shape
     user, absent, pop, mask = torch.randn(1, D), torch.zeros(1), torch.zeros(N), torch.zeros(1, N, dtype=torch.bool)
+    extra = torch.zeros(0)  # no items past the table
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    feeds = {"user": user.numpy(), "absent_s": absent.numpy(), "population": pop.numpy(), "exclude": mask.numpy()}
+    feeds = {"user": user.numpy(), "absent_s": absent.numpy(), "population": pop.numpy(), "exclude": mask.numpy(),
+             "extra": extra.numpy()}
     torch.set_num_threads(1)
     out = {}
-    for name, fn in (("torch eager", lambda: scorer(user, absent, pop, mask)), ("onnx runtime", lambda: session.run(None, feeds))):
+    for name, fn in (("torch eager", lambda: scorer(user, absent, pop, mask, extra)), ("onnx runtime", lambda: session.run(None, feeds))):
         with torch.no_grad():
             for _ in range(100):
                 fn()

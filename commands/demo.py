@@ -203,10 +203,13 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
           f"{moved} of the top {cfg.k} replaced; the items just seen are masked from the list")
     personal_after = _personal_top(table, item_ids, repo, user, cfg.k, seen | set(fresh))
     in_target = lambda items: sum(group.get(i) == target for i in items)  # noqa: E731
+    share, weight = float(nested.pop_share), nested.pop_weight.item()
+    form = (f"mixes the population's ranking ({weight:.2f} × log(1 + count), share {share:g}) and the personal "
+            f"part's in probability" if share else f"adds the population term {weight:.2f} × log(1 + count)")
     print(f"[user {user}] the personal part alone (slow + user levels, before the population term is added): "
           f"{in_target(personal_before)} → {in_target(personal_after)} of its top {cfg.k} from {target!r}; "
-          f"the mix calibrated on the history weighs the population term {nested.pop_weight.item():.2f} × "
-          f"log(1 + count) and fades a returning user's personal part with fade {nested.fade.item():g}")
+          f"the mix calibrated on the history {form} and fades a returning user's personal part with fade "
+          f"{nested.fade.item():g}")
     if "session_cluster" in (ds.extra or {}):
         truth = _true_top(ds.extra, user, fresh, now, seen | set(fresh), cfg.k)
         print(f"[user {user}] the log's own generator, for this user certainly in a {target!r} session: "

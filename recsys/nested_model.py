@@ -10,8 +10,12 @@
 The user vector adds the user-mid adapter, the memory's read and the user's latest items
 read through the successor table (what follows them, across everyone).
 
-Scores mix them as ``trust(time away) · personal + pop_weight · log(1 + pop)``; the mix is
-set on the history's tail after training (`recsys/calibration.py`).
+Meta-training scores ``trust(time away) · personal + pop_weight · log(1 + pop)``. Served, the
+two parts can instead be two experts mixed in probability, ``π · softmax(population) +
+(1 − π) · softmax(personal)`` (`mixture`): the list then holds what everyone takes now *and*
+what this user's levels point at, instead of one ranking in which popularity's scale swamps a
+fresh session. Which form, and its mix, is set on the history's tail after training
+(`recsys/calibration.py`).
 
 The fast state is a value (`FastState`), passed in and returned:
 
@@ -211,6 +215,9 @@ class NestedModel(nn.Module):
         # How fast a returning user's personal score gives way to the population level, per
         # log-day of absence; 0 in meta-training, set on the history's tail (recsys/calibration.py).
         self.register_buffer("fade", torch.zeros(()))
+        # The population expert's share π of the served mixture (`mixture`); 0: the additive
+        # score meta-training fits. Set on the history's tail with the rest of the mix.
+        self.register_buffer("pop_share", torch.zeros(()))
         if cfg.use_fast and cfg.population and not cfg.static_popularity:  # else nothing else ranks by popularity
             self.item_bias.requires_grad_(False)
             self.user0.requires_grad_(False)
@@ -435,7 +442,11 @@ class NestedModel(nn.Module):
         read counts (`population_counts`) → (B, n_items) scores: the personal part fades with absence."""
         E, b = self.all_items(n_items)
         weight = trust(absent_s.to(z.dtype), self.fade) if self.cfg.use_fast else None
-        return score_items(z, E, b, self.pop_term(counts[:n_items]), weight)
+        return score_items(z, E, b, self.pop_term(counts[:n_items]), weight, self.mixture_share())
+
+    def mixture_share(self) -> torch.Tensor | None:
+        """() the population expert's share of the served mixture; None: the additive score."""
+        return self.pop_share if float(self.pop_share) > 0 else None
 
     @torch.no_grad()
     def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
@@ -569,6 +580,7 @@ class NestedModel(nn.Module):
         cfg = model_config(path)
         weights = load_file(str(path))
         model = cls(replace(cfg, **overrides)).to(weights["user0"].dtype)  # exact: no dtype rounding
+        weights.setdefault("pop_share", torch.zeros((), dtype=weights["user0"].dtype))  # saved before the mixture
         model.load_state_dict(weights)
         return model
 
@@ -642,15 +654,32 @@ def population_term(pop: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def score_items(z: torch.Tensor, E: torch.Tensor, b: torch.Tensor, population: torch.Tensor,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The nested model's one score, ``weight · ⟨z, e_i⟩ + b_i + population_i``: (…, D) user
-    vectors, (N, D) item embeddings and (N,) biases of the slow level, the population term
-    (broadcast to (…, N)), and ``trust`` weights (…,) of the personal part (None: 1). Replay,
-    calibration (over a grid of weights at once), training, the stream's push and the
-    exported serving graph all score with it."""
+                weight: torch.Tensor | None = None, share: torch.Tensor | None = None) -> torch.Tensor:
+    """The nested model's one score: (…, D) user vectors, (N, D) item embeddings and (N,)
+    biases of the slow level, the population term (broadcast to (…, N)), ``trust`` weights
+    (…,) of the personal part (None: 1), and the population expert's ``share`` of the mixture
+    (None: the additive ``weight · ⟨z, e_i⟩ + b_i + population_i``). Replay, calibration (over
+    a grid of mixes at once), training, the stream's push and the exported serving graph all
+    score with it."""
     if weight is not None:  # scaling the (…, D) vectors, not the (…, N) affinities: one pass less
         z = z * weight.unsqueeze(-1)
-    return z @ E.T + (b + population)
+    if share is None:
+        return z @ E.T + (b + population)
+    return mixture(z @ E.T + b, population, share)
+
+
+def mixture(personal: torch.Tensor, population: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """log(π · softmax(population) + (1 − π) · softmax(personal)) over the items (last dim),
+    π = ``share``; the inputs broadcast (calibration scores a grid of mixes at once).
+
+    Additive, the population term's scale sets how far a user's levels can move an item: where
+    popularity is steep (trends, a few hits), a fresh session changes the order only among
+    items of equal popularity. Mixed, each expert brings its own most likely items: the
+    synthetic log's generator draws events this way (a session's cluster, trending items,
+    popularity)."""
+    a = torch.log_softmax(population, -1) + torch.log(share)
+    b = torch.log_softmax(personal, -1) + torch.log1p(-share)
+    return torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))  # logaddexp, in ops ONNX has
 
 
 def write_log(model: NestedModel, state: FastState, log, batch_size: int) -> FastState:

@@ -34,12 +34,17 @@ def ranks_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch
     return torch.where(known & ~excluded, ahead.double() + 1, torch.full((B,), float("inf"), dtype=torch.float64))
 
 
-def grid_ndcg_sums(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """(G, B, N) scores of ``G`` candidate settings for the same ``B`` events → (G,) float64 sum of
-    each setting's NDCG@k: how calibration and tuning pick a setting in one pass."""
+def grid_ndcg(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """(G, B, N) scores of ``G`` candidate settings for the same ``B`` events → (G, B) float64
+    NDCG@k of each setting on each event: how calibration and tuning pick a setting in one pass."""
     G = scores.shape[0]
     ranks = ranks_of_targets(scores.flatten(0, 1), targets.repeat(G), None).view(G, -1)
-    return torch.where(ranks <= k, 1 / torch.log2(ranks + 1), 0.0).sum(1)  # misses rank inf
+    return torch.where(ranks <= k, 1 / torch.log2(ranks + 1), 0.0)  # misses rank inf
+
+
+def grid_ndcg_sums(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """`grid_ndcg` summed over the events: (G,)."""
+    return grid_ndcg(scores, targets, k).sum(1)
 
 
 class SeenItems:

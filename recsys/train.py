@@ -88,17 +88,19 @@ def train_nested(history, model_cfg: NestedConfig | None = None,
     fit_part, tail = split_history(history, cfg.calibration_tail)
     model = _meta_train(fit_part, model_cfg, cfg)
     t0 = time.perf_counter()
-    multiplier, fade, state = calibrate(model.cpu(), fit_part, tail, absorb_batch=cfg.absorb_batch)
+    mix, state = calibrate(model.cpu(), fit_part, tail, absorb_batch=cfg.absorb_batch)
     seconds = time.perf_counter() - t0
     if cfg.refit:
         model, state = _train_and_write(history, model_cfg, cfg)
     model.to(cfg.device)
     with torch.no_grad():
-        model.pop_weight.mul_(multiplier)
-        model.fade.fill_(fade)
+        model.pop_weight.mul_(mix.multiplier)
+        model.fade.fill_(mix.fade)
+        model.pop_share.fill_(mix.share)
     if cfg.progress and distributed_rank()[0] == 0:
-        print(f"calibrated on the history's latest {cfg.calibration_tail:.0%} in {seconds:.0f}s: "
-              f"population weight ×{multiplier:g} → {model.pop_weight.item():.3f}, fade {fade:g}")
+        form = f"mixed, population share {mix.share:g}" if mix.share else "additive"
+        print(f"calibrated on the history's latest {cfg.calibration_tail:.0%} in {seconds:.0f}s: {form}, "
+              f"population weight ×{mix.multiplier:g} → {model.pop_weight.item():.3f}, fade {mix.fade:g}")
     return model, state.to(cfg.device)
 
 

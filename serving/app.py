@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from features.store import MAX_PARTITIONS, is_population_key  # feast itself loads lazily
-from recsys.nested_model import population_term, read_speeds, sum_levels
+from recsys.nested_model import read_speeds, sum_levels
 from streaming.catalogue import Catalogue
 from streaming.clients import make_request_producer
 from streaming.events import Event, InvalidEvent
@@ -109,7 +109,6 @@ class Ranker:
         if self.pop_half_lives_s is None and json.loads(meta.get("pop_half_life_s", "null")) is not None:
             self.pop_half_lives_s = [json.loads(meta["pop_half_life_s"])]  # exported before the speeds: one
         self.pop_memory_events = float(json.loads(meta.get("pop_memory_events", "1")))
-        self.pop_weight = float(json.loads(meta.get("pop_weight", "0")))
         self.user0 = np.asarray(json.loads(meta["user0"]), dtype=np.float32)
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         log.info("model %s: %d items, execution provider %s", path, len(self.item_ids), self.provider)
@@ -134,21 +133,20 @@ class Ranker:
         indices from the stream worker, in that same numbering; ``exclude``: item ids from
         the request.
 
-        Items first seen online have no slow-level embedding yet: the average item's, zero
-        once the table is centred (`NestedModel.all_items`), so their score is the
-        population term alone, computed here with the graph's weight; the two ranked
-        lists merge by score."""
+        Items first seen online have no slow-level embedding yet: the graph scores them
+        (input ``extra``) as the model does an item past its table (`NestedModel.all_items`);
+        the two ranked lists merge by score."""
         n = len(self.item_ids)
         mask = np.zeros((1, n), dtype=bool)
         mask[0, [i for i in seen if 0 <= i < n]] = True
         mask[0, [self.index[i] for i in exclude if i in self.index]] = True
-        scores, items = self.session.run(None, {"user": user.reshape(1, -1).astype(np.float32, copy=False),
-                                                "absent_s": np.array([absent_s], dtype=np.float32),
-                                                "population": population[:n], "exclude": mask})
+        extra_counts = np.ascontiguousarray(population[n:n + len(online_items)], dtype=np.float32)
+        scores, items, extra_scores = self.session.run(None, {
+            "user": user.reshape(1, -1).astype(np.float32, copy=False), "absent_s": np.array([absent_s], dtype=np.float32),
+            "population": population[:n], "exclude": mask, "extra": extra_counts})
         ranked = [(self.item_ids[i], float(s)) for i, s in zip(items[0, :k], scores[0, :k]) if np.isfinite(s)]
         if len(online_items):
-            counts = torch.from_numpy(np.ascontiguousarray(population[n:n + len(online_items)]))
-            extra = population_term(counts, torch.tensor(self.pop_weight)).numpy()
+            extra = extra_scores[0]
             hidden = {i - n for i in seen if i >= n} | {j for j, item in enumerate(online_items) if item in exclude}
             best = [j for j in np.argsort(-extra, kind="stable")[:k + len(hidden)] if j not in hidden][:k]
             ranked = sorted(ranked + [(online_items[j], float(extra[j])) for j in best], key=lambda r: -r[1])[:k]

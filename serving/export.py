@@ -11,7 +11,10 @@ few hundred bytes. The population level's item counts are an **input**: they mov
 every micro-batch, far faster than any model file; serving sums the partitions' partial
 counts (metadata ``pop_half_lives_s``: how each speed decays to one time), reads them as
 the model does (``pop_memory_events``: `read_speeds`) and the graph turns the read counts
-into the population term with the model's own weight.
+into the population term with the model's own weight. Items first seen on the stream are
+past the table: their counts come as a second input (``extra``, any length, 0 included),
+the graph scores them as the model scores an item it has no embedding for, and returns
+their scores for the server to merge (a mixed score's softmax runs over them too).
 
     >>> export_onnx(Path("runs/model/model.safetensors"), Path("runs/model/model.onnx"))
     ExportCheck(max_abs_diff=2.4e-07, ...)
@@ -36,23 +39,35 @@ K_MAX = 100  # the graph returns the top 100; the API slices to the requested k
 
 class Scorer(nn.Module):
     def __init__(self, item_embeddings: torch.Tensor, item_bias: torch.Tensor, fade: torch.Tensor,
-                 pop_weight: torch.Tensor | None = None):
+                 pop_weight: torch.Tensor | None = None, share: torch.Tensor | None = None):
         super().__init__()
         weight = torch.zeros(()) if pop_weight is None else pop_weight.detach().float().clone().reshape(())
         self.register_buffer("pop_weight", weight)  # () the population term's weight
         self.register_buffer("E", item_embeddings.detach().float().clone())  # (N, D)
         self.register_buffer("b", item_bias.detach().float().clone())  # (N,)
         self.register_buffer("fade", fade.detach().float().clone())  # ()
+        self.share = None if share is None else share.detach().float().clone()  # the mixture's π; None: additive
 
-    def forward(self, user: torch.Tensor, absent_s: torch.Tensor, population: torch.Tensor, exclude: torch.Tensor):
+    def forward(self, user: torch.Tensor, absent_s: torch.Tensor, population: torch.Tensor, exclude: torch.Tensor,
+                extra: torch.Tensor):
         """user (B, D), absent_s (B,) seconds since the user's latest event (by the stream's
-        clock), population (N,) item counts, exclude (B, N) bool → top-K values and indices."""
-        return torch.topk(self.scores(user, absent_s, population, exclude), min(K_MAX, self.E.shape[0]), dim=1)
+        clock), population (N,) item counts, exclude (B, N) bool, extra (M,) counts of the items
+        past the table → top-K values and indices of the table's items, and (B, M) the extra
+        items' scores."""
+        N = self.E.shape[0]
+        scores = self.scores(user, absent_s, population, exclude, extra)
+        top = torch.topk(scores[:, :N], min(K_MAX, N), dim=1)
+        return top.values, top.indices, scores[:, N:]
 
-    def scores(self, user, absent_s, population, exclude) -> torch.Tensor:
-        """(B, N) every item's score, excluded ones -inf."""
-        term = population_term(population, self.pop_weight)
-        return score_items(user, self.E, self.b, term, trust(absent_s, self.fade)).masked_fill(exclude, float("-inf"))
+    def scores(self, user, absent_s, population, exclude, extra) -> torch.Tensor:
+        """(B, N + M) every item's score, the table's excluded ones -inf. The extra items score
+        as `NestedModel.all_items` has them: no embedding, the mean bias."""
+        cold = extra.unsqueeze(1) * torch.zeros(self.E.shape[1])  # (M, D) zeros, as long as the input
+        E, b = torch.cat([self.E, cold]), torch.cat([self.b, extra * 0 + self.b.mean()])
+        term = population_term(torch.cat([population, extra]), self.pop_weight)
+        scores = score_items(user, E, b, term, trust(absent_s, self.fade), self.share)
+        N = self.E.shape[0]
+        return torch.cat([scores[:, :N].masked_fill(exclude, float("-inf")), scores[:, N:]], 1)
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,7 @@ def scorer_from_model(model_file: Path) -> tuple[Scorer, list[str], torch.Tensor
     """The scorer, the external id of each item row, and the population user vector."""
     model = NestedModel.load(model_file).float().eval()
     E, b = model.all_items(model.n_items)
-    scorer = Scorer(E, b, model.fade, model.population_weight())
+    scorer = Scorer(E, b, model.fade, model.population_weight(), model.mixture_share())
     return scorer, load_item_ids(model_file), model.user0.detach().float().clone()
 
 
@@ -78,11 +93,9 @@ def export_onnx(model_file: Path, out: Path, seed: int = 0) -> ExportCheck:
     write_graph(scorer, out)
     proto = onnx.load(str(out))
     cfg = model_config(model_file)
-    # Items first seen online are past the graph: serving scores them by the population term alone.
     for key, value in {"item_ids": json.dumps(item_ids), "user0": json.dumps(user0.tolist()),
                        "source_model": str(model_file), "pop_half_lives_s": json.dumps(cfg.pop_half_lives()),
-                       "pop_memory_events": json.dumps(cfg.pop_memory()),
-                       "pop_weight": json.dumps(float(scorer.pop_weight))}.items():
+                       "pop_memory_events": json.dumps(cfg.pop_memory())}.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
@@ -91,38 +104,44 @@ def export_onnx(model_file: Path, out: Path, seed: int = 0) -> ExportCheck:
 
 def write_graph(scorer: Scorer, out: Path) -> Path:
     N, D = scorer.E.shape
-    example = (torch.randn(2, D), torch.zeros(2), torch.zeros(N), torch.zeros(2, N, dtype=torch.bool))
+    example = (torch.randn(2, D), torch.zeros(2), torch.zeros(N), torch.zeros(2, N, dtype=torch.bool), torch.zeros(3))
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # the tracer's note on topk's k: fixed by design (the catalogue size)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(scorer, example, str(out), input_names=["user", "absent_s", "population", "exclude"],
-                          output_names=["scores", "items"],
-                          dynamic_axes={"user": {0: "batch"}, "absent_s": {0: "batch"}, "exclude": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(scorer, example, str(out), input_names=["user", "absent_s", "population", "exclude", "extra"],
+                          output_names=["scores", "items", "extra_scores"],
+                          dynamic_axes={"user": {0: "batch"}, "absent_s": {0: "batch"}, "exclude": {0: "batch"},
+                                        "extra": {0: "online"}, "extra_scores": {0: "batch", 1: "online"}},
+                          dynamo=False)
     return out
 
 
 def check_export(scorer: Scorer, path: Path, g: torch.Generator, batches=(1, 7, 64), tol: float = 1e-4) -> ExportCheck:
     """Random valid inputs: user vectors at the trained scale, absences from none to months,
-    population counts, a sparse mask. Items are compared by score, not by index: where
-    two items tie, either may come first (torch and ONNX Runtime break ties differently)."""
+    population counts, a sparse mask, none or a few items past the table. Items are compared
+    by score, not by index: where two items tie, either may come first (torch and ONNX
+    Runtime break ties differently)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     N, D = scorer.E.shape
     worst, same = 0.0, True
-    for B in batches:
+    for B, M in zip(batches, (0, 3, 0)):
         user = torch.randn(B, D, generator=g) * scorer.E.std()
         absent_s = torch.rand(B, generator=g) * 90 * 86400
         population = torch.rand(N, generator=g) * 100
         exclude = torch.rand(B, N, generator=g) < 0.05
+        extra = torch.rand(M, generator=g) * 100
         with torch.no_grad():
-            want_v, _ = scorer(user, absent_s, population, exclude)
-            every = scorer.scores(user, absent_s, population, exclude).numpy()
-        got_v, got_i = session.run(None, {"user": user.numpy(), "absent_s": absent_s.numpy(),
-                                          "population": population.numpy(), "exclude": exclude.numpy()})
+            want_v, _, want_extra = scorer(user, absent_s, population, exclude, extra)
+            every = scorer.scores(user, absent_s, population, exclude, extra).numpy()
+        got_v, got_i, got_extra = session.run(None, {"user": user.numpy(), "absent_s": absent_s.numpy(),
+                                                     "population": population.numpy(), "exclude": exclude.numpy(),
+                                                     "extra": extra.numpy()})
         want_v = want_v.numpy()
         finite = np.isfinite(want_v)  # masked items can reach the top-K of a small catalogue: -inf on both sides
-        worst = max(worst, float(np.abs(got_v[finite] - want_v[finite]).max()))
+        worst = max(worst, float(np.abs(got_v[finite] - want_v[finite]).max()),
+                    float(np.abs(got_extra - want_extra.numpy()).max(initial=0.0)))
         picked = np.take_along_axis(every, got_i, axis=1)  # what torch scores the items ONNX Runtime chose
         same = (same and bool((np.isfinite(got_v) == finite).all())
                 and bool((np.abs(picked[finite] - want_v[finite]) <= tol).all()))

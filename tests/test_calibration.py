@@ -7,19 +7,20 @@ import torch
 from offline_eval.metrics import summarize
 from offline_eval.protocol import EncodedLog, ProtocolConfig, encode
 from offline_eval.replay import replay_model
-from recsys.calibration import MULTIPLIERS, calibrate, split_history
+from recsys.calibration import MIXTURE_MULTIPLIERS, MULTIPLIERS, Mix, choose, mixes, score_tail, split_history
 from recsys.datasets import load_dataset
 from recsys.nested_model import NestedConfig, NestedModel, population_defaults, write_log
 from offline_eval.nested import NestedReplay
 from recsys.train import TrainConfig, train_nested
 
 
-def _replay_ndcg(model: NestedModel, fit_part, tail, multiplier: float, fade: float) -> float:
-    """NDCG@10 of the protocol's own replay over ``tail``, with the mix set to this pair."""
+def _replay_ndcg(model: NestedModel, fit_part, tail, mix: Mix) -> float:
+    """NDCG@10 of the protocol's own replay over ``tail``, with this mix set on the model."""
     weight = model.pop_weight.detach().clone()
     with torch.no_grad():
-        model.pop_weight.mul_(multiplier)
-        model.fade.fill_(fade)
+        model.pop_weight.mul_(mix.multiplier)
+        model.fade.fill_(mix.fade)
+        model.pop_share.fill_(mix.share)
     replay = NestedReplay()
     replay.model = model
     replay.state = model.init_state(fit_part.n_users_known, fit_part.n_items_known)
@@ -30,22 +31,42 @@ def _replay_ndcg(model: NestedModel, fit_part, tail, multiplier: float, fade: fl
     with torch.no_grad():
         model.pop_weight.copy_(weight)
         model.fade.zero_()
+        model.pop_share.zero_()
     return summarize(ranks)["ndcg@10"]
 
 
-def test_the_chosen_pair_is_the_one_the_replay_scores_best():
+def test_the_tail_scores_every_mix_exactly_as_the_replay_does():
     history = encode(load_dataset("synthetic", n_users=300, n_items=400, n_events=12_000, seed=3)).history()
     fit_part, tail = split_history(history, 0.25)
     cfg = NestedConfig(n_items=history.n_items_known, **population_defaults(history.n_events, history.ts))
     model, _ = train_nested(fit_part, cfg, TrainConfig(epochs=1, progress=False, calibration_tail=0))
-    grid = dict(multipliers=(0.5, 1.0, 4.0), fades=(0.0, 2.0))
+    grid = dict(multipliers=(0.5, 4.0), fades=(0.0, 2.0), shares=(0.25, 0.75), mixture_multipliers=(1.0, 4.0))
 
-    multiplier, fade, _ = calibrate(model, fit_part, tail, score_every=1, **grid)
+    order, ndcg, _, _ = score_tail(model, fit_part, tail, score_every=1, **grid)
 
-    by_replay = {(k, f): _replay_ndcg(model, fit_part, tail, k, f) for k in grid["multipliers"] for f in grid["fades"]}
-    assert by_replay[multiplier, fade] == max(by_replay.values()), by_replay
-    assert len(set(by_replay.values())) > 1  # the pairs really rank differently
-    assert float(model.fade) == 0.0  # calibrating leaves the model as it was
+    by_replay = {mix: _replay_ndcg(model, fit_part, tail, mix) for mix in mixes(**grid)}
+    assert order == mixes(**grid)
+    for mix, on_tail in zip(order, ndcg.mean(1).tolist()):
+        assert round(on_tail, 6) == by_replay[mix], mix  # the report rounds to 6 digits
+    assert len(set(by_replay.values())) > 1  # the mixes really rank differently
+    for form in (lambda mix: mix.share == 0, lambda mix: mix.share > 0):  # both forms are in the race
+        assert len({v for mix, v in by_replay.items() if form(mix)}) > 1
+    assert float(model.fade) == 0.0 and float(model.pop_share) == 0.0  # calibrating leaves the model as it was
+
+
+def test_near_ties_in_ndcg_go_to_the_likelier_mix_and_clear_wins_stand():
+    grid = [Mix(1.0, 0.0, 0.0), Mix(2.0, 0.0, 0.5), Mix(4.0, 0.0, 0.0)]
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(2_000, generator=g, dtype=torch.float64)
+    noise = torch.randn(2_000, generator=g, dtype=torch.float64)
+    noise -= noise.mean()  # the gaps below are exactly as stated; the standard error is 0.01 / √2000 ≈ 0.0002
+    likelihood = torch.tensor([[-9.0], [-7.0], [-8.0]], dtype=torch.float64).expand(-1, 500)
+    # The mixed one trails the best by well under a standard error: the likelier one wins.
+    near = torch.stack([base, base + 0.01 * noise - 0.0001, base - 0.05])
+    assert choose(grid, near, likelihood) == grid[1]
+    # It trails by many standard errors: the better ranking stands, however likely the other.
+    far = torch.stack([base, base + 0.01 * noise - 0.01, base - 0.05])
+    assert choose(grid, far, likelihood) == grid[0]
 
 
 @pytest.mark.parametrize("refit", [False, True], ids=["tail-held-out", "refit"])
@@ -60,7 +81,9 @@ def test_training_sets_the_calibrated_mix_on_the_model(refit):
                                                                refit=refit))
     # Trained on the same events, then the mix set on the last 10%: the weights differ by the grid's factor.
     ratio = (calibrated.pop_weight / plain.pop_weight).item()
-    assert any(abs(ratio - k) < 1e-5 for k in MULTIPLIERS), ratio
+    share = float(calibrated.pop_share)
+    assert any(abs(ratio - k) < 1e-5 for k in (MIXTURE_MULTIPLIERS if share else MULTIPLIERS)), ratio
+    assert any(abs(ratio - m.multiplier) < 1e-5 and m.share == share for m in mixes())
     assert torch.equal(calibrated.item_table(), plain.item_table())
     # The state handed back is the one a fresh write of the whole history gives.
     fresh = write_log(calibrated, calibrated.init_state(history.n_users_known, history.n_items_known), history, 4096)

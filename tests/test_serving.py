@@ -78,7 +78,7 @@ def test_recommendations_rank_by_the_pushed_user_vector(data, model, repo):
                          last_ts=[clock - away, clock])
     with torch.no_grad():
         want = scorer(torch.from_numpy(vector)[None], torch.tensor([float(away)]), torch.from_numpy(population),
-                      torch.zeros(1, len(item_ids), dtype=torch.bool))[1][0, :5]
+                      torch.zeros(1, len(item_ids), dtype=torch.bool), torch.zeros(0))[1][0, :5]
     with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path))) as url:
         got = get(f"{url}/recommendations/alice", params={"k": 5}).json()
         assert got["source"] == "user"
@@ -224,6 +224,22 @@ def test_export_check_lets_exactly_tied_items_come_in_either_order(tmp_path):
     scorer = Scorer(E, torch.zeros(40), torch.tensor(0.5))
     check = check_export(scorer, write_graph(scorer, tmp_path / "twins.onnx"), torch.Generator().manual_seed(0))
     assert check.same_items and check.max_abs_diff <= 1e-4
+
+
+def test_a_mixed_score_exports_with_the_items_past_the_table_in_its_softmax(tmp_path):
+    E = torch.randn(40, 8)
+    mixed = Scorer(E, torch.zeros(40), torch.tensor(0.5), pop_weight=torch.tensor(2.0), share=torch.tensor(0.25))
+    check = check_export(mixed, write_graph(mixed, tmp_path / "mixed.onnx"), torch.Generator().manual_seed(0))
+    assert check.same_items and check.max_abs_diff <= 1e-4
+    user, away, population, exclude = torch.randn(1, 8), torch.zeros(1), torch.rand(40), torch.zeros(1, 40).bool()
+    with torch.no_grad():
+        alone = mixed.scores(user, away, population, exclude, torch.zeros(0))
+        launched = mixed.scores(user, away, population, exclude, torch.tensor([1e4]))  # one hit past the table
+    # Probabilities over the whole catalogue: the hit takes nearly all the population's share (¼)
+    # from the table's items.
+    assert launched[0, 40].exp() > 0.24
+    assert torch.all(launched[0, :40] < alone[0])
+    assert torch.allclose(alone.exp().sum(), torch.tensor(1.0), atol=1e-5)
 
 
 def locked_store_repo(path: Path) -> FeatureRepo:
