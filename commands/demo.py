@@ -198,15 +198,15 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
 
     (b_best, b_n), (a_best, a_n) = place(before), place(after)
     moved = len(set(ids(before[:cfg.k])) - set(ids(after[:cfg.k])))
-    print(f"[user {user}] other {target!r} items: best rank {b_best} → {a_best}, {b_n} → {a_n} of the top "
-          f"{len(after)}; "
-          f"{moved} of the top {cfg.k} replaced; the items just seen are masked from the list")
-    personal_after = _personal_top(table, item_ids, repo, user, cfg.k, seen | set(fresh))
     in_target = lambda items: sum(group.get(i) == target for i in items)  # noqa: E731
+    print(f"[user {user}] served top {cfg.k}: {in_target(ids(before[:cfg.k]))} → {in_target(ids(after[:cfg.k]))} "
+          f"from {target!r}; its other items: best rank {b_best} → {a_best}, {b_n} → {a_n} of the top "
+          f"{len(after)}; {moved} of the top {cfg.k} replaced; the items just seen are masked from the list")
+    personal_after = _personal_top(table, item_ids, repo, user, cfg.k, seen | set(fresh))
     share, weight = float(nested.pop_share), nested.pop_weight.item()
     form = (f"mixes the population's ranking ({weight:.2f} × log(1 + count), share {share:g}) and the personal "
             f"part's in probability" if share else f"adds the population term {weight:.2f} × log(1 + count)")
-    print(f"[user {user}] the personal part alone (slow + user levels, before the population term is added): "
+    print(f"[user {user}] the personal part alone (slow + user levels, without the population level): "
           f"{in_target(personal_before)} → {in_target(personal_after)} of its top {cfg.k} from {target!r}; "
           f"the mix calibrated on the history {form} and fades a returning user's personal part with fade "
           f"{nested.fade.item():g}")

@@ -18,6 +18,7 @@ def test_the_demo_runs_the_whole_stack_and_cleans_up(tmp_path, capsys):
                  "server stopped cleanly", "[demo] OK"):
         assert step in out, step
     assert "top 10" in out and "after posting" in out
+    assert re.search(r"served top 10: \d+ → \d+ from 'cluster-\d+'", out)  # the group's share, before and after
     # Beside the served list, what the synthetic log's true distribution ranks for that session.
     assert re.search(r"the log's own generator, for this user certainly in a 'cluster-\d+' session: \d+ of its top 10",
                      out)
