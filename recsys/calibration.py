@@ -63,13 +63,10 @@ def split_history(history, tail_fraction: float):
 
 
 @torch.no_grad()
-def calibrate(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb_batch: int = 4096,
-              score_every: int = 2, multipliers=MULTIPLIERS, fades=FADES, shares=SHARES,
-              mixture_multipliers=MIXTURE_MULTIPLIERS) -> tuple[Mix, FastState]:
+def calibrate(model: NestedModel, fit_part, tail, **options) -> tuple[Mix, FastState]:
     """The `Mix` chosen on ``tail`` replayed after ``fit_part`` (`choose`), and the fast state
-    after both."""
-    grid, ndcg, loglik, state = score_tail(model, fit_part, tail, batch_size, absorb_batch, score_every,
-                                           multipliers, fades, shares, mixture_multipliers)
+    after both; ``options`` as `score_tail` takes them."""
+    grid, ndcg, loglik, state = score_tail(model, fit_part, tail, **options)
     return choose(grid, ndcg, loglik), state
 
 
@@ -91,6 +88,7 @@ def score_tail(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb
     dtype = model.user0.dtype
     k, f = torch.tensor(multipliers, dtype=dtype).view(-1, 1, 1, 1), torch.tensor(fades, dtype=dtype).view(-1, 1)
     k_mix = torch.tensor(mixture_multipliers, dtype=dtype).view(-1, 1, 1, 1)
+    pi = torch.tensor(shares, dtype=dtype).view(-1, 1, 1, 1, 1)  # every share at once: one softmax per part
     ndcg, loglik = [], []  # per scored event, every mix: (G, B) per batch
     known_upto = np.maximum.accumulate(np.concatenate([[fit_part.n_items_known - 1], tail.items])) + 1
     for b, lo in enumerate(range(0, tail.n_events, batch_size)):
@@ -105,10 +103,9 @@ def score_tail(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb
             E, bias = model.all_items(n_known)
             weight = trust(absent.to(E.dtype).view(1, -1), f)  # (F, B): every fade of the grid at once
             term, seen_now = model.pop_term(pop), seen.before_each(users, items, n_known)
-            parts = [score_items(reads.z, E, bias, k * term, weight)]  # additive: (K, F, B, N)
-            parts += [score_items(reads.z, E, bias, k_mix * term, weight, torch.tensor(s, dtype=dtype))
-                      for s in shares]  # mixed: (K', F, B, N) per share
-            scores = torch.cat([torch.where(seen_now, float("-inf"), p.flatten(0, 1)) for p in parts])  # (G, B, N)
+            additive = score_items(reads.z, E, bias, k * term, weight).flatten(0, 1)  # (K·F, B, N)
+            mixed = score_items(reads.z, E, bias, k_mix * term, weight, pi).flatten(0, 2)  # (S·K'·F, B, N)
+            scores = torch.where(seen_now, float("-inf"), torch.cat([additive, mixed]))  # (G, B, N), `mixes` order
             ndcg.append(grid_ndcg(scores, items))
             # Only targets that are candidates have a probability (not new, not seen before).
             known = (items < n_known) & ~seen_now[torch.arange(len(items)), items.clamp(max=n_known - 1)]
