@@ -105,12 +105,16 @@ def score_tail(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb
             term, seen_now = model.pop_term(pop), seen.before_each(users, items, n_known)
             additive = score_items(reads.z, E, bias, k * term, weight).flatten(0, 1)  # (K·F, B, N)
             mixed = score_items(reads.z, E, bias, k_mix * term, weight, pi).flatten(0, 2)  # (S·K'·F, B, N)
-            scores = torch.where(seen_now, float("-inf"), torch.cat([additive, mixed]))  # (G, B, N), `mixes` order
-            ndcg.append(grid_ndcg(scores, items))
             # Only targets that are candidates have a probability (not new, not seen before).
             known = (items < n_known) & ~seen_now[torch.arange(len(items)), items.clamp(max=n_known - 1)]
-            target = items[known].view(1, -1, 1).expand(len(grid), -1, 1)
-            loglik.append(torch.log_softmax(scores[:, known], -1).gather(2, target).squeeze(2).double())
+            target = items.clamp(max=n_known - 1).view(1, -1, 1)
+            parts = []  # the two forms one at a time, each filtered in place: the grid is the costly part
+            for scores in (additive, mixed):
+                scores.masked_fill_(seen_now, float("-inf"))
+                logp = torch.log_softmax(scores, -1).gather(2, target.expand(len(scores), -1, 1)).squeeze(2)
+                parts.append((grid_ndcg(scores, items), logp[:, known].double()))
+            ndcg.append(torch.cat([p[0] for p in parts]))  # (G, B) in `mixes` order
+            loglik.append(torch.cat([p[1] for p in parts]))
         seen.add(users.numpy(), items.numpy())
     return grid, torch.cat(ndcg, 1), torch.cat(loglik, 1), state
 

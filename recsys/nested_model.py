@@ -241,6 +241,10 @@ class NestedModel(nn.Module):
 
         flat = items.reshape(-1)
         known = (flat >= 0) & (flat < self.cfg.n_items)
+        if not (torch.is_grad_enabled() or self.sharded):  # the online path: the same rows, without a jagged bag per call
+            weight = (self.tables.embedding_bags["item"] if table == "item" else self.successors.embedding_bags["next"]).weight
+            rows = weight[flat.clamp(0, self.cfg.n_items - 1)].masked_fill(~known.unsqueeze(1), 0)
+            return rows.float().to(self.user0.dtype).reshape(*items.shape, self.cfg.dim)  # float32, as TorchRec pools
         lengths = known.to(torch.int64)
         # Offsets by plain torch: fbgemm's cumsum kernel is not in every build (CPU-only fbgemm on a GPU host).
         offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
@@ -375,13 +379,18 @@ class NestedModel(nn.Module):
                 "mid_target": self.W_mid(x)}  # (…, D)
 
     @staticmethod
-    def memory_step(M, S, term, in_place: bool = False):
+    def memory_step(M, S, term, in_place: bool = False, err: torch.Tensor | None = None):
         """User-fast, one event per row (Titans delta rule with momentum and forgetting):
         S ← η·S − θ·∇½‖Mk − v‖² = η·S − (Mk − v)(θk)ᵀ, M ← (1 − α)·M + S.
-        ``in_place``: written into M and S (views of the batch's rows; no autograd)."""
-        err = torch.baddbmm(term["neg_v"], M, term["k"])  # (U, m, 1) the memory's prediction error
-        S = torch.baddbmm(term["eta"] * S, err, term["theta_k"], alpha=-1, out=S if in_place else None)
-        return torch.addcmul(S, term["retain"], M, out=M if in_place else None), S
+        ``in_place``: written into M and S (views of the batch's rows; no autograd);
+        ``err``: Mk − v, where the caller has it already."""
+        if err is None:
+            err = torch.baddbmm(term["neg_v"], M, term["k"])  # (U, m, 1) the memory's prediction error
+        if in_place:  # no new tensors: the batched loop is op-bound on a CPU
+            S.mul_(term["eta"]).baddbmm_(err, term["theta_k"], alpha=-1)
+            return torch.addcmul(S, term["retain"], M, out=M), S
+        S = torch.baddbmm(term["eta"] * S, err, term["theta_k"], alpha=-1)
+        return torch.addcmul(S, term["retain"], M), S
 
     def mid_rates_now(self) -> tuple[torch.Tensor, torch.Tensor]:
         """User-mid (step / c_mid, decay): one chunk's step is the mean of its gradients."""
@@ -511,13 +520,18 @@ class NestedModel(nn.Module):
             mid_before, mid, acc = self.mid_chunks(mid, acc, terms["mid_target"], srow, spos, cnt, counts,
                                                    len(sizes), rates)
             # Each step's slice of the memory's terms, cut once: on a CPU the loop is op-bound.
-            parts = {name: terms[name].split(sizes) for name in ("k", "neg_v", "theta_k", "retain", "eta")}
-            queries, reads_before = q.split(sizes) if read else None, []
-            for t, n in enumerate(sizes):
-                if read:  # the memory before this step; the levels are combined once, after the loop
-                    reads_before.append(self.memory_read(M[:n], queries[t]))
-                self.memory_step(M[:n], S[:n], {name: p[t] for name, p in parts.items()}, in_place=True)
-            read_before = torch.cat(reads_before) if read else None
+            names = ("k", "neg_v", "theta_k", "retain", "eta")
+            if read:  # one product gives each step's error and the memory's read before it: M·[k, q] − [v, 0]
+                terms = terms | {"k": torch.cat([terms["k"], q.unsqueeze(-1)], -1),
+                                 "neg_v": F.pad(terms["neg_v"], (0, 1))}
+            products = torch.empty_like(terms["neg_v"])  # (B, m, 1 or 2) step-major, a slice per step
+            rows = {}  # the first n rows of M and S, one pair of views per step size
+            for n, out, *term in zip(sizes, products.split(sizes), *(terms[name].split(sizes) for name in names)):
+                if n not in rows:
+                    rows[n] = M[:n], S[:n]
+                torch.baddbmm(term[1], rows[n][0], term[0], out=out)
+                self.memory_step(*rows[n], dict(zip(names, term)), in_place=True, err=out[..., :1])
+            read_before = products[..., 1] if read else None  # the levels are combined once, after the loop
 
         latest = step_start[counts - 1] + torch.arange(len(uniq), device=dev)  # each user's latest event
         ITEMS = torch.full((len(uniq), len(starts)), -1, dtype=torch.int64, device=dev)
@@ -679,7 +693,9 @@ def mixture(personal: torch.Tensor, population: torch.Tensor, share: torch.Tenso
     popularity)."""
     a = torch.log_softmax(population, -1) + torch.log(share)
     b = torch.log_softmax(personal, -1) + torch.log1p(-share)
-    return torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))  # logaddexp, in ops ONNX has
+    if torch.onnx.is_in_onnx_export():  # logaddexp, in ops ONNX has
+        return torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))
+    return torch.logaddexp(a, b)  # one pass: calibration mixes a grid of (G, B, N) at once
 
 
 def write_log(model: NestedModel, state: FastState, log, batch_size: int) -> FastState:

@@ -29,7 +29,7 @@ def ranks_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch
     known = targets < N
     t_idx = targets.clamp(max=N - 1).unsqueeze(1)  # (B, 1)
     t_score = scores.gather(1, t_idx)  # (B, 1)
-    ahead = (scores >= t_score).sum(1) - 1  # ties count against the target; minus the target itself
+    ahead = (scores >= t_score).sum(1, dtype=torch.int32) - 1  # ties count against the target; minus itself
     excluded = (torch.isinf(t_score) & (t_score < 0)).squeeze(1)
     return torch.where(known & ~excluded, ahead.double() + 1, torch.full((B,), float("inf"), dtype=torch.float64))
 
