@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from commands.allocator import keep_freed_memory
 from offline_eval.model_names import ABLATIONS, DEFAULT_MODELS
 from recsys.dataset import HISTORY_FRACTION
 
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
