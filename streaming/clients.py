@@ -12,9 +12,13 @@ Three producers differ on purpose, by what a lost message costs:
 from __future__ import annotations
 
 # Tansu joins groups in half the session timeout: keep it short (RECIPES.md).
+# Metadata every 5 s, not kafka-python's 5 minutes: a worker that joined while its topic was
+# still being created (auto-created by the first producer) was assigned no partitions and
+# saw the topic only at the next refresh, after 5 minutes of applying nothing; so would a
+# worker group miss partitions added to its topic. A refresh now rejoins within 5 s.
 CONSUMER = dict(auto_offset_reset="earliest", enable_auto_commit=False, session_timeout_ms=6000,
                 heartbeat_interval_ms=1000, fetch_max_bytes=16 * 1024 * 1024,
-                max_partition_fetch_bytes=4 * 1024 * 1024)
+                max_partition_fetch_bytes=4 * 1024 * 1024, metadata_max_age_ms=5000)
 
 
 def make_consumer(bootstrap_servers: str, **overrides):
