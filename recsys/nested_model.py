@@ -241,8 +241,9 @@ class NestedModel(nn.Module):
 
         flat = items.reshape(-1)
         known = (flat >= 0) & (flat < self.cfg.n_items)
-        if not (torch.is_grad_enabled() or self.sharded):  # the online path: the same rows, without a jagged bag per call
-            weight = (self.tables.embedding_bags["item"] if table == "item" else self.successors.embedding_bags["next"]).weight
+        if not (torch.is_grad_enabled() or self.sharded):  # online: the same rows, without a jagged bag per call
+            bags = self.tables.embedding_bags if table == "item" else self.successors.embedding_bags
+            weight = bags[table].weight
             rows = weight[flat.clamp(0, self.cfg.n_items - 1)].masked_fill(~known.unsqueeze(1), 0)
             return rows.float().to(self.user0.dtype).reshape(*items.shape, self.cfg.dim)  # float32, as TorchRec pools
         lengths = known.to(torch.int64)
