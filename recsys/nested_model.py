@@ -387,11 +387,8 @@ class NestedModel(nn.Module):
         ``err``: Mk − v, where the caller has it already."""
         if err is None:
             err = torch.baddbmm(term["neg_v"], M, term["k"])  # (U, m, 1) the memory's prediction error
-        if in_place:  # no new tensors: the batched loop is op-bound on a CPU
-            S.mul_(term["eta"]).baddbmm_(err, term["theta_k"], alpha=-1)
-            return torch.addcmul(S, term["retain"], M, out=M), S
-        S = torch.baddbmm(term["eta"] * S, err, term["theta_k"], alpha=-1)
-        return torch.addcmul(S, term["retain"], M), S
+        S = torch.baddbmm(term["eta"] * S, err, term["theta_k"], alpha=-1, out=S if in_place else None)
+        return torch.addcmul(S, term["retain"], M, out=M if in_place else None), S
 
     def mid_rates_now(self) -> tuple[torch.Tensor, torch.Tensor]:
         """User-mid (step / c_mid, decay): one chunk's step is the mean of its gradients."""
