@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,7 +85,15 @@ def write_checkpoint(path: Path, snap: Snapshot, keep_previous: bool = True) -> 
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     if keep_previous and path.exists():
-        os.replace(path, previous(path))  # the last good file stays, should the new one be damaged
+        # The last good file stays, should the new one be damaged. Linked, not moved: a reader
+        # must never find ``path`` missing between the two renames.
+        kept = path.with_name(f".{path.name}.kept")
+        kept.unlink(missing_ok=True)
+        try:
+            os.link(path, kept)
+        except OSError:  # a file system without hard links: a copy costs one more write
+            shutil.copyfile(path, kept)
+        os.replace(kept, previous(path))
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a mix
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
