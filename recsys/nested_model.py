@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys import fused_update
+from recsys import compiled_memory, fused_update
 from recsys.baselines import grow
 from recsys.batch_users import sequences_before
 
@@ -390,6 +390,23 @@ class NestedModel(nn.Module):
         S = torch.baddbmm(term["eta"] * S, err, term["theta_k"], alpha=-1, out=S if in_place else None)
         return torch.addcmul(S, term["retain"], M, out=M if in_place else None), S
 
+    def memory_steps(self, M, S, terms, q, sizes: list[int]) -> torch.Tensor | None:
+        """User-fast over a whole batch, eagerly: `memory_step` once per step over the first
+        ``sizes[t]`` rows (the step's users), in place. q: (B, m) step-major read queries or
+        None → (B, m) the memory's read before each event, or None."""
+        names = ("k", "neg_v", "theta_k", "retain", "eta")
+        if q is not None:  # one product gives each step's error and the memory's read before it: M·[k, q] − [v, 0]
+            terms = terms | {"k": torch.cat([terms["k"], q.unsqueeze(-1)], -1), "neg_v": F.pad(terms["neg_v"], (0, 1))}
+        products = torch.empty_like(terms["neg_v"])  # (B, m, 1 or 2) step-major, a slice per step
+        rows = {}  # the first n rows of M and S, one pair of views per step size
+        # Each step's slice of the terms, cut once: on a CPU the loop is op-bound.
+        for n, out, *term in zip(sizes, products.split(sizes), *(terms[name].split(sizes) for name in names)):
+            if n not in rows:
+                rows[n] = M[:n], S[:n]
+            torch.baddbmm(term[1], rows[n][0], term[0], out=out)
+            self.memory_step(*rows[n], dict(zip(names, term)), in_place=True, err=out[..., :1])
+        return products[..., 1] if q is not None else None
+
     def mid_rates_now(self) -> tuple[torch.Tensor, torch.Tensor]:
         """User-mid (step / c_mid, decay): one chunk's step is the mean of its gradients."""
         step, decay = torch.sigmoid(self.mid_rates)
@@ -510,6 +527,8 @@ class NestedModel(nn.Module):
             last_before = torch.where((spos > 0).unsqueeze(1), x[prev], state.last[uniq][srow])
             seq = self.sequence_read(sequences_before(state.recent[users], users, items)[sm])
             q = self.query(last_before)  # (B, m) step-major
+        else:
+            q = None
         if not read and fused_update.usable(M, self.cfg.dim, self.cfg.mem_dim):  # CUDA: one kernel for all steps
             ends = self.chunk_ends(cnt[srow] + spos + 1)
             fused_update.recurrence(M, S, mid, acc, terms, ends, step_start, counts, rates)
@@ -517,19 +536,11 @@ class NestedModel(nn.Module):
             sizes = active.tolist()
             mid_before, mid, acc = self.mid_chunks(mid, acc, terms["mid_target"], srow, spos, cnt, counts,
                                                    len(sizes), rates)
-            # Each step's slice of the memory's terms, cut once: on a CPU the loop is op-bound.
-            names = ("k", "neg_v", "theta_k", "retain", "eta")
-            if read:  # one product gives each step's error and the memory's read before it: M·[k, q] − [v, 0]
-                terms = terms | {"k": torch.cat([terms["k"], q.unsqueeze(-1)], -1),
-                                 "neg_v": F.pad(terms["neg_v"], (0, 1))}
-            products = torch.empty_like(terms["neg_v"])  # (B, m, 1 or 2) step-major, a slice per step
-            rows = {}  # the first n rows of M and S, one pair of views per step size
-            for n, out, *term in zip(sizes, products.split(sizes), *(terms[name].split(sizes) for name in names)):
-                if n not in rows:
-                    rows[n] = M[:n], S[:n]
-                torch.baddbmm(term[1], rows[n][0], term[0], out=out)
-                self.memory_step(*rows[n], dict(zip(names, term)), in_place=True, err=out[..., :1])
-            read_before = products[..., 1] if read else None  # the levels are combined once, after the loop
+            # The levels are combined once, after the walk, from the memory's read before each event.
+            if compiled_memory.usable(M):  # CPU: one compiled walk over each row's events
+                read_before = compiled_memory.recurrence(M, S, terms, q, step_start, counts)
+            else:
+                read_before = self.memory_steps(M, S, terms, q, sizes)
 
         latest = step_start[counts - 1] + torch.arange(len(uniq), device=dev)  # each user's latest event
         ITEMS = torch.full((len(uniq), len(starts)), -1, dtype=torch.int64, device=dev)

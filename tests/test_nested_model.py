@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys import fused_update
+from recsys import compiled_memory, fused_update
 from recsys.nested_model import (NestedConfig, NestedModel, decay_add, decay_to, load_state, read_speeds, save_state,
                                  sum_levels)
 
@@ -187,6 +187,27 @@ def test_slow_only_ablation_ignores_the_fast_state(model64):
     slow.load_state_dict(model64.state_dict())
     a = slow.score(state, torch.tensor([0, 1]), CFG.n_items)
     assert torch.equal(a[0], a[1])  # every user gets the population answer
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_the_compiled_cpu_walk_gives_the_eager_loops_state_and_reads(dtype, tol, monkeypatch):
+    torch.manual_seed(2)
+    model = NestedModel(replace(CFG, mem_dim=6)).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    users, items, ts = _events(5, n=300, n_users=20)
+    assert compiled_memory.usable(model.user0.new_zeros(1, 1, 1))
+    results = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(compiled_memory, "ENABLED", compiled)
+        state = model.update(model.init_state(20, CFG.n_items), users[:100], items[:100], ts[:100])
+        results[compiled] = model.update_reading(state, users[100:], items[100:], ts[100:])
+    (walked, walked_reads), (eager, eager_reads) = results[True], results[False]
+    for name, x in eager.tensors().items():
+        assert torch.allclose(walked.tensors()[name], x, rtol=tol, atol=tol), name
+    assert torch.allclose(walked_reads.z, eager_reads.z, rtol=tol, atol=tol)
+    assert eager.M.abs().max() > 0.1  # the memory moved: the comparison compares something
 
 
 @pytest.mark.cuda
