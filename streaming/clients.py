@@ -12,10 +12,8 @@ Three producers differ on purpose, by what a lost message costs:
 from __future__ import annotations
 
 # Tansu joins groups in half the session timeout: keep it short (RECIPES.md).
-# Metadata every 5 s, not kafka-python's 5 minutes: a worker that joined while its topic was
-# still being created (auto-created by the first producer) was assigned no partitions and
-# saw the topic only at the next refresh, after 5 minutes of applying nothing; so would a
-# worker group miss partitions added to its topic. A refresh now rejoins within 5 s.
+# Metadata every 5 s, not kafka-python's 5 minutes: a worker group sees partitions added to
+# its topic within 5 s (a topic created under a joining worker: `ensure_topic`).
 CONSUMER = dict(auto_offset_reset="earliest", enable_auto_commit=False, session_timeout_ms=6000,
                 heartbeat_interval_ms=1000, fetch_max_bytes=16 * 1024 * 1024,
                 max_partition_fetch_bytes=4 * 1024 * 1024, metadata_max_age_ms=5000)
@@ -64,5 +62,31 @@ def create_topic(bootstrap_servers: str, topic: str, partitions: int = 1) -> Non
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
     try:
         admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        admin.close()
+
+
+def ensure_topic(bootstrap_servers: str, topic: str, timeout_s: float = 30) -> bool:
+    """Create ``topic`` with the broker's default partitions and replication unless it exists,
+    and wait until every partition has a leader. → whether this call created it.
+
+    Why a consumer calls it before it subscribes: joining a group while the topic is being
+    created (auto-created by the first producer, or by the consumer's own metadata request)
+    can get an assignment of no partitions that kafka-python never revisits — a CI run saw a
+    worker apply nothing for two minutes after the server's first POST created its topic."""
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        created = False
+        if admin.describe_topics([topic])[0]["error_code"]:  # UNKNOWN_TOPIC_OR_PARTITION
+            try:
+                admin.create_topics({topic: {}})  # num_partitions, replication_factor: the broker's
+                created = True
+            except TopicAlreadyExistsError:  # another worker, or a producer, was first
+                pass
+        admin.wait_for_topics([topic], timeout_ms=int(timeout_s * 1000))
+        return created
     finally:
         admin.close()

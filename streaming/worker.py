@@ -45,7 +45,7 @@ from recsys.nested_model import FastState, NestedModel, load_item_ids, sum_level
 from recsys.vocab import Vocab
 from streaming.catalogue import Catalogue
 from streaming.checkpoint import CheckpointWriter
-from streaming.clients import make_consumer
+from streaming.clients import ensure_topic, make_consumer
 from streaming.dead_letters import DeadLetters
 from streaming.events import InvalidEvent, decode_fields
 from streaming.metrics import Metrics
@@ -191,6 +191,11 @@ class StreamWorker(Ownership):
         self.dead_letters.connect()
         self.catalogue = Catalogue(self.cfg.bootstrap_servers, self.cfg.topic, list(self.items.ids))
         self.items = self.catalogue.items
+        try:
+            if ensure_topic(self.cfg.bootstrap_servers, self.cfg.topic):
+                log.info("created topic %r with the broker's default partitions", self.cfg.topic)
+        except Exception as e:  # no right to create, an old broker: the group's metadata refresh finds it later
+            log.warning("topic %r not checked or created (%s); subscribing anyway", self.cfg.topic, e)
         self.consumer.subscribe([self.cfg.topic], listener=Rebalance(self))
         if threading.current_thread() is threading.main_thread():  # embedded (replay): the host stops it
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 
 from streaming.checkpoint import read_checkpoint, read_offsets
-from streaming.clients import make_producer
+from streaming.clients import make_consumer, make_producer
 from streaming.producer import ProducerConfig, produce
 from waiting import wait_until
 from workers import Worker, assert_exactly_once, checkpointed, dead_letters, merged_checkpoints, reference_rows
@@ -115,6 +115,22 @@ def test_malformed_messages_go_to_the_dead_letter_topic_with_their_reason(broker
     first = letters[0]
     assert dict(first.headers)["source"].decode().startswith(f"{topic}/")  # where it came from
     assert first.value in {p for p, _ in MALFORMED}  # the original bytes, untouched
+
+
+def test_a_worker_started_before_its_topic_creates_it_and_owns_every_partition_from_its_first_join(
+        broker, topic, stream, model_path, tmp_path):
+    w = Worker(broker, topic, model_path, tmp_path / "ckpt", "w1", "--checkpoint-every", "0.5")
+    wait_until(lambda: w.assigned() or w.proc.poll() is not None, "the worker to be assigned partitions")
+    assert f"created topic '{topic}'" in w.text()
+    consumer = make_consumer(broker.bootstrap_servers)
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+    finally:
+        consumer.close()
+    first_join = next(ln for ln in w.text().splitlines() if "assigned partitions [" in ln)
+    assert len(partitions) > 1 and f"assigned partitions {sorted(partitions)}" in first_join
+    produce(stream.head(1_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+    w.finish_at(tmp_path / "ckpt" / "w1.safetensors", 1_000)
 
 
 def test_two_workers_split_partitions_and_a_killed_one_hands_over_its_users(broker, topic, stream, model_path,
