@@ -533,13 +533,14 @@ class NestedModel(nn.Module):
             ends = self.chunk_ends(cnt[srow] + spos + 1)
             fused_update.recurrence(M, S, mid, acc, terms, ends, step_start, counts, rates)
         else:
-            sizes = active.tolist()
-            mid_before, mid, acc = self.mid_chunks(mid, acc, terms["mid_target"], srow, spos, cnt, counts,
-                                                   len(sizes), rates)
-            # The levels are combined once, after the walk, from the memory's read before each event.
-            if compiled_memory.usable(M):  # CPU: one compiled walk over each row's events
-                read_before = compiled_memory.recurrence(M, S, terms, q, step_start, counts)
+            # The levels are combined once, after the walk, from each event's reads before it.
+            if compiled_memory.usable(M):  # CPU: one compiled walk over each row's events, both user levels
+                read_before, mid_before = compiled_memory.recurrence(M, S, mid, acc, terms, q, step_start, counts,
+                                                                     cnt, self.cfg.c_mid, rates) or (None, None)
             else:
+                sizes = active.tolist()
+                mid_before, mid, acc = self.mid_chunks(mid, acc, terms["mid_target"], srow, spos, cnt, counts,
+                                                       len(sizes), rates)
                 read_before = self.memory_steps(M, S, terms, q, sizes)
 
         latest = step_start[counts - 1] + torch.arange(len(uniq), device=dev)  # each user's latest event
