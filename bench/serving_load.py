@@ -37,9 +37,31 @@ from serving.export import export_onnx, scorer_from_model
 from streaming.broker import EmbeddedBroker, free_port
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU time of the whole machine so far, all cores (Linux /proc/stat)."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # idle and iowait are not busy
+    except (OSError, ValueError, IndexError):
+        return float("nan"), float("nan")
+
+
 async def load_level(url: str, users: list[str], items: list[str], rate: float, seconds: float, post_share: float,
-                     key: str) -> dict:
+                     key: str, server_pid: int) -> dict:
+    """One open-loop level. Besides latencies, the CPU share (of one core) the client and the
+    server used meanwhile, and how busy the whole machine was: a client near 100 % is the
+    limit; a server well below it on a machine near 100 % waits for a core, not for work."""
     latencies, errors, posts, post_latencies = [], 0, 0, []
+    cpu0, server0, machine0 = time.process_time(), cpu_seconds(server_pid), machine_busy()
     rng = np.random.default_rng(int(rate))
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=500)) as client:
         async def one(user: str, post: bool) -> None:
@@ -70,10 +92,14 @@ async def load_level(url: str, users: list[str], items: list[str], rate: float, 
             tasks.append(asyncio.create_task(one(users[n % len(users)], post)))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
+    client_cpu, server_cpu = (time.process_time() - cpu0) / wall, (cpu_seconds(server_pid) - server0) / wall
+    machine1 = machine_busy()
+    machine_cpu = (machine1[0] - machine0[0]) / (machine1[1] - machine0[1])
     lat, post_lat = np.asarray(latencies) * 1e3, np.asarray(post_latencies or [np.nan]) * 1e3
     return {"rate": rate, "requests": len(lat), "posts": posts, "achieved_rps": len(lat) / wall, "errors": errors,
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-            "post_p50_ms": float(np.percentile(post_lat, 50)), "post_p99_ms": float(np.percentile(post_lat, 99))}
+            "post_p50_ms": float(np.percentile(post_lat, 50)), "post_p99_ms": float(np.percentile(post_lat, 99)),
+            "client_cpu": client_cpu, "server_cpu": server_cpu, "machine_cpu": machine_cpu}
 
 
 def _caught_up(log: Path, rate: float) -> bool:
@@ -169,7 +195,8 @@ def main() -> None:
         levels = []
         for r in args.rates.split(","):
             print(f"[bench] {r} req/s for {args.seconds:.0f} s", file=sys.stderr, flush=True)
-            levels.append(asyncio.run(load_level(url, users, item_ids, float(r), args.seconds, args.post_share, key)))
+            levels.append(asyncio.run(load_level(url, users, item_ids, float(r), args.seconds, args.post_share, key,
+                                                 server.pid)))
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -182,10 +209,11 @@ def main() -> None:
           f"{args.seconds:.0f} s per level, export max |diff| {check.max_abs_diff:.1e}, {args.post_share:.0%} POST, "
           f"worker ingesting {args.ingest_rate:,.0f} ev/s (last log line: {applied[-1].split('] ')[-1] if applied else 'n/a'})")
     print(f"{'offered rps':>12}{'achieved':>10}{'posts':>7}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'POST p50':>10}{'POST p99':>10}")
+          f"{'POST p50':>10}{'POST p99':>10}{'client CPU':>12}{'server CPU':>12}{'machine':>9}")
     for lv in levels:
         print(f"{lv['rate']:>12,.0f}{lv['achieved_rps']:>10,.0f}{lv['posts']:>7}{lv['errors']:>8}{lv['p50_ms']:>9.2f}"
-              f"{lv['p99_ms']:>9.2f}{lv['post_p50_ms']:>10.2f}{lv['post_p99_ms']:>10.2f}")
+              f"{lv['p99_ms']:>9.2f}{lv['post_p50_ms']:>10.2f}{lv['post_p99_ms']:>10.2f}"
+              f"{lv['client_cpu']:>12.0%}{lv['server_cpu']:>12.0%}{lv['machine_cpu']:>9.0%}")
     print(f"{'scoring, batch 1':<18}{'p50 µs':>9}{'p99 µs':>9}")
     for name, r in scoring.items():
         print(f"{name:<18}{r['p50_us']:>9.0f}{r['p99_us']:>9.0f}")
