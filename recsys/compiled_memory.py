@@ -15,7 +15,6 @@ two agree.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
@@ -26,7 +25,6 @@ try:
 except ImportError:  # the eager loop is used
     numba = None
 
-log = logging.getLogger("recsys.model")
 ENABLED = os.environ.get("RECSYS_COMPILED_MEMORY", "1") != "0"
 
 
@@ -37,7 +35,7 @@ def usable(M: torch.Tensor) -> bool:
 
 def recurrence(M: torch.Tensor, S: torch.Tensor, mid: torch.Tensor, acc: torch.Tensor, terms: dict[str, torch.Tensor],
                q: torch.Tensor | None, step_start: torch.Tensor, counts: torch.Tensor, cnt: torch.Tensor, c_mid: int,
-               rates: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+               rates: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Apply every event of a micro-batch to the gathered user rows' fast levels, in place.
 
     M, S: (U, m, m) and mid, acc: (U, D), contiguous; terms: step-major per event (B, …) as
@@ -45,7 +43,7 @@ def recurrence(M: torch.Tensor, S: torch.Tensor, mid: torch.Tensor, acc: torch.T
     step_start: (T,) first event of each step; counts: (U,) events per row in this batch;
     cnt: (U,) events per row before it (where user-mid chunks close); rates: user-mid
     (step, decay). → with ``q``, each event's memory read and user-mid adapter before its
-    own write, (B, m) and (B, D) step-major; None without."""
+    own write, (B, m) and (B, D) step-major; (None, None) without."""
     B, m, D = terms["k"].shape[0], M.shape[1], mid.shape[1]
     flat = [terms[name].reshape(B, -1).contiguous().numpy() for name in ("k", "neg_v", "theta_k", "mid_target")]
     retain, eta = (terms[name].reshape(B).contiguous().numpy() for name in ("retain", "eta"))
@@ -55,7 +53,7 @@ def recurrence(M: torch.Tensor, S: torch.Tensor, mid: torch.Tensor, acc: torch.T
     step, decay = (float(r) for r in rates)
     _walk(M.numpy(), S.numpy(), mid.numpy(), acc.numpy(), *flat, retain, eta, queries, reads.numpy(), mids.numpy(),
           step_start.numpy(), counts.numpy(), cnt.numpy(), c_mid, step, decay, read)
-    return (reads, mids) if read else None
+    return (reads, mids) if read else (None, None)
 
 
 if numba is not None:

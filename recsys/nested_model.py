@@ -536,7 +536,7 @@ class NestedModel(nn.Module):
             # The levels are combined once, after the walk, from each event's reads before it.
             if compiled_memory.usable(M):  # CPU: one compiled walk over each row's events, both user levels
                 read_before, mid_before = compiled_memory.recurrence(M, S, mid, acc, terms, q, step_start, counts,
-                                                                     cnt, self.cfg.c_mid, rates) or (None, None)
+                                                                     cnt, self.cfg.c_mid, rates)
             else:
                 sizes = active.tolist()
                 mid_before, mid, acc = self.mid_chunks(mid, acc, terms["mid_target"], srow, spos, cnt, counts,
