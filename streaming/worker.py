@@ -193,7 +193,9 @@ class StreamWorker(Ownership):
         self.items = self.catalogue.items
         try:
             if ensure_topic(self.cfg.bootstrap_servers, self.cfg.topic):
-                log.info("created topic %r with the broker's default partitions", self.cfg.topic)
+                # A warning: a misspelt --topic would otherwise wait on an empty topic in silence.
+                log.warning("created topic %r, which did not exist, with the broker's default partitions",
+                            self.cfg.topic)
         except Exception as e:  # no right to create, an old broker: the group's metadata refresh finds it later
             log.warning("topic %r not checked or created (%s); subscribing anyway", self.cfg.topic, e)
         self.consumer.subscribe([self.cfg.topic], listener=Rebalance(self))
