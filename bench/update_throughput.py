@@ -4,11 +4,12 @@
 
 Replays the log's events in time order through `NestedModel.update` at micro-batch 256
 and 4096 (the stream worker's path, no broker), then scores batches of users over the
-whole catalogue. It runs the compiled recurrence (Numba on the CPU, the fused Triton kernel
-on CUDA) and the eager per-step loop side by side. On the CPU it also runs replay v2 itself (`offline_eval.replay.replay_model`, B = 256: each
-event's user read just before it, scored over the catalogue, seen items filtered) for the
-nested model (compiled and eager) and for decayed popularity, side by side: their ratio is the figure that a
-shared machine's speed does not change (the nested model is untrained here, its shapes and
+whole catalogue. It runs the compiled recurrence (Numba on the CPU, the fused Triton
+kernel on CUDA) and the eager per-step loop side by side. On the CPU it also runs replay v2
+itself (`offline_eval.replay.replay_model`, B = 256: each event's user read just before it,
+scored over the catalogue, seen items filtered) for the nested model (compiled and eager)
+and for decayed popularity, side by side: their ratio is the figure that a shared
+machine's speed does not change (the nested model is untrained here, its shapes and
 population speeds as `recsys replay` sets them). Prints a table and writes
 bench/results/update_throughput.json.
 """
