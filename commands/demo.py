@@ -24,6 +24,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from features.store import FeatureRepo
 from offline_eval.oracle import true_probabilities
 from offline_eval.report import ReplayConfig, markdown_table, run_replay
 from recsys.datasets import load_dataset
-from recsys.nested_model import NestedModel, load_item_ids
+from recsys.nested_model import NestedModel, load_item_ids, write_log
 from recsys.train import TrainConfig
 from serving.export import export_onnx
 from streaming.broker import EmbeddedBroker, free_port
@@ -153,7 +154,7 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
     inter = ds.interactions
     activity = inter.group_by("user_id").len().sort(["len", "user_id"])
     user = str(activity["user_id"][int(0.9 * (activity.height - 1))])  # active, not an outlier
-    group, label = _item_groups(ds)
+    group, label = item_groups(ds)
     seen = set(inter.filter(pl.col("user_id") == int(user))["item_id"].cast(str).to_list())
 
     def ranking() -> tuple[str, list[dict]]:
@@ -164,15 +165,8 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
     table = nested.item_table().detach().numpy()
     source, before = ranking()
     personal_before = _personal_top(table, item_ids, repo, user, cfg.k, seen)
-    shown = Counter(group.get(r["item_id"]) for r in before[:cfg.k])
-    # Each item's events, most first (ties by id: `value_counts` alone has no stable order).
-    by_item = inter["item_id"].cast(str).value_counts().sort(["count", "item_id"], descending=[True, False])
-    counts = list(zip(by_item["item_id"].to_list(), by_item["count"].to_list()))
-    volume = Counter()
-    for i, n in counts:
-        volume[group.get(i)] += n
-    target = next(g for g, _ in volume.most_common() if g is not None and shown[g] == 0)
-    fresh = _session_items(counts, group, target, seen, cfg)
+    counts = item_counts(inter)
+    target, fresh = fresh_session(counts, group, [r["item_id"] for r in before[:cfg.k]], seen, cfg)
 
     print(f"\n[user {user}] {len(seen)} past events; top {cfg.k} now (from the {source} state):")
     _print_items(before[:cfg.k], label)
@@ -211,12 +205,74 @@ def _before_and_after(ds, cfg: DemoConfig, url: str, key: str, model: Path, repo
           f"the mix calibrated on the history {form} and fades a returning user's personal part with fade "
           f"{nested.fade.item():g}")
     if "session_cluster" in (ds.extra or {}):
-        truth = _true_top(ds.extra, user, fresh, now, seen | set(fresh), cfg.k)
+        truth = true_top(ds.extra, user, fresh, now, seen | set(fresh), cfg.k)
         print(f"[user {user}] the log's own generator, for this user certainly in a {target!r} session: "
               f"{in_target(truth)} of its top {cfg.k} from {target!r} (the `oracle`'s ranking; trending items "
               f"are likelier than the group's less popular ones)")
     print()
     return ids(after) != ids(before)
+
+
+def item_counts(inter) -> list[tuple[str, int]]:
+    """Each item's events, most first (ties by id: `value_counts` alone has no stable order)."""
+    by_item = inter["item_id"].cast(str).value_counts().sort(["count", "item_id"], descending=[True, False])
+    return list(zip(by_item["item_id"].to_list(), by_item["count"].to_list()))
+
+
+def fresh_session(counts: list[tuple[str, int]], group: dict, shown: list[str], seen: set[str],
+                  cfg: DemoConfig) -> tuple[str, list[str]]:
+    """The demo's session: the taste group with the most events in the log among those absent
+    from the ``shown`` top k, and ``cfg.new_events`` of its items the user has not taken."""
+    volume, on_show = Counter(), Counter(group.get(i) for i in shown)
+    for i, n in counts:
+        volume[group.get(i)] += n
+    target = next(g for g, _ in volume.most_common() if g is not None and on_show[g] == 0)
+    return target, _session_items(counts, group, target, seen, cfg)
+
+
+def session_reaction(ds, model_path: Path, n_users: int, cfg: DemoConfig = DemoConfig()) -> dict[str, list[int]]:
+    """The demo's before/after step over ``n_users`` users (spread over the upper half by
+    activity) of a synthetic log, in process: per ranking (the served one, the personal part
+    alone, the generator's own `true_top`), how many of each user's top ``cfg.k`` after the
+    session belong to its group. The whole log is written into the model's fast state first;
+    events on items the model was not trained on are left out (the stream worker would give
+    them new rows), and the session's six events go through `NestedModel.update` as the
+    worker applies them."""
+    import polars as pl
+
+    model, item_ids = NestedModel.load(model_path).eval(), load_item_ids(model_path)
+    row = {i: r for r, i in enumerate(item_ids)}
+    inter = ds.interactions.filter(pl.col("item_id").cast(str).is_in(item_ids)).sort("ts", maintain_order=True)
+    users, user_rows = np.unique(inter["user_id"].to_numpy(), return_inverse=True)
+    items = np.array([row[str(i)] for i in inter["item_id"].to_list()], dtype=np.int64)
+    log = SimpleNamespace(users=user_rows.astype(np.int64), items=items, ts=inter["ts"].to_numpy().astype(np.int64))
+    with torch.no_grad():
+        state = write_log(model, model.init_state(len(users), len(item_ids)), log, 4096)
+    group, _ = item_groups(ds)
+    counts, table, now = item_counts(inter), model.item_table().detach(), int(inter["ts"].max()) + 60
+    activity = np.argsort(np.bincount(user_rows), kind="stable")
+    picked = activity[np.linspace(len(users) // 2, len(users) - 1, min(n_users, len(users))).astype(int)]
+
+    def top(st, r: int, exclude: set[str], personal: bool = False) -> list[str]:
+        with torch.no_grad():
+            s = table @ model.read_users(st, torch.tensor([r]))[0] if personal else model.score(st, torch.tensor([r]),
+                                                                                                 len(item_ids))[0]
+        s[[row[i] for i in exclude]] = float("-inf")
+        return [item_ids[i] for i in torch.topk(s, cfg.k).indices.tolist()]
+
+    counted = {"served": [], "personal part": [], "oracle": []}
+    for r in picked.tolist():
+        seen = {item_ids[i] for i in items[user_rows == r]}
+        target, fresh = fresh_session(counts, group, top(state, r, seen), seen, cfg)
+        with torch.no_grad():
+            after = model.update(state, torch.full((len(fresh),), r), torch.tensor([row[i] for i in fresh]),
+                                 torch.arange(now, now + len(fresh)))
+        exclude = seen | set(fresh)
+        lists = {"served": top(after, r, exclude), "personal part": top(after, r, exclude, personal=True),
+                 "oracle": true_top(ds.extra, str(users[r]), fresh, now, exclude, cfg.k)}
+        for name, ranked in lists.items():
+            counted[name].append(sum(group.get(i) == target for i in ranked))
+    return counted
 
 
 def _session_items(counts: list[tuple[str, int]], group: dict, target: str, seen: set[str],
@@ -234,7 +290,7 @@ def _session_items(counts: list[tuple[str, int]], group: dict, target: str, seen
     return [pool[j][0] for j in picks]
 
 
-def _true_top(truth: dict, user: str, session: list[str], ts: int, exclude: set[str], k: int) -> list[str]:
+def true_top(truth: dict, user: str, session: list[str], ts: int, exclude: set[str], k: int) -> list[str]:
     """The top ``k`` items of the synthetic generator's true distribution for ``user`` at
     ``ts`` in the session cluster of the ``session`` items (the replay's `oracle`)."""
     items = torch.arange(len(truth["item_cluster"]))  # generator indices; ids are 1-based
@@ -253,7 +309,7 @@ def _personal_top(table: np.ndarray, item_ids: list[str], repo, user: str, k: in
     return [item_ids[i] for i in np.argsort(-scores) if item_ids[i] not in exclude][:k]
 
 
-def _item_groups(ds):
+def item_groups(ds):
     """A taste group (the first genre) and a printable label per item id, from the
     catalogue: MovieLens' genres, the synthetic generator's clusters; without one, the id."""
     if ds.items is None or "genres" not in ds.items.columns:
