@@ -255,8 +255,10 @@ def session_reaction(ds, model_path: Path, n_users: int, cfg: DemoConfig = DemoC
 
     def top(st, r: int, exclude: set[str], personal: bool = False) -> list[str]:
         with torch.no_grad():
-            s = table @ model.read_users(st, torch.tensor([r]))[0] if personal else model.score(st, torch.tensor([r]),
-                                                                                                 len(item_ids))[0]
+            if personal:  # the user vector alone, without the population level
+                s = table @ model.read_users(st, torch.tensor([r]))[0]
+            else:
+                s = model.score(st, torch.tensor([r]), len(item_ids))[0]
         s[[row[i] for i in exclude]] = float("-inf")
         return [item_ids[i] for i in torch.topk(s, cfg.k).indices.tolist()]
 
