@@ -61,12 +61,14 @@ def test_near_ties_in_ndcg_go_to_the_likelier_mix_and_clear_wins_stand():
     noise = torch.randn(2_000, generator=g, dtype=torch.float64)
     noise -= noise.mean()  # the gaps below are exactly as stated; the standard error is 0.01 / √2000 ≈ 0.0002
     likelihood = torch.tensor([[-9.0], [-7.0], [-8.0]], dtype=torch.float64).expand(-1, 500)
-    # The mixed one trails the best by well under a standard error: the likelier one wins.
-    near = torch.stack([base, base + 0.01 * noise - 0.0001, base - 0.05])
-    assert choose(grid, near, likelihood) == grid[1]
-    # It trails by many standard errors: the better ranking stands, however likely the other.
-    far = torch.stack([base, base + 0.01 * noise - 0.01, base - 0.05])
-    assert choose(grid, far, likelihood) == grid[0]
+    # The mixed one trails the best by under two standard errors: the likelier one wins.
+    for gap in (0.0001, 0.0003):
+        near = torch.stack([base, base + 0.01 * noise - gap, base - 0.05])
+        assert choose(grid, near, likelihood) == grid[1]
+    # It trails by more than two standard errors: the better ranking stands, however likely the other.
+    for gap in (0.0007, 0.01):
+        far = torch.stack([base, base + 0.01 * noise - gap, base - 0.05])
+        assert choose(grid, far, likelihood) == grid[0]
 
 
 @pytest.mark.parametrize("refit", [False, True], ids=["tail-held-out", "refit"])
