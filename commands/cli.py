@@ -17,23 +17,48 @@ from dataclasses import replace
 from pathlib import Path
 
 from commands.allocator import keep_freed_memory
-from offline_eval.model_names import ABLATIONS, DEFAULT_MODELS
+from offline_eval.model_names import ABLATIONS, AVAILABLE_MODELS, DEFAULT_MODELS
 from recsys.dataset import HISTORY_FRACTION
+from recsys.log_contract import TS_UNITS, ReadConfig, parse_columns
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="synthetic", help="ml-1m | synthetic | PATH (ml-1m folder or CSV/Parquet log)")
+def _data_args(p: argparse.ArgumentParser, default: str | None = None, required: bool = True) -> None:
+    """The log a command reads, under the input contract of docs/data.md. Without a default,
+    ``--data`` is required: no command silently falls back to the synthetic log."""
+    p.add_argument("--data", required=required and default is None, default=default,
+                   help="ml-1m | synthetic | PATH (an ml-1m folder, or a CSV/TSV/Parquet log: docs/data.md)")
+    p.add_argument("--columns", default=None,
+                   help="the log's column names, e.g. user=customer,item=sku,ts=time (also event_type=, value=); "
+                        "default: user_id/item_id/ts and their usual synonyms (docs/data.md)")
+    p.add_argument("--ts-unit", choices=TS_UNITS, default="auto",
+                   help="unit of the timestamp column; auto tells s, ms, us, ns and ISO-8601 apart by their values")
+    p.add_argument("--item-columns", default="",
+                   help="comma-separated columns that describe the item (e.g. price,category): served beside it")
+    p.add_argument("--max-bad-rows", type=float, default=ReadConfig.max_bad_fraction,
+                   help="bad rows (empty ids or ts, unparsable ts, ragged) are dropped and counted; more than this "
+                        "share rejects the file")
     p.add_argument("--events", type=int, default=None, help="synthetic only: number of events")
     p.add_argument("--seed", type=int, default=0, help="synthetic only: generator seed")
+
+
+def _read_config(args) -> ReadConfig:
+    return ReadConfig(columns=parse_columns(args.columns), ts_unit=args.ts_unit,
+                      item_columns=tuple(c.strip() for c in args.item_columns.split(",") if c.strip()),
+                      max_bad_fraction=args.max_bad_rows)
 
 
 def _load(args):
     from recsys.datasets import load_dataset
 
-    kwargs = {}
+    kwargs = {"read": _read_config(args)}
     if args.data == "synthetic":
         kwargs = {"seed": args.seed} | ({"n_events": args.events} if args.events else {})
-    return load_dataset(args.data, **kwargs)
+        print(f"recsys {args.command}: using the synthetic log (seed {args.seed}); pass --data FILE for your own",
+              file=sys.stderr)
+    ds = load_dataset(args.data, **kwargs)
+    if "read" in ds.extra:  # what was read, how, and what was dropped: never a silent guess
+        print(f"recsys {args.command}: read {ds.extra['read'].summary()}", file=sys.stderr)
+    return ds
 
 
 def cmd_broker(args) -> int:
@@ -150,6 +175,8 @@ def cmd_features(args) -> int:
     if args.action == "apply":
         from features.sources import write_sources
 
+        if args.data is None:
+            raise ValueError("features apply reads the log: pass --data (the same log as `recsys train`)")
         repo = FeatureRepo.create(Path(args.repo), online=args.online)
         counts = write_sources(_load(args), repo.path)
         repo.apply()
@@ -212,14 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run the end-to-end demo on the embedded local stack")
-    _data_args(p)
+    _data_args(p, default="synthetic")
     p.add_argument("--epochs", type=int, help="slow-level training epochs (default: as `recsys train`)")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("replay", help="offline replay evaluation (EVAL_PROTOCOL.md) of models side by side")
     _data_args(p)
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names; 'ablations' adds the nested model's level ablations")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"comma-separated model names, from: {', '.join(AVAILABLE_MODELS)}; 'ablations' adds "
+                        f"the nested model's level ablations")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-seen-filter", action="store_true", help="rank already-seen items too (re-consumption)")
     p.add_argument("--user-freshness", choices=("event", "batch"), default="event",
@@ -249,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("features", help="Feast feature repo: apply (write sources + register) or materialize")
     p.add_argument("action", choices=["apply", "materialize"])
-    _data_args(p)
+    _data_args(p, required=False)
     p.add_argument("--repo", default="runs/features")
     p.add_argument("--online", choices=["sqlite", "redis"], default="sqlite",
                    help="online store (redis reads REDIS_CONNECTION)")
@@ -319,8 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=None)
     p.add_argument("--idle-timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_consume)
-    for command in sub.choices.values():  # `--api-key` must not pass for `--api-key-file`, nor any prefix
-        command.allow_abbrev = False
+    for command in sub.choices.values():
+        command.allow_abbrev = False  # `--api-key` must not pass for `--api-key-file`, nor any prefix
+        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # every flag's default in --help
+        for action in command._actions:  # flags without a help text show their default too
+            if action.help is None and action.default not in (None, argparse.SUPPRESS):
+                action.help = "(default: %(default)s)"
     return parser
 
 

@@ -23,11 +23,10 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Any change to the model code or the protocol's encoding makes a new key: a cached fit
-# is never one that the current code would not produce.
-# The command line and the demo are not model code.
-CODE = sorted(p for p in (ROOT / "recsys").glob("*.py") if p.name not in ("cli.py", "demo.py")) \
-    + [ROOT / "offline_eval" / f for f in ("protocol.py", "replay.py", "metrics.py")]  # calibration ranks with these
+# Any change to the model code or the replay's code makes a new key: a cached fit is never
+# one that the current code would not produce. Whole folders, not a list of names, so a new
+# module (or a fit that moves to another file) is never left out.
+CODE = sorted([*(ROOT / "recsys").rglob("*.py"), *(ROOT / "offline_eval").rglob("*.py")])
 
 
 def cacheable(model) -> bool:
@@ -37,7 +36,7 @@ def cacheable(model) -> bool:
 def code_digest() -> str:
     h = hashlib.sha256()
     for path in CODE:
-        h.update(path.name.encode())
+        h.update(str(path.relative_to(ROOT)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 

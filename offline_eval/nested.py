@@ -32,6 +32,15 @@ class NestedReplay:
                                  **population_defaults(history.n_events, history.ts, self.population_clock))
         self.model, self.state = train_nested(history, model_cfg, self.train_cfg)
 
+    def describe(self) -> dict:
+        """What the fit chose: the mix of the population and personal levels calibrated on the history."""
+        m = self.model
+        share, weight, fade = (float(t.detach()) for t in (m.pop_share, m.pop_weight, m.fade))
+        form = f"mixed in probability, population share {share:g}" if share else "additive"
+        return {"population_weight": round(weight, 6), "fade": fade, "population_share": share,
+                "summary": f"the mix calibrated on the history's tail is {form}, population weight "
+                           f"{weight:.3f}, fade {fade:g}"}
+
     # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------
     def fit_key(self) -> str:
         return repr((self.use_fast, sorted(self.levels.items()), replace(self.train_cfg, progress=False),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,11 +29,12 @@ from recsys.sasrec import SASRecConfig, SASRecStatic
 from recsys.train import TrainConfig
 
 
-def _registry(log: EncodedLog, progress: bool, truth: dict) -> dict[str, Callable[[], object]]:
+def _registry(log: EncodedLog, progress: bool, truth: dict,
+              train: TrainConfig = TrainConfig()) -> dict[str, Callable[[], object]]:
     """Every model by name; ``progress``: the fits show progress bars (a long fit is never silent);
-    ``truth``: a synthetic log's ground truth, for the oracle."""
+    ``truth``: a synthetic log's ground truth, for the oracle; ``train``: the nested models' training."""
 
-    train = TrainConfig(progress=progress)
+    train = replace(train, progress=progress)
     return {
         "pop_static": PopStatic,
         "pop_online": PopOnline,
@@ -66,6 +67,7 @@ class ReplayConfig:
     # stream worker (offline_eval/through_kafka.py); None: in-process.
     through_kafka: str | None = None
     workdir: Path = Path("runs/replay-work")  # the worker's model file and checkpoints
+    train: TrainConfig = field(default_factory=TrainConfig)  # how the nested models train
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in AVAILABLE_MODELS]
@@ -73,11 +75,22 @@ class ReplayConfig:
             raise ValueError(f"unknown model(s) {unknown}; available: {', '.join(AVAILABLE_MODELS)}")
 
 
+COLD_WARM = ("cold: stream events of users with no event in the history; warm: of users with at least one "
+             "(the cold share is the share of the stream's events, not of users)")
+
+
+def ndcg_standard_error(ranks: np.ndarray, k: int = 10) -> float:
+    """The standard error of NDCG@k's mean over the stream's events (each event one sample)."""
+    gain = np.where(ranks <= k, 1.0 / np.log2(np.where(ranks <= k, ranks, 1) + 1), 0.0)
+    return float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
+
+
 def model_report(result: ReplayResult, log: EncodedLog, cfg: ProtocolConfig) -> dict:
     ranks = result.ranks
     stream_users = log.users[log.n_history:]
     warm = np.isin(stream_users, np.unique(log.users[: log.n_history]))
-    overall = summarize(ranks, cfg.ks) | {"coverage@10": round(float(result.covered.mean()), 6)}
+    overall = summarize(ranks, cfg.ks) | {"coverage@10": round(float(result.covered.mean()), 6),
+                                          "ndcg@10_se": round(ndcg_standard_error(ranks), 6)}
     slices = [summarize(part, (10,)) for part in np.array_split(ranks, cfg.slices)]
     return {
         "overall": overall,
@@ -104,10 +117,13 @@ def _versions() -> dict:
     return versions
 
 
-def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
+def run_replay(ds: Dataset, cfg: ReplayConfig, fitted: dict[str, object] | None = None) -> dict:
+    """``fitted``: models already fitted on this log's history, by name (the demo's trained
+    nested model), replayed as they are instead of fitted again."""
     t0 = time.perf_counter()
     log = encode(ds, cfg.protocol)
-    factories = _registry(log, cfg.progress, ds.extra)
+    factories = _registry(log, cfg.progress, ds.extra, cfg.train)
+    fitted = fitted or {}
     if "oracle" in cfg.models and "session_cluster" not in ds.extra:
         raise ValueError(f"the oracle needs a synthetic log's ground truth; {ds.name!r} has none")
     if "oracle" in cfg.models and cfg.protocol.user_freshness != "event":
@@ -115,7 +131,11 @@ def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
     report = {
         "dataset": {"name": ds.name, "sha256": ds.sha256, "events": log.n_events,
                     "history_events": log.n_history, "stream_events": log.n_events - log.n_history,
-                    "users": int(len(log.user_ids)), "items": int(len(log.item_ids))},
+                    "users": int(len(log.user_ids)), "items": int(len(log.item_ids)),
+                    "span": [_day(int(log.ts.min())), _day(int(log.ts.max()))] if log.n_events else None,
+                    "stream_starts": _day(int(log.ts[log.n_history])) if log.n_events > log.n_history else None,
+                    "read": ds.extra["read"].as_dict() if "read" in ds.extra else None},
+        "cold_warm": COLD_WARM,
         "protocol": {"version": cfg.protocol.version, "user_freshness": cfg.protocol.user_freshness,
                      "batch_size": cfg.protocol.batch_size, "k": list(cfg.protocol.ks),
                      "seen_filter": cfg.protocol.seen_filter, "history_fraction": cfg.protocol.history_fraction},
@@ -123,12 +143,16 @@ def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
         "versions": _versions(),
     }
     cache = FitCache(cfg.fit_cache) if cfg.fit_cache is not None else None
+    # How the file was read (columns, unit, rows kept) decides the fit as much as its bytes do.
+    data_key = ds.sha256 + (json.dumps(ds.extra["read"].as_dict(), sort_keys=True) if "read" in ds.extra else "")
     if cfg.through_kafka is not None:  # imported only here: the Kafka client and the worker
         from offline_eval.through_kafka import WORKER_MODELS, WorkerPath
     for name in cfg.models:
-        model = factories[name]()
-        key = cache.key(model, ds.sha256, cfg.protocol) if cache is not None and cacheable(model) else None
-        fit_seconds = cache.load(model, key) if key is not None else None
+        model = fitted[name] if name in fitted else factories[name]()
+        key = cache.key(model, data_key, cfg.protocol) if cache is not None and cacheable(model) else None
+        fit_seconds = getattr(model, "fit_seconds", 0.0) if name in fitted else None
+        if fit_seconds is None and key is not None:
+            fit_seconds = cache.load(model, key)
         cached = fit_seconds is not None
         if not cached:
             t = time.perf_counter()
@@ -145,6 +169,8 @@ def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
             path = "in-process"
         result.fit_seconds = fit_seconds
         report["models"][name] = model_report(result, log, cfg.protocol) | {"fit_cached": cached, "path": path}
+        if hasattr(model, "describe"):  # e.g. the mix the nested model's calibration chose
+            report["models"][name]["fit"] = model.describe()
         if cfg.progress:
             o = report["models"][name]["overall"]
             print(f"  {name:<18} ndcg@10 {o['ndcg@10']:.4f}  hr@10 {o['hr@10']:.4f}  mrr {o['mrr']:.4f}")
@@ -152,20 +178,44 @@ def run_replay(ds: Dataset, cfg: ReplayConfig) -> dict:
         ceiling = report["models"]["oracle"]["overall"]["ndcg@10"]
         for m in report["models"].values():
             m["oracle_fraction"] = round(m["overall"]["ndcg@10"] / ceiling, 4) if ceiling else None
+    report["best"] = best_model_sentence(report)
     report["wall_seconds"] = round(time.perf_counter() - t0, 2)
     if cfg.out is not None:
         write_report(report, Path(cfg.out))
     return report
 
 
+def _day(ts: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def best_model_sentence(report: dict) -> str:
+    """One sentence naming the best model by NDCG@10, and by how much (in standard errors)."""
+    scored = sorted(((m["overall"]["ndcg@10"], m["overall"].get("ndcg@10_se", 0.0), n)
+                     for n, m in report["models"].items() if n != "oracle"), reverse=True)
+    if not scored:
+        return ""
+    (best, se, name), rest = scored[0], scored[1:]
+    if not rest:
+        return f"{name} scores NDCG@10 {best:.4f} (± {se:.4f})."
+    runner, r_se, r_name = rest[0]
+    ratio = f"{best / runner:.3f} ×" if runner else "∞ ×"
+    gap = (best - runner) / max(np.hypot(se, r_se), 1e-12)
+    return (f"Best: {name}, NDCG@10 {best:.4f} (± {se:.4f}), {ratio} the next best, {r_name} ({runner:.4f}); "
+            f"the gap is {gap:.1f} standard errors.")
+
+
 def markdown_table(report: dict) -> str:
     oracle = "oracle" in report["models"]
-    lines = ["| model | NDCG@10 | HR@10 | MRR | NDCG@10 cold | NDCG@10 warm | coverage@10 | fit s | replay ev/s |"
+    lines = ["| model | NDCG@10 (± se) | HR@10 | MRR | NDCG@10 cold | NDCG@10 warm | coverage@10 | fit s | replay ev/s |"
              + (" of oracle |" if oracle else ""),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if oracle else "")]
     for name, m in report["models"].items():
         o = m["overall"]
-        lines.append(f"| {name} | {o['ndcg@10']:.4f} | {o['hr@10']:.4f} | {o['mrr']:.4f} | "
+        se = f" ± {o['ndcg@10_se']:.4f}" if "ndcg@10_se" in o else ""
+        lines.append(f"| {name} | {o['ndcg@10']:.4f}{se} | {o['hr@10']:.4f} | {o['mrr']:.4f} | "
                      f"{m['cold']['ndcg@10']:.4f} | {m['warm']['ndcg@10']:.4f} | {o['coverage@10']:.3f} | "
                      f"{m['fit_seconds']:.1f}{' (cached)' if m.get('fit_cached') else ''} | "
                      f"{m['replay_events_per_second']:,.0f} |" + (f" {m['oracle_fraction']:.1%} |" if oracle else ""))
@@ -180,10 +230,33 @@ def write_report(report: dict, out: Path) -> None:
             f"{d['stream_events']:,} stream), {d['users']:,} users, {d['items']:,} items; "
             f"B = {p['batch_size']}, seen filter {'on' if p['seen_filter'] else 'off'}; "
             f"sha256 `{d['sha256'][:16]}…`.\n\n")
+    if d.get("span"):
+        head += f"The log runs {d['span'][0]} .. {d['span'][1]}; the stream starts {d.get('stream_starts')}.\n"
+    if d.get("read"):
+        r = d["read"]
+        dropped = sum(r["dropped"].values())
+        head += (f"Read {r['rows']:,} rows, timestamps in {r['ts_unit']} "
+                 f"({'detected' if r['ts_unit_detected'] else 'as set'}); "
+                 + (f"dropped {dropped:,} bad rows ({', '.join(f'{n:,} {k}' for k, n in r['dropped'].items())}; "
+                    f"first at line {r['first_bad_line']:,})" if dropped else "no bad rows") + ".\n")
+    head += f"{report.get('cold_warm', COLD_WARM).capitalize()}.\n\n"
+    fits = [f"- {n}: {m['fit']['summary']}" for n, m in report["models"].items() if m.get("fit", {}).get("summary")]
+    tail = f"\n\n{report['best']}\n" if report.get("best") else "\n"
+    if fits:
+        tail += "\nWhat the fits chose:\n" + "\n".join(fits) + "\n"
     plots = "\n\n![NDCG@10 over the stream](ndcg_slices.png)\n![HR@10 over the stream](hr_slices.png)\n" \
             "![cold vs warm](cold_warm.png)\n"
-    (out / "report.md").write_text(head + markdown_table(report) + plots)
+    (out / "report.md").write_text(head + markdown_table(report) + tail + plots)
     _plots(report, out)
+
+
+def model_colour(name: str) -> str:
+    """One colour per model name, the same in every plot and every run (its place in the registry)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab20"].colors
+    at = AVAILABLE_MODELS.index(name) if name in AVAILABLE_MODELS else len(AVAILABLE_MODELS)
+    return matplotlib.colors.to_hex(palette[at % len(palette)])
 
 
 def _plots(report: dict, out: Path) -> None:
@@ -195,7 +268,8 @@ def _plots(report: dict, out: Path) -> None:
     for metric in ("ndcg@10", "hr@10"):
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, m in report["models"].items():
-            ax.plot(range(1, len(m["slices"]) + 1), [s[metric] for s in m["slices"]], marker="o", label=name)
+            ax.plot(range(1, len(m["slices"]) + 1), [s[metric] for s in m["slices"]], marker="o", label=name,
+                    color=model_colour(name))
         ax.set(xlabel="stream slice (time →)", ylabel=metric.upper(), title=f"{metric.upper()} over the stream")
         ax.legend(fontsize=8)
         fig.tight_layout()

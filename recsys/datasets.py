@@ -1,7 +1,9 @@
 """Interaction logs as polars frames: MovieLens-1M, any CSV/Parquet log, or the synthetic set.
 
 Every loader returns a `Dataset` whose ``interactions`` frame has the columns
-``user_id: i64, item_id: i64, ts: i64`` (plus ``event_type`` where the source has it),
+``user_id, item_id, ts: i64`` (ids as the source writes them: integers for MovieLens and the
+generator, strings exactly as written for a user's own log; plus ``event_type`` and
+``value`` where the source has them),
 ordered by ``(ts, original row order)`` as EVAL_PROTOCOL.md requires.
 
     >>> ds = load_dataset("ml-1m")
@@ -19,6 +21,7 @@ from pathlib import Path
 import polars as pl
 
 from recsys.dataset import Dataset
+from recsys.log_contract import SYNONYMS, ReadConfig, read_log
 from recsys.synthetic import SyntheticConfig, generate
 
 # shared/ sits beside the checkout; the data can also be named by path or env var.
@@ -80,33 +83,29 @@ def load_movielens(root: str | Path = DEFAULT_ML1M) -> Dataset:
     return Dataset("ml-1m", inter, users, items, sha256=_sha256_of(log))
 
 
-def load_log(path: str | Path, columns: dict[str, str] | None = None) -> Dataset:
-    """A generic interaction log (CSV or Parquet). ``columns`` maps our names to the file's,
-    e.g. ``{"user_id": "customer", "item_id": "sku", "ts": "time"}``; string ids are
-    factorised in order of first appearance."""
+def load_log(path: str | Path, read: ReadConfig = ReadConfig()) -> Dataset:
+    """A user's own interaction log (CSV, TSV or Parquet) under the input contract of
+    `recsys.log_contract`: ids kept as written, timestamps in seconds (their unit detected
+    or set), bad rows dropped and counted in ``extra["read"]``; ``read.item_columns``
+    become the items' attributes (each item's latest value)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"interaction log {path} does not exist")
-    mapping = {"user_id": "user_id", "item_id": "item_id", "ts": "ts"} | (columns or {})
-    df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
-    missing = [src for src in mapping.values() if src not in df.columns]
-    if missing and mapping["ts"] == "ts" and "timestamp" in df.columns and missing == ["ts"]:
-        mapping["ts"] = "timestamp"
-        missing = []
-    if missing:
-        raise ValueError(f"{path}: columns {missing} not found (have {df.columns}); map them with --columns")
-    df = df.select(**{ours: pl.col(theirs) for ours, theirs in mapping.items()})
-    for col in ("user_id", "item_id"):
-        if df[col].dtype == pl.Utf8:
-            df = df.with_columns(pl.col(col).cast(pl.Categorical).to_physical().cast(pl.Int64))
-    if df["ts"].dtype in (pl.Datetime, pl.Date):
-        df = df.with_columns(pl.col("ts").dt.epoch("s"))
-    df = df.with_columns(pl.col("user_id", "item_id", "ts").cast(pl.Int64))
-    return Dataset(path.stem, _time_ordered(df), sha256=_sha256_of(path))
+    frame, notes = read_log(path, read)
+    items = None
+    if read.item_columns:
+        blank = [pl.col(c).str.strip_chars().replace("", None) for c in read.item_columns if frame[c].dtype == pl.Utf8]
+        items = frame.with_columns(blank).select("item_id", *read.item_columns).group_by("item_id", maintain_order=True).agg(
+            pl.col(c).drop_nulls().last() for c in read.item_columns)
+        numbers = [c for c in read.item_columns  # "9.99" is served as 9.99 when the whole column is numbers
+                   if items[c].cast(pl.Float64, strict=False).null_count() == items[c].null_count()]
+        items = items.with_columns(pl.col(numbers).cast(pl.Float64))
+        frame = frame.drop([c for c in read.item_columns if c not in SYNONYMS])
+    return Dataset(path.name.split(".")[0], _time_ordered(frame), items=items, sha256=_sha256_of(path),
+                   extra={"read": notes})
 
 
 def load_dataset(name: str, **kwargs) -> Dataset:
-    """``ml-1m`` | ``synthetic`` | a folder holding ml-1m files | a CSV/Parquet log."""
+    """``ml-1m`` | ``synthetic`` | a folder holding ml-1m files | a CSV/Parquet log (``read``: a
+    `ReadConfig`, how to read it)."""
     if name == "ml-1m":
         return load_movielens(kwargs.get("root", DEFAULT_ML1M))
     if name == "synthetic":
@@ -116,5 +115,5 @@ def load_dataset(name: str, **kwargs) -> Dataset:
     if path.is_dir():
         return load_movielens(path)
     if path.exists():
-        return load_log(path, kwargs.get("columns"))
+        return load_log(path, kwargs.get("read", ReadConfig()))
     raise FileNotFoundError(f"unknown dataset {name!r}: use ml-1m, synthetic, or a path to a log or ml-1m folder")

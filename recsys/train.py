@@ -11,6 +11,7 @@ Shapes: ``U`` users in a training batch, ``L`` padded sequence length, ``N`` ite
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -50,6 +51,10 @@ class TrainConfig:
     # Under torchrun: split the item table across the processes (TorchRec model parallel)
     # instead of replicating it; the dense parameters stay data parallel.
     shard: bool = False
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged (NaN or inf loss); the half-trained model is dropped."""
 
 
 def population_snapshots(model: NestedModel, items: np.ndarray, ts: np.ndarray, n_items: int) -> torch.Tensor:
@@ -142,6 +147,9 @@ def _meta_train(history, model_cfg: NestedConfig, cfg: TrainConfig) -> NestedMod
             phases = rng.integers(0, model_cfg.c_mid, len(batches[b]))
             loss_sum, count = _train_batch(model, opt, batches[b][rank::world], items_t, ts_t, snaps, cfg,
                                            phases[rank::world], length=len(batches[b][0]))
+            if not math.isfinite(loss_sum):  # a NaN model is never saved, served or cached
+                raise NonFiniteLoss(f"training loss became {loss_sum} in epoch {epoch + 1} (lr {cfg.lr:g}): "
+                                    f"nothing was saved; lower --lr, or check the log's timestamps and ids")
             total, n = total + loss_sum, n + count
             bar.set_postfix(loss=f"{total / max(n, 1):.3f}", refresh=False)
         if cfg.progress and rank == 0:

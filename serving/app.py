@@ -84,12 +84,28 @@ def whole_population(partials, half_lives_s: list[float] | None, memory_events: 
     return read_speeds(total, memory_events).numpy(), clock
 
 
+def check_exported(path: Path) -> None:
+    """An exported model, or an error that says which command makes one (not ONNX Runtime's
+    INVALID_PROTOBUF traceback)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no exported model at {path}: run `recsys export --model MODEL.safetensors "
+                                f"--out {path}` first")
+    with path.open("rb") as f:
+        head = f.read(16)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if path.suffix == ".safetensors" or head[8:9] == b"{":
+        raise ValueError(f"{path} is a `recsys train` model file, not an exported one: run `recsys export "
+                         f"--model {path} --out {path.with_suffix('.onnx')}`, then serve "
+                         f"{path.with_suffix('.onnx')}")
+
+
 class Ranker:
     """One ONNX Runtime session and what it needs to name items."""
 
     def __init__(self, path: Path):
         import onnxruntime as ort
 
+        check_exported(Path(path))
         self.path, self.mtime = Path(path), Path(path).stat().st_mtime
         providers = ["CPUExecutionProvider"]
         # The onnxruntime-gpu build lists CUDA even without a GPU: ask the device, as the worker does.

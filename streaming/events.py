@@ -21,12 +21,10 @@ import math
 from dataclasses import asdict, dataclass
 
 from features.store import is_population_key
+from recsys.log_contract import EVENT_TYPES, TS_RANGE  # the offline loader applies the same rules
 
-EVENT_TYPES = ("view", "click", "rating", "cart", "purchase")
 MAX_PAYLOAD_BYTES = 1024
 MAX_ID_CHARS = 128
-# Seconds since the epoch; 1970 .. 2100 covers every real log and rejects ms/us stamps.
-TS_RANGE = (0, 4_102_444_800)
 _FIELDS = {"user_id", "item_id", "ts", "event_type", "value", "event_id"}
 _REQUIRED = ("user_id", "item_id", "ts")
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -42,14 +43,21 @@ class ProduceSummary:
 def encode_frame(frame: pl.DataFrame, event_type: str = "view") -> pl.DataFrame:
     """The wire form of every row, built column-wise by polars (no per-event Python):
     columns ``key`` and ``value`` (the `Event` JSON, same bytes as ``Event.to_json``)."""
-    if "event_type" not in frame.columns:
-        frame = frame.with_columns(pl.lit(event_type).alias("event_type"))
-    uid, iid = pl.col("user_id").cast(pl.Utf8), pl.col("item_id").cast(pl.Utf8)
-    value = pl.concat_str([
-        pl.lit('{"user_id":"'), uid, pl.lit('","item_id":"'), iid, pl.lit('","ts":'),
-        pl.col("ts").cast(pl.Utf8), pl.lit(',"event_type":"'), pl.col("event_type"), pl.lit('"}'),
+    kind = pl.col("event_type").fill_null(event_type) if "event_type" in frame.columns else pl.lit(event_type)
+    value = (pl.when(pl.col("value").is_finite()).then(pl.lit(',"value":') + pl.col("value").cast(pl.Utf8))
+             .otherwise(pl.lit("")) if "value" in frame.columns else pl.lit(""))
+    # The log's own ids, exactly as written, JSON-quoted (a quote or backslash in an id stays one).
+    uid, iid = (pl.col(c).cast(pl.Utf8).map_elements(json.dumps, return_dtype=pl.Utf8) if _needs_escape(frame[c])
+                else pl.lit('"') + pl.col(c).cast(pl.Utf8) + pl.lit('"') for c in ("user_id", "item_id"))
+    wire = pl.concat_str([
+        pl.lit('{"user_id":'), uid, pl.lit(',"item_id":'), iid, pl.lit(',"ts":'),
+        pl.col("ts").cast(pl.Utf8), pl.lit(',"event_type":"'), kind, pl.lit('"'), value, pl.lit("}"),
     ])
-    return frame.select(key=uid, value=value)
+    return frame.select(key=pl.col("user_id").cast(pl.Utf8), value=wire)
+
+
+def _needs_escape(ids: pl.Series) -> bool:
+    return bool(ids.dtype == pl.Utf8 and ids.str.contains(r'["\\\x00-\x1f]').any())
 
 
 def produce(frame: pl.DataFrame, cfg: ProducerConfig) -> ProduceSummary:
