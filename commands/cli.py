@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import sys
@@ -155,7 +156,7 @@ def cmd_train(args) -> int:
             device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(device)
     cfg = TrainConfig(epochs=args.epochs, device=device, lr=args.lr, shard=args.shard)
-    model = train_artifact(_load(args), Path(args.out), cfg, history_fraction=args.history_fraction)
+    model = train_artifact(_load(args), Path(args.out), cfg, history_fraction=args.history_fraction).model
     if world > 1:
         import torch.distributed as dist
 
@@ -214,8 +215,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from serving.app import ServeConfig, serve
+    from serving.app import ServeConfig, check_exported, serve
 
+    check_exported(Path(args.model))  # before the server starts: "run `recsys export`", not a traceback
     key = os.environ.get("RECSYS_API_KEY") or None
     if args.api_key_file:
         key = Path(args.api_key_file).read_text().strip() or None
@@ -360,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+    # TorchRec's modules ask torch.fx whether it is tracing, and torch logs a notice about that
+    # question once per process: a library's note to library authors, not news for a user.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

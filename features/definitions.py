@@ -24,13 +24,14 @@ item_attributes_source = FileSource(name="item_attributes_source", path="data/it
 user_state_push = PushSource(name="user_state_push", batch_source=FileSource(
     name="user_state_log", path="data/user_state.parquet", timestamp_field="event_timestamp"))
 
-# What the item is: activity in history, genres and year where known; served beside each
+# What the item is: activity in history, and the catalogue's own attributes as one JSON object
+# (any columns: genres and year for MovieLens, price or category for a shop); served beside each
 # recommended item. (What a user did and what is popular now are the model's fast levels:
 # the user_state view below, not batch features.)
 item_attributes = FeatureView(
     name="item_attributes", entities=[item], ttl=timedelta(days=365 * 30), source=item_attributes_source,
     schema=[Field(name="item_id", dtype=String), Field(name="history_events", dtype=Int64),
-            Field(name="first_ts", dtype=Int64), Field(name="genres", dtype=String), Field(name="year", dtype=Int64)])
+            Field(name="first_ts", dtype=Int64), Field(name="attributes", dtype=String)])
 # The user's fast-level state as a vector, as fresh as the last pushed micro-batch.
 user_state = FeatureView(
     name="user_state", entities=[user], ttl=timedelta(days=365 * 30), source=user_state_push,

@@ -1,6 +1,6 @@
 """The Feast offline sources, written with polars from the protocol's history only: the
-items' attributes (served beside each recommended item), and the empty batch log of the
-user-state push source.
+items' attributes (served beside each recommended item, whatever columns the catalogue
+has), and the empty batch log of the user-state push source.
 
     >>> write_sources(dataset, history_fraction=0.8, repo=Path("runs/features"))
 """
@@ -24,16 +24,22 @@ def history_of(ds: Dataset, history_fraction: float = HISTORY_FRACTION) -> pl.Da
 
 
 def item_attributes(ds: Dataset, history: pl.DataFrame) -> pl.DataFrame:
+    """Each item's activity in the history and, as one JSON object, whatever the catalogue says
+    of it (MovieLens' title, genres and year; a log's ``--item-columns``; the generator's
+    cluster). Catalogue items without a history event are described too (activity 0): a
+    shop knows its new products before anyone buys them."""
     attrs = history.group_by("item_id").agg(history_events=pl.len().cast(pl.Int64), first_ts=pl.col("ts").min(),
                                             last_ts=pl.col("ts").max())
-    if ds.items is not None:
-        meta = ds.items.select(pl.col("item_id").cast(pl.Utf8), genres=pl.col("genres").list.join("|"),
-                               year=pl.col("year") if "year" in ds.items.columns else pl.lit(None, pl.Int64))
-        attrs = attrs.join(meta, on="item_id", how="left")
+    described = [c for c in ds.items.columns if c != "item_id"] if ds.items is not None else []
+    if described:
+        meta = ds.items.select(pl.col("item_id").cast(pl.Utf8), attributes=pl.struct(described).struct.json_encode())
+        attrs = attrs.join(meta, on="item_id", how="full", coalesce=True)
     else:
-        attrs = attrs.with_columns(genres=pl.lit(None, pl.Utf8), year=pl.lit(None, pl.Int64))
-    return attrs.select("item_id", "history_events", "first_ts", pl.col("genres").fill_null(""),
-                        pl.col("year").fill_null(0), _stamp("last_ts"))
+        attrs = attrs.with_columns(attributes=pl.lit(None, pl.Utf8))
+    end = int(history["ts"].max()) if history.height else 0  # an undescribed item's row is as of the history's end
+    return attrs.select("item_id", pl.col("history_events").fill_null(0), pl.col("first_ts").fill_null(-1),
+                        pl.col("attributes").fill_null("{}"), _stamp("last_ts").fill_null(
+                            pl.from_epoch(pl.lit(end), time_unit="s").dt.replace_time_zone("UTC")))
 
 
 def write_sources(ds: Dataset, repo: Path, history_fraction: float = HISTORY_FRACTION) -> dict[str, int]:

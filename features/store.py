@@ -12,6 +12,7 @@ Serving and the stream worker use `FeatureRepo`; nothing else imports `feast`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sqlite3
@@ -143,14 +144,12 @@ class FeatureRepo:
                            "user_id", user_ids)
 
     def item_attributes(self, item_ids) -> dict[str, dict]:
-        """Item id -> {"genres": [...], "year": ...} for the items whose attributes are
-        materialized (empty fields left out)."""
-        got = self.online(["item_attributes:genres", "item_attributes:year"], "item_id", item_ids)
+        """Item id -> its catalogue attributes (e.g. ``{"genres": [...], "year": 1995}`` or
+        ``{"price": 9.99}``) for the items whose attributes are materialized; empty fields left out."""
+        got = self.online(["item_attributes:attributes"], "item_id", item_ids)
         out = {}
-        for item, genres, year in zip(got["item_id"], got["genres"], got["year"]):
-            attrs = {"genres": genres.split("|")} if genres else {}
-            if year:
-                attrs["year"] = year
+        for item, text in zip(got["item_id"], got["attributes"]):
+            attrs = {k: v for k, v in json.loads(text or "{}").items() if v not in (None, "", [])}
             if attrs:
                 out[item] = attrs
         return out

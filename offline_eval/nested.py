@@ -26,6 +26,7 @@ class NestedReplay:
         self.model: NestedModel | None = None
         self.state = None
         self.applied = None  # the batch score_fresh has applied already
+        self.fit_seconds: float | None = None  # set by whoever fitted it outside the replay (`recsys train`)
 
     def fit(self, history) -> None:
         model_cfg = NestedConfig(n_items=history.n_items_known, use_fast=self.use_fast, **self.levels,

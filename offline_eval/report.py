@@ -150,7 +150,7 @@ def run_replay(ds: Dataset, cfg: ReplayConfig, fitted: dict[str, object] | None 
     for name in cfg.models:
         model = fitted[name] if name in fitted else factories[name]()
         key = cache.key(model, data_key, cfg.protocol) if cache is not None and cacheable(model) else None
-        fit_seconds = getattr(model, "fit_seconds", 0.0) if name in fitted else None
+        fit_seconds = (getattr(model, "fit_seconds", None) or 0.0) if name in fitted else None
         if fit_seconds is None and key is not None:
             fit_seconds = cache.load(model, key)
         cached = fit_seconds is not None

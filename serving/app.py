@@ -190,7 +190,8 @@ class Service:
         self.producer = None  # set once the broker answers (writes are 503 until then)
         self.faults: dict[str, float] = {}  # reason -> monotonic time it was last seen
         self._population = (np.zeros(0, dtype=np.float32), -1)  # (counts, clock), refreshed by a thread
-        self.attributes: tuple[Ranker | None, dict[str, dict]] = (None, {})  # (for which ranker, item id -> attributes)
+        # (for which ranker, item id -> attributes, how many of its online items were looked up)
+        self.attributes: tuple[Ranker | None, dict[str, dict], int] = (None, {}, 0)
         self.rejected_mtime = None  # a refused model file is not retried until it changes
         self.started = time.time()
         self._stop = threading.Event()
@@ -258,12 +259,10 @@ class Service:
                                                         self.ranker.pop_memory_events, self.cfg.population_max_lag_s)
             except Exception as e:  # the last level read stays in use
                 self.fault("population read failing", e)
-            ranker = self.ranker
-            if self.attributes[0] is not ranker:
-                try:
-                    self.attributes = (ranker, self._item_attributes(ranker.item_ids))
-                except Exception as e:  # answers go on without attributes; the next round tries again
-                    self.fault("item attributes read failing", e)
+            try:
+                self._read_attributes(self.ranker)
+            except Exception as e:  # answers go on without attributes; the next round tries again
+                self.fault("item attributes read failing", e)
             self._stop.wait(self.cfg.population_every_s)
 
     def online_items(self, ranker: Ranker) -> list[str]:
@@ -288,6 +287,17 @@ class Service:
             except Exception as e:  # answers go on with the items known so far
                 self.fault("item catalogue read failing", e)
             self._stop.wait(self.cfg.population_every_s)
+
+    def _read_attributes(self, ranker: Ranker) -> None:
+        """The attributes of ``ranker``'s items once, then of each item the stream adds as the
+        catalogue names it (a shop's new product has its price before it has an embedding)."""
+        owner, attrs, n_online = self.attributes
+        if owner is not ranker:
+            attrs, n_online = self._item_attributes(ranker.item_ids), 0
+        online = self.online_items(ranker)
+        if len(online) > n_online:
+            attrs, n_online = attrs | self._item_attributes(online[n_online:]), len(online)
+        self.attributes = (ranker, attrs, n_online)
 
     def _item_attributes(self, item_ids: list[str], chunk: int = 10_000) -> dict[str, dict]:
         out = {}

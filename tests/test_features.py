@@ -1,5 +1,6 @@
 """A real Feast repo with a SQLite online store: apply, materialize, push, get, point-in-time."""
 
+import json
 from datetime import datetime, timezone
 
 import numpy as np
@@ -18,7 +19,8 @@ def repo(tmp_path_factory):
     ds = load_dataset("synthetic", n_users=100, n_items=150, n_events=3_000, seed=9)
     repo = FeatureRepo.create(tmp_path_factory.mktemp("features"))
     counts = write_sources(ds, repo.path)
-    assert counts["item_attributes"] == ds.interactions.head(2_400)["item_id"].n_unique()  # the history's items
+    history_items = set(ds.interactions.head(2_400)["item_id"])
+    assert counts["item_attributes"] == len(history_items | set(ds.items["item_id"]))  # the history's and the catalogue's
     repo.apply()
     repo.materialize()
     return repo
@@ -28,9 +30,10 @@ def test_materialized_item_attributes_are_online(repo):
     attrs = pl.read_parquet(repo.path / "data" / "item_attributes.parquet").sort("item_id").head(3)
     got = repo.online(["item_attributes:history_events"], "item_id", attrs["item_id"])
     assert got["history_events"] == attrs["history_events"].to_list()
-    genres = repo.item_attributes(attrs["item_id"].to_list() + ["no-such-item"])
-    assert [genres[i]["genres"] for i in attrs["item_id"]] == [[g] for g in attrs["genres"]]
-    assert "no-such-item" not in genres  # an item without attributes gets none, not an error
+    described = repo.item_attributes(attrs["item_id"].to_list() + ["no-such-item"])
+    assert [described[i] for i in attrs["item_id"]] == [json.loads(a) for a in attrs["attributes"]]
+    assert all(described[i]["genres"][0].startswith("cluster-") for i in attrs["item_id"])  # the generator's catalogue
+    assert "no-such-item" not in described  # an item without attributes gets none, not an error
 
 
 def test_push_then_get_returns_the_pushed_vector(repo):
