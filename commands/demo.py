@@ -140,7 +140,9 @@ def _live_part(ds, cfg: DemoConfig, model: Path, stack: contextlib.ExitStack) ->
     server.wait_for(None, lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200)
     print(f"[start] stream worker (log {worker.log}) and HTTP server on {url} (log {server.log})")
 
-    sent = produce(ds.interactions, ProducerConfig(broker.bootstrap_servers, cfg.topic, progress=False))
+    with warnings.catch_warnings():  # kafka-python loads its protocol tables with a deprecated importlib call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sent = produce(ds.interactions, ProducerConfig(broker.bootstrap_servers, cfg.topic, progress=False))
     print(f"[stream] {sent.sent:,} events produced live in {sent.seconds:.1f}s "
           f"({sent.events_per_second:,.0f} ev/s); the worker applies them as they arrive")
     t = time.perf_counter()

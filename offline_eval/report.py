@@ -153,8 +153,8 @@ def run_replay(ds: Dataset, cfg: ReplayConfig, fitted: dict[str, object] | None 
         fit_seconds = (getattr(model, "fit_seconds", None) or 0.0) if name in fitted else None
         if fit_seconds is None and key is not None:
             fit_seconds = cache.load(model, key)
-        cached = fit_seconds is not None
-        if not cached:
+        cached = fit_seconds is not None and name not in fitted
+        if fit_seconds is None:
             t = time.perf_counter()
             model.fit(log.history())
             fit_seconds = time.perf_counter() - t
@@ -169,6 +169,8 @@ def run_replay(ds: Dataset, cfg: ReplayConfig, fitted: dict[str, object] | None 
             path = "in-process"
         result.fit_seconds = fit_seconds
         report["models"][name] = model_report(result, log, cfg.protocol) | {"fit_cached": cached, "path": path}
+        if name in fitted:
+            report["models"][name]["fit_reused"] = True  # fitted by the caller (the demo's `recsys train`)
         if hasattr(model, "describe"):  # e.g. the mix the nested model's calibration chose
             report["models"][name]["fit"] = model.describe()
         if cfg.progress:
@@ -217,7 +219,7 @@ def markdown_table(report: dict) -> str:
         se = f" ± {o['ndcg@10_se']:.4f}" if "ndcg@10_se" in o else ""
         lines.append(f"| {name} | {o['ndcg@10']:.4f}{se} | {o['hr@10']:.4f} | {o['mrr']:.4f} | "
                      f"{m['cold']['ndcg@10']:.4f} | {m['warm']['ndcg@10']:.4f} | {o['coverage@10']:.3f} | "
-                     f"{m['fit_seconds']:.1f}{' (cached)' if m.get('fit_cached') else ''} | "
+                     f"{m['fit_seconds']:.1f}{' (cached)' if m.get('fit_cached') else ' (reused)' if m.get('fit_reused') else ''} | "
                      f"{m['replay_events_per_second']:,.0f} |" + (f" {m['oracle_fraction']:.1%} |" if oracle else ""))
     return "\n".join(lines)
 

@@ -96,6 +96,8 @@ def train_nested(history, model_cfg: NestedConfig | None = None,
         return _train_and_write(history, model_cfg, cfg)
     fit_part, tail = split_history(history, cfg.calibration_tail)
     model = _meta_train(fit_part, model_cfg, cfg)
+    if cfg.progress and distributed_rank()[0] == 0:
+        print(f"calibrating the mix of the levels on the history's latest {cfg.calibration_tail:.0%} …", flush=True)
     t0 = time.perf_counter()
     mix, state = calibrate(model.cpu(), fit_part, tail, absorb_batch=cfg.absorb_batch)
     seconds = time.perf_counter() - t0
