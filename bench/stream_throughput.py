@@ -119,7 +119,7 @@ def main() -> None:
             once the worker has joined the group and owns the partitions."""
             while not w.joined:
                 time.sleep(0.05)
-            subprocess.run([sys.executable, "-m", "commands.cli", "produce", "--bootstrap-servers",
+            subprocess.run([sys.executable, "-m", "commands.cli", "produce", "--data", "synthetic", "--bootstrap-servers",
                             broker.bootstrap_servers, "--topic", topic, "--events", str(args.events),
                             "--limit", str(n), "--rate", str(args.rate)], check=True, capture_output=True)
 

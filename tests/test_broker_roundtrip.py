@@ -60,7 +60,7 @@ def test_per_user_order_is_kept(broker, topic):
 def test_cli_produce_and_consume(broker, topic, capsys):
     from commands.cli import main
 
-    assert main(["produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic,
+    assert main(["produce", "--data", "synthetic", "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic,
                  "--events", "2000", "--limit", "500"]) == 0
     assert main(["consume", "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic,
                  "--count", "500"]) == 0

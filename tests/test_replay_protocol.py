@@ -90,8 +90,11 @@ def test_report_has_the_protocol_shape(tmp_path):
     assert on_disk["dataset"]["stream_events"] == 6_000 - 4_800
     for name in ("pop_static", "pop_online"):
         m = on_disk["models"][name]
-        assert set(m["cold"]) == set(m["overall"]) - {"coverage@10"}
+        assert set(m["cold"]) == set(m["overall"]) - {"coverage@10", "ndcg@10_se"}
+        assert 0 < m["overall"]["ndcg@10_se"] < m["overall"]["ndcg@10"]
         assert len(m["slices"]) == 10 and m["replay_events_per_second"] > 0
+    assert on_disk["best"].startswith("Best: pop_online") and "cold:" in on_disk["cold_warm"]
+    assert on_disk["dataset"]["span"][0] <= on_disk["dataset"]["stream_starts"] <= on_disk["dataset"]["span"][1]
     assert {"python", "torch", "torchrec"} <= set(report["versions"])
     assert all((tmp_path / f).stat().st_size > 0 for f in ("report.md", "ndcg_slices.png", "cold_warm.png"))
 
