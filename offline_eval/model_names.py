@@ -6,5 +6,5 @@ DEFAULT_MODELS = ("pop_static", "pop_online", "pop_online_decay", "itemknn_onlin
 # Each retrains the nested model without one level (`--models ablations` runs them all).
 ABLATIONS = ("nested_no_user_fast", "nested_no_user_mid", "nested_no_population", "nested_no_sequence")
 # The population level's two clocks side by side (`nested` is whichever POPULATION_CLOCK names).
-VARIANTS = ("nested_pop_by_time", "nested_pop_by_events")
+VARIANTS = ("nested_pop_by_time", "nested_pop_by_events", "nested_assoc")
 AVAILABLE_MODELS = DEFAULT_MODELS + ABLATIONS + VARIANTS + ("oracle",)  # oracle: synthetic logs only

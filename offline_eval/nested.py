@@ -4,11 +4,15 @@ online API, as the stream worker uses it."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from recsys import association
+from recsys.association import AssociationConfig, AssociationLevel, association_defaults
+from recsys.batch_users import sequences_before
 from recsys.nested_model import (POPULATION_CLOCK, NestedConfig, NestedModel, load_state, population_defaults,
                                  save_state)
 from recsys.train import TrainConfig, train_nested
@@ -19,61 +23,104 @@ class NestedReplay:
     the fast state; then score/update are the online API."""
 
     def __init__(self, use_fast: bool = True, train_cfg: TrainConfig = TrainConfig(progress=False),
-                 population_clock: str = POPULATION_CLOCK, **levels):
-        """``levels``: NestedConfig switches for ablations (``user_fast=False``, …)."""
+                 population_clock: str = POPULATION_CLOCK, association: bool = False, **levels):
+        """``levels``: NestedConfig switches for ablations (``user_fast=False``, …);
+        ``association``: with the population association level (`recsys.association`)."""
         self.use_fast, self.train_cfg, self.levels = use_fast, train_cfg, levels
         self.population_clock = population_clock
+        self.association = association and use_fast
+        self.assoc_cfg: AssociationConfig | None = None
+        self.assoc: AssociationLevel | None = None
         self.model: NestedModel | None = None
         self.state = None
         self.applied = None  # the batch score_fresh has applied already
         self.fit_seconds: float | None = None  # set by whoever fitted it outside the replay (`recsys train`)
 
     def fit(self, history) -> None:
-        model_cfg = NestedConfig(n_items=history.n_items_known, use_fast=self.use_fast, **self.levels,
-                                 **population_defaults(history.n_events, history.ts, self.population_clock))
-        self.model, self.state = train_nested(history, model_cfg, self.train_cfg)
+        population = population_defaults(history.n_events, history.ts, self.population_clock)
+        model_cfg = NestedConfig(n_items=history.n_items_known, use_fast=self.use_fast, **self.levels, **population)
+        if self.association:
+            base = population.get("pop_half_life_s") or population_defaults(history.n_events, history.ts,
+                                                                             "time")["pop_half_life_s"]
+            self.assoc_cfg = association_defaults(base)
+        self.model, self.state = train_nested(history, model_cfg, self.train_cfg, self.assoc_cfg)
+        if self.association:
+            self.assoc_cfg = replace(self.assoc_cfg, popularity_discount=float(self.model.assoc_discount))
+            self.assoc, _ = association.absorb(association.empty(history.n_items_known, self.assoc_cfg), history,
+                                               self.assoc_cfg, self.train_cfg.absorb_batch)
 
     def describe(self) -> dict:
         """What the fit chose: the mix of the population and personal levels calibrated on the history."""
         m = self.model
         share, weight, fade = (float(t.detach()) for t in (m.pop_share, m.pop_weight, m.fade))
         form = f"mixed in probability, population share {share:g}" if share else "additive"
-        return {"population_weight": round(weight, 6), "fade": fade, "population_share": share,
-                "summary": f"the mix calibrated on the history's tail is {form}, population weight "
-                           f"{weight:.3f}, fade {fade:g}"}
+        out = {"population_weight": round(weight, 6), "fade": fade, "population_share": share,
+               "summary": f"the mix calibrated on the history's tail is {form}, population weight "
+                          f"{weight:.3f}, fade {fade:g}"}
+        if self.association:
+            out |= {"association_weight": float(m.assoc_weight), "association_discount": float(m.assoc_discount),
+                    "association_half_lives_s": list(self.assoc_cfg.half_lives_s)}
+            out["summary"] += (f"; association votes weigh {float(m.assoc_weight):g} (popularity discount "
+                               f"{float(m.assoc_discount):g})")
+        return out
 
     # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------
     def fit_key(self) -> str:
         return repr((self.use_fast, sorted(self.levels.items()), replace(self.train_cfg, progress=False),
-                     self.population_clock))
+                     self.population_clock) + ((("association", True),) if self.association else ()))
 
     def save_fit(self, folder: Path) -> None:
         self.model.save(folder / "model.safetensors")
         save_state(self.state, folder / "state.safetensors")  # the fast levels after the history
+        if self.association:
+            from safetensors.torch import save_file
+
+            save_file(self.assoc._asdict(), str(folder / "association.safetensors"),
+                      metadata={"config": json.dumps(asdict(self.assoc_cfg))})
 
     def load_fit(self, folder: Path) -> None:
         self.model = NestedModel.load(folder / "model.safetensors").eval()
         self.state = load_state(folder / "state.safetensors")
+        if self.association:
+            from safetensors import safe_open
+
+            with safe_open(str(folder / "association.safetensors"), "pt") as f:
+                self.assoc_cfg = AssociationConfig(**json.loads(f.metadata()["config"]))
+                self.assoc = AssociationLevel(**{k: f.get_tensor(k) for k in AssociationLevel._fields})
 
     def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
-        return self.model.score(self.state, users, n_items)
+        votes = self._votes(self.state.recent[users], n_items)
+        return self.model.score_users(self.model.read_users(self.state, users), self.state.absent_s(users),
+                                      self.model.population_counts(self.state.pop), n_items, votes)
 
     def score_fresh(self, batch, n_items: int) -> torch.Tensor:
         """Each event from its user's vector after their earlier events of the batch. That takes
         the batch's recurrence, so it is applied here; ``update`` with this batch then has
-        nothing left to do. Global state (population, clock) stays as at the batch start."""
-        users = torch.from_numpy(batch.users)
+        nothing left to do. Global state (population, association, clock) stays as at the batch start."""
+        users, items, ts = (torch.from_numpy(a) for a in (batch.users, batch.items, batch.ts))
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
         clock, pop = self.state.clock(), self.model.population_counts(self.state.pop)
-        self.state, reads = self.model.update_reading(self.state, users, torch.from_numpy(batch.items),
-                                                      torch.from_numpy(batch.ts))
+        before = sequences_before(self.state.recent[users], users, items)  # before the update writes the rows
+        votes = self._votes(before, n_items)
+        self.state, reads = self.model.update_reading(self.state, users, items, ts)
+        self._associate(before, items, ts)
         self.applied = batch
-        return self.model.score_users(reads.z, clock - reads.last_ts, pop, n_items)
+        return self.model.score_users(reads.z, clock - reads.last_ts, pop, n_items, votes)
 
     def update(self, batch) -> None:
         if batch is self.applied:  # score_fresh applied it already
             self.applied = None
             return
-        self.state = self.model.update(self.state, torch.from_numpy(batch.users), torch.from_numpy(batch.items),
-                                       torch.from_numpy(batch.ts))
+        users, items, ts = (torch.from_numpy(a) for a in (batch.users, batch.items, batch.ts))
+        self.state = self.model.grow_state(self.state, int(users.max()) + 1, int(items.max()) + 1)
+        before = sequences_before(self.state.recent[users], users, items)
+        self.state = self.model.update(self.state, users, items, ts)
+        self._associate(before, items, ts)
+
+    def _votes(self, recent: torch.Tensor, n_items: int) -> torch.Tensor | None:
+        return association.read(self.assoc, recent, n_items, self.assoc_cfg) if self.association else None
+
+    def _associate(self, before: torch.Tensor, items: torch.Tensor, ts: torch.Tensor) -> None:
+        if self.association:
+            self.assoc = association.add(self.assoc, before, items, ts, self.assoc_cfg)

@@ -52,6 +52,7 @@ def _registry(log: EncodedLog, progress: bool, truth: dict,
         "nested_no_sequence": lambda: NestedReplay(train_cfg=train, sequence_items=0),
         "nested_pop_by_time": lambda: NestedReplay(train_cfg=train, population_clock="time"),
         "nested_pop_by_events": lambda: NestedReplay(train_cfg=train, population_clock="events"),
+        "nested_assoc": lambda: NestedReplay(train_cfg=train, association=True),
         "oracle": lambda: Oracle(truth, log),
     }
 

@@ -31,6 +31,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from recsys import association
+from recsys.association import AssociationConfig
+from recsys.batch_users import sequences_before
 from recsys.nested_model import FastState, NestedModel, score_items, trust, write_log
 from recsys.ranking import SeenItems, grid_ndcg
 
@@ -44,6 +47,12 @@ MIXTURE_MULTIPLIERS = (1.0, 2.0, 4.0)
 # How far below the best NDCG@10 a mix may score, in standard errors of the gap, and still
 # count as tied with it (`choose`).
 TIE_SE = 2.0
+
+
+# The association level's weight in the personal expert, and its votes' popularity discount
+# (0: P(j | i); ½: cosine-like), chosen together on the tail once the mix is set.
+ASSOCIATION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+DISCOUNTS = (0.0, 0.5)
 
 
 class Mix(NamedTuple):
@@ -149,3 +158,57 @@ def choose(grid: list[Mix], ndcg: torch.Tensor, loglik: torch.Tensor) -> Mix:
     distance = [abs(np.log(m.multiplier)) + m.fade + m.share for m in grid]
     return grid[max((i for i in range(len(grid)) if tied[i]),
                     key=lambda i: (round(float(likelihood[i]), 6), -distance[i]))]
+
+
+class Link(NamedTuple):
+    """How the association level enters the score: its votes' weight and popularity discount."""
+
+    weight: float
+    discount: float
+
+
+@torch.no_grad()
+def association_link(model: NestedModel, fit_part, tail, cfg: AssociationConfig, batch_size: int = 256,
+                     absorb_batch: int = 4096, score_every: int = 2, weights=ASSOCIATION_WEIGHTS,
+                     discounts=DISCOUNTS) -> Link:
+    """The association level's `Link`, on ``tail`` replayed after ``fit_part`` as `score_tail`
+    replays it, with the model's mix as set: the best NDCG@10 of the grid; within `TIE_SE`
+    standard errors of it, the smallest weight (the level must earn its place)."""
+    n_users = max(fit_part.n_users_known, tail.n_users_known)
+    n_items = max(fit_part.n_items_known, tail.n_items_known)
+    state = write_log(model, model.init_state(n_users, n_items), fit_part, absorb_batch)
+    level, _ = association.absorb(association.empty(n_items, cfg), fit_part, cfg, absorb_batch)
+    seen = SeenItems(n_users, n_items)
+    seen.add(fit_part.users, fit_part.items)
+    grid = [Link(w, d) for d in discounts for w in weights]
+    lam = torch.tensor(weights, dtype=model.user0.dtype).view(-1, 1, 1)
+    known_upto = np.maximum.accumulate(np.concatenate([[fit_part.n_items_known - 1], tail.items])) + 1
+    ndcg = []
+    for b, lo in enumerate(range(0, tail.n_events, batch_size)):
+        users, items, ts = (torch.from_numpy(a[lo:lo + batch_size]) for a in (tail.users, tail.items, tail.ts))
+        before = sequences_before(state.recent[users], users, items)  # before the update writes the rows
+        if b % score_every:
+            state = model.update(state, users, items, ts)
+        else:
+            n_known = int(known_upto[lo])
+            clock, pop = state.clock(), model.population_counts(state.pop)[:n_known]
+            state, reads = model.update_reading(state, users, items, ts)
+            E, bias = model.all_items(n_known)
+            weight = trust((clock - reads.last_ts).to(E.dtype), model.fade)
+            seen_now = seen.before_each(users, items, n_known)
+            per_discount = []
+            for d in discounts:
+                votes = association.read(level, before, n_known, cfg, discount=d).to(E.dtype)
+                scores = score_items(reads.z, E, bias, model.pop_term(pop), weight, model.mixture_share(),
+                                     lam * votes)  # (G, B, N)
+                scores.masked_fill_(seen_now, float("-inf"))
+                per_discount.append(grid_ndcg(scores, items))
+            ndcg.append(torch.cat(per_discount))
+        level = association.add(level, before, items, ts, cfg)
+        seen.add(users.numpy(), items.numpy())
+    ndcg = torch.cat(ndcg, 1)  # (G, E)
+    mean = ndcg.mean(1)
+    best = int(mean.argmax())
+    se = (ndcg[best] - ndcg).std(1) / max(ndcg.shape[1], 2) ** 0.5
+    tied = [i for i in range(len(grid)) if float(mean[best] - mean[i]) <= TIE_SE * float(se[i])]
+    return grid[min(tied, key=lambda i: (grid[i].weight, -float(mean[i])))]

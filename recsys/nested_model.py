@@ -218,6 +218,10 @@ class NestedModel(nn.Module):
         # The population expert's share π of the served mixture (`mixture`); 0: the additive
         # score meta-training fits. Set on the history's tail with the rest of the mix.
         self.register_buffer("pop_share", torch.zeros(()))
+        # The association level's weight in the personal expert (`score_items`): 0 in
+        # meta-training (the level is not the slow level's to learn), set on the history's tail.
+        self.register_buffer("assoc_weight", torch.zeros(()))
+        self.register_buffer("assoc_discount", torch.tensor(0.5))  # its votes' popularity discount (`association.read`)
         if cfg.use_fast and cfg.population and not cfg.static_popularity:  # else nothing else ranks by popularity
             self.item_bias.requires_grad_(False)
             self.user0.requires_grad_(False)
@@ -461,12 +465,16 @@ class NestedModel(nn.Module):
         return self.score_users(self.read_users(state, users), state.absent_s(users),
                                 self.population_counts(state.pop), n_items)
 
-    def score_users(self, z: torch.Tensor, absent_s: torch.Tensor, counts: torch.Tensor, n_items: int) -> torch.Tensor:
+    def score_users(self, z: torch.Tensor, absent_s: torch.Tensor, counts: torch.Tensor, n_items: int,
+                    votes: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D) user vectors, (B,) seconds since each one's latest event, the population's
-        read counts (`population_counts`) → (B, n_items) scores: the personal part fades with absence."""
+        read counts (`population_counts`) and, where the model reads the association level,
+        its (B, n_items) votes (`recsys.association.read`) → (B, n_items) scores: the
+        personal part fades with absence."""
         E, b = self.all_items(n_items)
         weight = trust(absent_s.to(z.dtype), self.fade) if self.cfg.use_fast else None
-        return score_items(z, E, b, self.pop_term(counts[:n_items]), weight, self.mixture_share())
+        association = self.assoc_weight * votes.to(z.dtype) if votes is not None and self.cfg.use_fast else None
+        return score_items(z, E, b, self.pop_term(counts[:n_items]), weight, self.mixture_share(), association)
 
     def mixture_share(self) -> torch.Tensor | None:
         """() the population expert's share of the served mixture; None: the additive score."""
@@ -605,6 +613,8 @@ class NestedModel(nn.Module):
         weights = load_file(str(path))
         model = cls(replace(cfg, **overrides)).to(weights["user0"].dtype)  # exact: no dtype rounding
         weights.setdefault("pop_share", torch.zeros((), dtype=weights["user0"].dtype))  # saved before the mixture
+        weights.setdefault("assoc_weight", torch.zeros((), dtype=weights["user0"].dtype))  # before the association level
+        weights.setdefault("assoc_discount", torch.tensor(0.5, dtype=weights["user0"].dtype))
         model.load_state_dict(weights)
         return model
 
@@ -678,18 +688,23 @@ def population_term(pop: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def score_items(z: torch.Tensor, E: torch.Tensor, b: torch.Tensor, population: torch.Tensor,
-                weight: torch.Tensor | None = None, share: torch.Tensor | None = None) -> torch.Tensor:
+                weight: torch.Tensor | None = None, share: torch.Tensor | None = None,
+                association: torch.Tensor | None = None) -> torch.Tensor:
     """The nested model's one score: (…, D) user vectors, (N, D) item embeddings and (N,)
     biases of the slow level, the population term (broadcast to (…, N)), ``trust`` weights
-    (…,) of the personal part (None: 1), and the population expert's ``share`` of the mixture
-    (None: the additive ``weight · ⟨z, e_i⟩ + b_i + population_i``). Replay, calibration (over
-    a grid of mixes at once), training, the stream's push and the exported serving graph all
-    score with it."""
+    (…,) of the personal part (None: 1), the population expert's ``share`` of the mixture
+    (None: the additive ``weight · ⟨z, e_i⟩ + b_i + population_i``), and the association
+    level's weighted votes (…, N) for what follows the user's latest items, part of the
+    personal expert (None: none). Replay, calibration (over a grid of mixes at once),
+    training, the stream's push and the exported serving graph all score with it."""
     if weight is not None:  # scaling the (…, D) vectors, not the (…, N) affinities: one pass less
         z = z * weight.unsqueeze(-1)
+    personal = z @ E.T + b
+    if association is not None:
+        personal = personal + association
     if share is None:
-        return z @ E.T + (b + population)
-    return mixture(z @ E.T + b, population, share)
+        return personal + population
+    return mixture(personal, population, share)
 
 
 def mixture(personal: torch.Tensor, population: torch.Tensor, share: torch.Tensor) -> torch.Tensor:

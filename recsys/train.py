@@ -11,6 +11,7 @@ Shapes: ``U`` users in a training batch, ``L`` padded sequence length, ``N`` ite
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from recsys.calibration import calibrate, split_history
+from recsys.association import AssociationConfig
+from recsys.calibration import association_link, calibrate, split_history
 from recsys.nested_model import FastState, NestedConfig, NestedModel, population_defaults, score_items, write_log
 
 
@@ -84,12 +86,13 @@ def _user_sequences(history, max_len: int) -> list[np.ndarray]:
     return sorted(seqs, key=len, reverse=True)
 
 
-def train_nested(history, model_cfg: NestedConfig | None = None,
-                 cfg: TrainConfig = TrainConfig()) -> tuple[NestedModel, FastState]:
+def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfig = TrainConfig(),
+                 association: AssociationConfig | None = None) -> tuple[NestedModel, FastState]:
     """Meta-train on the history but its latest ``calibration_tail``, then set the mix of the
-    population and personal levels (weight multiplier, fade) on that tail; with ``refit``,
-    train again on the whole history and give that model the mix. Returns the model and
-    the fast state after the whole history."""
+    population and personal levels (weight multiplier, fade) on that tail, and, with an
+    ``association`` level, how its votes enter the score (`calibration.association_link`);
+    with ``refit``, train again on the whole history and give that model the mix. Returns
+    the model and the fast state after the whole history."""
     model_cfg = model_cfg or NestedConfig(n_items=history.n_items_known,
                                           **population_defaults(history.n_events, history.ts))
     if not model_cfg.use_fast or cfg.calibration_tail <= 0:
@@ -101,18 +104,33 @@ def train_nested(history, model_cfg: NestedConfig | None = None,
     t0 = time.perf_counter()
     mix, state = calibrate(model.cpu(), fit_part, tail, absorb_batch=cfg.absorb_batch)
     seconds = time.perf_counter() - t0
+    link = None
+    if association is not None:  # on the tail, with the mix as served: a copy of the fit part's model
+        probe = copy.deepcopy(model)
+        _set_mix(probe, mix)
+        link = association_link(probe, fit_part, tail, association, absorb_batch=cfg.absorb_batch)
+        if cfg.progress and distributed_rank()[0] == 0:
+            print(f"association level on the tail: weight {link.weight:g}, popularity discount {link.discount:g}")
     if cfg.refit:
         model, state = _train_and_write(history, model_cfg, cfg)
     model.to(cfg.device)
-    with torch.no_grad():
-        model.pop_weight.mul_(mix.multiplier)
-        model.fade.fill_(mix.fade)
-        model.pop_share.fill_(mix.share)
+    _set_mix(model, mix)
+    if link is not None:
+        with torch.no_grad():
+            model.assoc_weight.fill_(link.weight)
+            model.assoc_discount.fill_(link.discount)
     if cfg.progress and distributed_rank()[0] == 0:
         form = f"mixed, population share {mix.share:g}" if mix.share else "additive"
         print(f"calibrated on the history's latest {cfg.calibration_tail:.0%} in {seconds:.0f}s: {form}, "
               f"population weight ×{mix.multiplier:g} → {model.pop_weight.item():.3f}, fade {mix.fade:g}")
     return model, state.to(cfg.device)
+
+
+@torch.no_grad()
+def _set_mix(model: NestedModel, mix) -> None:
+    model.pop_weight.mul_(mix.multiplier)
+    model.fade.fill_(mix.fade)
+    model.pop_share.fill_(mix.share)
 
 
 def _train_and_write(history, model_cfg: NestedConfig, cfg: TrainConfig) -> tuple[NestedModel, FastState]:
