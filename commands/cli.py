@@ -198,7 +198,8 @@ def cmd_stream(args) -> int:
                        checkpoint_every_s=args.checkpoint_every, feature_repo=args.feature_repo and Path(args.feature_repo),
                        device=args.device or WorkerConfig.device, metrics_port=args.metrics_port,
                        metrics_host=args.metrics_host, log_every_s=args.log_every, idle_exit_s=args.idle_exit,
-                       max_clock_skew_s=args.max_clock_skew, checkpoint_give_up_s=args.checkpoint_give_up,
+                       max_clock_skew_s=args.max_clock_skew,
+                       max_clock_jump_s=args.max_clock_jump, checkpoint_give_up_s=args.checkpoint_give_up,
                        user_ttl_s=args.user_ttl)
     return run_worker(cfg)
 
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds (0.0.0.0: all)")
     p.add_argument("--max-clock-skew", type=float, default=3600.0,
                    help="seconds an event may be stamped ahead of this host's clock; later ones are dead-lettered")
+    p.add_argument("--max-clock-jump", type=float, default=30 * 86400.0,
+                   help="seconds an event may be stamped past its partition's stream clock (plus the wall time "
+                   "since it moved); later ones are dead-lettered as clock_jump")
     p.add_argument("--checkpoint-give-up", type=float, default=600.0,
                    help="exit after failing to write a checkpoint for this many seconds (events go on meanwhile)")
     p.add_argument("--user-ttl", type=float, default=None,

@@ -1,10 +1,14 @@
 """One item catalogue for a worker group and its servers: an item first seen on the
 stream gets the same index in every worker and server, across restarts and rebalances.
 
-The catalogue is a one-partition topic, ``<topic>.catalogue``, that only grows. A worker
-that meets items it cannot name produces them there (acks=all), then reads the topic to
-its end. Indices are the model's table first, then every other item in the order of its
-*first* record: two workers proposing one item at the same moment only add a later
+The catalogue is partition 0 of the topic ``<topic>.catalogue``, which only grows. A
+worker that meets items it cannot name produces them there (acks=all), then reads the
+partition to its end. The topic is made with one partition, but a broker that restarted
+empty lets any client re-create it with its default count: so proposals name partition 0
+and readers read only it, and the other partitions stay empty and unread.
+
+Indices are the model's table first, then every other item in the order of its *first*
+record: two workers proposing one item at the same moment only add a later
 duplicate, which every reader skips. Whoever reads the same log with the same model
 computes the same indices; nothing else is coordinated.
 
@@ -15,12 +19,15 @@ computes the same indices; nothing else is coordinated.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 
 from recsys.vocab import Vocab
 from streaming.clients import create_topic, make_consumer, make_producer
+
+log = logging.getLogger("recsys.stream")
 
 
 def catalogue_topic(topic: str) -> str:
@@ -41,6 +48,10 @@ class Catalogue:
                 raise
         self.partition = TopicPartition(self.topic, 0)
         self.consumer = make_consumer(bootstrap_servers)
+        partitions = self.consumer.partitions_for_topic(self.topic) or {0}
+        if len(partitions) > 1:
+            log.warning("the item catalogue topic %s has %d partitions (re-created by a client's auto-creation?): "
+                        "only partition 0 is read and written", self.topic, len(partitions))
         self.consumer.assign([self.partition])
         self.consumer.seek_to_beginning(self.partition)
         self.producer = None
@@ -60,7 +71,9 @@ class Catalogue:
         return len(self.items) - before
 
     def index(self, item_ids: list[str]) -> np.ndarray:
-        """Every item's index; items new to the catalogue are proposed and read back first."""
+        """Every item's index; items new to the catalogue are proposed and read back first.
+        An item the catalogue still cannot name (its proposal not in the log) is -1: the
+        caller decides what becomes of its events."""
         rows = self.items.index(item_ids, add=False)
         if (rows >= 0).all():
             return rows
@@ -68,7 +81,7 @@ class Catalogue:
         if self.producer is None:
             self.producer = make_producer(self.bootstrap_servers, linger_ms=0, acks="all")
         for item in new:
-            self.producer.send(self.topic, value=item.encode())
+            self.producer.send(self.topic, value=item.encode(), partition=self.partition.partition)
         self.producer.flush(timeout=self.timeout_s)
         self.refresh()  # our records are in the log now: reading to its end names them
         return self.items.index(item_ids, add=False)

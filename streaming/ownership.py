@@ -196,6 +196,9 @@ class Ownership:
         rows = self.users.rows([snap.user_ids[i] for i in take.tolist()], snap.partitions[take])
         users = dict(snap.users)
         remap = torch.from_numpy(self.catalogue.index(snap.item_ids))  # the file's item indices -> the catalogue's
+        if (remap < 0).any():  # this runs in the rebalance callback: a data-dependent raise here would crash-loop
+            log.warning("%d items of the checkpoint could not be named in the catalogue %s: their counts are "
+                        "left out", int((remap < 0).sum()), self.catalogue.topic)
         if "recent" in users:  # item indices past the model's table are each worker's own naming
             users["recent"] = torch.where(users["recent"] >= 0, remap[users["recent"].clamp(min=0)], -1)
         self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
@@ -209,7 +212,9 @@ class Ownership:
                 for name, value in snap.population[p].items():
                     if name in ("pop", "pop_acc"):  # by item id: indices past the model's table are per file
                         n = min(len(value), len(remap))  # a level may hold spare capacity past its items
-                        value = value.new_zeros(len(self.items), *value.shape[1:]).index_add_(0, remap[:n], value[:n])
+                        named = remap[:n] >= 0
+                        value = value.new_zeros(len(self.items), *value.shape[1:]).index_add_(
+                            0, remap[:n][named], value[:n][named])
                     setattr(level, name, value.to(self.device))
                 self.levels[p] = level
 

@@ -74,6 +74,9 @@ class WorkerConfig:
     metrics_port: int | None = None  # Prometheus endpoint; None: off
     metrics_host: str = "127.0.0.1"  # loopback unless a scraper elsewhere needs it (k8s: 0.0.0.0)
     max_clock_skew_s: float = 3600.0  # an event stamped further ahead of this host's clock is dead-lettered
+    # ... or further than this past its partition's clock (plus the wall time since that moved).
+    # The shared logs' longest gap inside one of 4 partitions is 4.7 days (ML-1M's stream).
+    max_clock_jump_s: float = 30 * 86400.0
     dead_letter_max_bytes: int = 64 * 1024  # a poison body longer than this is dead-lettered truncated
     checkpoint_give_up_s: float = 600.0  # exit (for a restart elsewhere) after failing to checkpoint this long
     # Users idle this long (seconds of wall clock) leave memory and checkpoints for the online
@@ -129,6 +132,7 @@ class StreamWorker(Ownership):
         self.users = UserRows()
         self.state = self.model.init_state(0, len(self.items), device=self.device)  # the user rows
         self.levels: dict[int, FastState] = {}  # owned partition -> its population level (no user rows)
+        self.clock_moved: dict[int, float] = {}  # partition -> monotonic time its level's clock last moved
         self.offsets: dict[int, int] = {}  # owned partition -> next offset (all before it are in the state)
         self.pending: list = []  # records polled, not yet applied
         self.metrics = Metrics(cfg.metrics_port, cfg.metrics_host)
@@ -280,29 +284,38 @@ class StreamWorker(Ownership):
         for p, first in firsts.items():  # the client itself reset a position that vanished (a new log)
             if first < self.offsets.get(p, 0):
                 self._reset(p, f"the log restarted at offset {first}, before our {self.offsets[p]}", seek=False)
-        good, parts, offsets, stamps = [], [], [], []
-        horizon = time.time() + self.cfg.max_clock_skew_s  # the stream clock moves only with accepted events
+        good, kept, parts, offsets, stamps = [], [], [], [], []
+        host_horizon = time.time() + self.cfg.max_clock_skew_s  # the stream clock moves only with accepted events
+        horizons: dict[int, float] = {}
         for rec in records:
             ev = decode_fields(rec.value if rec.value is not None else b"")
-            if not isinstance(ev, InvalidEvent) and ev[2] > horizon:
-                ev = InvalidEvent("future_timestamp", f"ts={ev[2]} is more than {self.cfg.max_clock_skew_s:.0f}s "
-                                                      f"ahead of the worker's clock ({horizon:.0f})")
+            if not isinstance(ev, InvalidEvent):
+                ev = self._check_clock(ev, rec.partition, host_horizon, horizons)
             if isinstance(ev, InvalidEvent):
                 self.dead_letters.send(rec, ev)
             else:
                 good.append(ev)
-                parts.append(rec.partition)
-                offsets.append(rec.offset)
-                stamps.append(rec.timestamp)
+                kept.append(rec)
+        if good:
+            item_ids = [ev[1] for ev in good]
+            named = self.catalogue.index(item_ids)
+            if (named < 0).any():  # never -1 in the state: the events of an item nobody could name wait aside
+                for rec, item, index in zip(kept, item_ids, named.tolist()):
+                    if index < 0:
+                        self.dead_letters.send(rec, InvalidEvent("unnamed_item", f"item {item!r} could not be named "
+                                                                 f"in the catalogue {self.catalogue.topic}"))
+                good, kept = [ev for ev, i in zip(good, named) if i >= 0], [r for r, i in zip(kept, named) if i >= 0]
+                named = named[named >= 0]
+            parts, offsets, stamps = [r.partition for r in kept], [r.offset for r in kept], [r.timestamp for r in kept]
         t1 = time.perf_counter()
         self.seconds["decode"] += t1 - t0
         if good:
-            user_ids, item_ids, ts, event_ids = zip(*good)
+            user_ids, _, ts, event_ids = zip(*good)
             parts = torch.tensor(parts, dtype=torch.int64)
             if self.cfg.user_ttl_s is not None:
                 self._rehydrate(user_ids, parts)
             rows = self.users.rows(list(user_ids), parts)
-            items = torch.from_numpy(self.catalogue.index(list(item_ids)))
+            items = torch.from_numpy(named)
             ts = torch.tensor(ts, dtype=torch.int64)
             offsets = torch.tensor(offsets, dtype=torch.int64)
             stamps = np.asarray(stamps, dtype=np.int64)
@@ -315,9 +328,11 @@ class StreamWorker(Ownership):
             items, ts = items.to(self.device), ts.to(self.device)
             self.state = self.model.update(self.state, rows.to(self.device), items, ts, population=False)
             touched = parts.unique().tolist()
+            moved = time.monotonic()
             for p in touched:
                 mine = (parts == p).to(self.device)
                 self.levels[p] = self.model.update_population(self._level(p), items[mine], ts[mine])
+                self.clock_moved[p] = moved
             self.features.touched(rows, touched, stamps)
             self.applied_s = np.concatenate([self.applied_s[-50_000:], time.time() - stamps / 1000.0])
             self.metrics.events.inc(len(rows))
@@ -332,6 +347,27 @@ class StreamWorker(Ownership):
         self.metrics.batch.observe(t2 - t0)
         self.first_apply = self.first_apply or time.monotonic()
         self.last_apply = time.monotonic()
+
+    def _check_clock(self, ev, partition: int, host_horizon: float, horizons: dict[int, float]):
+        """The event, or why its time cannot be right. Two guards: the host's clock (a 2099
+        stamp), and the partition's own clock, which a backfill or a replay keeps years
+        behind the host: a stamp more than ``max_clock_jump_s`` past the partition's latest
+        accepted event (plus the wall time since it came) would decay every count of the
+        partition to nothing at once, so one client's wrong clock cannot move it."""
+        ts = ev[2]
+        if ts > host_horizon:
+            return InvalidEvent("future_timestamp", f"ts={ts} is more than {self.cfg.max_clock_skew_s:.0f}s ahead "
+                                                    f"of the worker's clock ({host_horizon:.0f})")
+        if partition not in horizons:
+            level = self.levels.get(partition)
+            clock = int(level.pop_ts) if level is not None else -1
+            since = self.clock_moved.setdefault(partition, time.monotonic())
+            horizons[partition] = (clock + self.cfg.max_clock_jump_s + time.monotonic() - since
+                                   if clock >= 0 else float("inf"))
+        if ts > horizons[partition]:
+            return InvalidEvent("clock_jump", f"ts={ts} is more than {self.cfg.max_clock_jump_s:.0f}s past partition "
+                                              f"{partition}'s stream clock; a longer real gap: raise --max-clock-jump")
+        return ev
 
     def _level(self, partition: int) -> FastState:
         """The partition's population level, over every item known now."""

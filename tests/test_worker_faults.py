@@ -1,5 +1,6 @@
 """The stream worker under attack, against the real broker: poison messages, a recreated
-topic, a future clock, damaged checkpoints, a failing disk and a locked online store.
+topic, a future clock, a clock jump on a lagging stream, a catalogue re-created with four
+partitions, damaged checkpoints, a failing disk and a locked online store.
 
 In each case the worker goes on, loses nothing, and says what happened: the user rows in
 its checkpoints are compared with the same events applied in-process (`reference_rows`).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,8 +20,9 @@ import torch
 from kafka.serializer import Serializer
 
 from streaming.broker import EmbeddedBroker, free_port
+from streaming.catalogue import catalogue_topic
 from streaming.checkpoint import previous, read_checkpoint
-from streaming.clients import make_producer
+from streaming.clients import create_topic, make_producer
 from streaming.producer import ProducerConfig, produce
 from waiting import wait_until
 from workers import (Worker, assert_exactly_once, checkpointed, dead_letters, merged_checkpoints, metric,
@@ -301,3 +304,56 @@ def test_a_client_retry_under_the_same_event_id_is_applied_once(broker, topic, m
     snap = read_checkpoint(own)
     assert int(snap.users["cnt"][snap.user_ids.index("frank")]) == 3
     producer.close()
+
+
+def test_a_catalogue_topic_re_created_with_four_partitions_still_names_every_new_item(broker, topic, model_path,
+                                                                                     tmp_path):
+    # What a broker that restarted empty leaves: the catalogue re-created by a client's
+    # auto-creation, with the broker's default partition count.
+    create_topic(broker.bootstrap_servers, catalogue_topic(topic), partitions=4)
+    own = tmp_path / "ckpt" / "w1.safetensors"
+    producer = make_producer(broker.bootstrap_servers)
+    for i in range(20):
+        event = {"user_id": f"u{i % 5}", "item_id": f"new-{i}", "ts": 1_700_000_000 + i}
+        producer.send(topic, key=event["user_id"].encode(), value=json.dumps(event).encode())
+    producer.flush()
+    Worker(broker, topic, model_path, tmp_path / "ckpt", "w1").finish_at(own, 20)
+    snap = read_checkpoint(own)
+    assert {f"new-{i}" for i in range(20)} <= set(snap.item_ids)
+    assert int(snap.users["cnt"].sum()) == 20
+
+    # A restart restores the partitions (the rebalance callback) and goes on with more new items.
+    for i in range(20, 25):
+        producer.send(topic, key=b"u0", value=json.dumps({"user_id": "u0", "item_id": f"new-{i}",
+                                                          "ts": 1_700_000_100 + i}).encode())
+    producer.flush()
+    again = Worker(broker, topic, model_path, tmp_path / "ckpt", "w1")
+    again.finish_at(own, 25)
+    snap = read_checkpoint(own)
+    assert int(snap.users["cnt"].sum()) == 25 and "new-24" in snap.item_ids
+    assert "partitions" in again.text() and "only partition 0 is read" in again.text()
+    producer.close()
+
+
+def test_a_stamp_years_past_a_lagging_streams_clock_is_dead_lettered_and_moves_nothing(broker, topic, stream,
+                                                                                     model_path, tmp_path):
+    """The synthetic stream is stamped in 2023–24, years behind the host: a client's "now"
+    passes the host's guard but not the partition's own clock."""
+    good = stream.head(2_000)
+    produce(good.head(1_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+    producer = make_producer(broker.bootstrap_servers)
+    user = str(good["user_id"][0])
+    jump = {"user_id": user, "item_id": str(good["item_id"][0]), "ts": int(time.time()) + 3_500}
+    producer.send(topic, key=user.encode(), value=json.dumps(jump).encode())
+    producer.flush()
+    producer.close()
+    produce(good.tail(1_000), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+
+    Worker(broker, topic, model_path, tmp_path / "ckpt", "w1", "--checkpoint-every", "0.5").finish_at(
+        tmp_path / "ckpt" / "w1.safetensors", good.height + 1)
+    # Every user's rows and clock as if the jump had never been sent: every top 10 unchanged.
+    assert_exactly_once(merged_checkpoints(tmp_path / "ckpt", topic), good, reference_rows(model_path, good))
+    letters = [dict(m.headers)["reason"].decode() for m in dead_letters(broker, topic)]
+    assert letters == ["clock_jump"]
+    snap = read_checkpoint(tmp_path / "ckpt" / "w1.safetensors")
+    assert max(int(level["pop_ts"]) for level in snap.population.values()) == int(good["ts"].max())
