@@ -55,6 +55,7 @@ class Snapshot:
     topic_id: str | None = None  # the broker's id of the topic: a recreated topic gets a new one
     ends: dict[int, int] = field(default_factory=dict)  # partition -> log end offset seen at write time
     event_ids: torch.Tensor | None = None  # (U, K) hashes of each user's latest client event ids
+    model: str = ""  # which model wrote it: its file and a digest of its config (`model_identity`)
 
 
 def previous(path: Path) -> Path:
@@ -78,7 +79,7 @@ def write_checkpoint(path: Path, snap: Snapshot, keep_previous: bool = True) -> 
                 "offsets": json.dumps({str(p): o for p, o in snap.offsets.items()}),
                 "ends": json.dumps({str(p): o for p, o in snap.ends.items()}),
                 "user_ids": json.dumps(snap.user_ids), "item_ids": json.dumps(snap.item_ids),
-                "written_at": f"{time.time():.3f}"}
+                "written_at": f"{time.time():.3f}", "model": snap.model}
     metadata["sha256"] = _digest(tensors, metadata)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -156,7 +157,42 @@ def read_checkpoint(path: Path) -> Snapshot:
                     users={k.removeprefix("user."): v for k, v in tensors.items() if k.startswith("user.")},
                     population=population,
                     item_ids=json.loads(meta["item_ids"]), topic_id=meta.get("topic_id") or None,
-                    ends=_int_map(meta.get("ends")), event_ids=tensors.get("event_ids"))
+                    ends=_int_map(meta.get("ends")), event_ids=tensors.get("event_ids"), model=meta.get("model", ""))
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint of user rows another model's shapes: restoring it cannot work."""
+
+
+def model_identity(model_path: Path, config: dict) -> str:
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{model_path} (config {digest})"
+
+
+def check_rows_fit(folder: Path, topic: str, row_shapes: dict[str, tuple[int, ...]], identity: str) -> None:
+    """Before a worker joins its group: every checkpoint of ``topic`` in ``folder`` must hold
+    user rows of this model's shapes (``row_shapes``: field -> shape of one row), or the
+    restore inside the rebalance would fail on the first tensor. Reads headers only."""
+    from safetensors import safe_open
+
+    for path in checkpoint_files(folder):
+        try:
+            meta = _metadata(path)
+            if meta.get("topic") != topic:
+                continue
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {k.removeprefix("user."): tuple(f.get_slice(k).get_shape()[1:])
+                          for k in f.keys() if k.startswith("user.")}
+        except Exception:  # damaged: the restore skips it with its own log line
+            continue
+        wrong = {k: v for k, v in shapes.items() if k in row_shapes and v != tuple(row_shapes[k])}
+        if wrong:
+            field, shape = next(iter(wrong.items()))
+            raise CheckpointMismatch(
+                f"{path} holds user rows of another model ({field}: {list(shape)} per user, this model's "
+                f"{list(row_shapes[field])}); it was written by {meta.get('model') or 'a model before identities'}, "
+                f"this worker runs {identity}. Point --model at the model that wrote it, or start from the log "
+                f"with an empty --checkpoint-dir")
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

@@ -109,7 +109,8 @@ class Ownership:
             users={k: _cpu_copy(getattr(self.state, k)[:n]) for k in USER_FIELDS},
             population={p: {k: _cpu_copy(getattr(level, k)) for k in POPULATION_FIELDS} for p, level in self.levels.items()},
             item_ids=list(self.items.ids),
-            topic_id=self.topic_id, ends=self._highwaters(), event_ids=self.users.event_ids.clone())
+            topic_id=self.topic_id, ends=self._highwaters(), event_ids=self.users.event_ids.clone(),
+            model=self.identity)
         ok = self.checkpoints.write(snap, wait)
         self.seconds["checkpoint"] += time.perf_counter() - t0
         return ok

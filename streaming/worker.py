@@ -35,16 +35,16 @@ import socket
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from recsys.nested_model import FastState, NestedModel, load_item_ids, sum_levels
+from recsys.nested_model import USER_FIELDS, FastState, NestedModel, load_item_ids, sum_levels
 from recsys.vocab import Vocab
 from streaming.catalogue import Catalogue
-from streaming.checkpoint import CheckpointWriter
+from streaming.checkpoint import CheckpointWriter, check_rows_fit, model_identity
 from streaming.clients import ensure_topic, make_consumer
 from streaming.dead_letters import DeadLetters
 from streaming.events import InvalidEvent, decode_fields
@@ -127,6 +127,7 @@ class StreamWorker(Ownership):
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.model = NestedModel.load(cfg.model).to(self.device).eval()
+        self.identity = model_identity(cfg.model, asdict(self.model.cfg))  # recorded in each checkpoint
         self.items = Vocab(load_item_ids(cfg.model))  # the catalogue's, once the loop has connected
         self.catalogue: Catalogue | None = None
         self.users = UserRows()
@@ -192,6 +193,9 @@ class StreamWorker(Ownership):
         self.consumer = make_consumer(self.cfg.bootstrap_servers, group_id=self.cfg.group,
                                       max_poll_records=max(self.cfg.batch_size, 4096),
                                       fetch_max_wait_ms=max(1, int(self.cfg.max_wait_s * 1000)))
+        one = self.model.init_state(1, len(self.items))
+        check_rows_fit(self.cfg.checkpoint_dir, self.cfg.topic, {k: getattr(one, k).shape[1:] for k in USER_FIELDS},
+                       self.identity)  # here, not in the rebalance callback, where a raise would be swallowed
         self.dead_letters.connect()
         self.catalogue = Catalogue(self.cfg.bootstrap_servers, self.cfg.topic, list(self.items.ids))
         self.items = self.catalogue.items

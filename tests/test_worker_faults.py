@@ -19,6 +19,7 @@ import pytest
 import torch
 from kafka.serializer import Serializer
 
+from recsys.nested_model import NestedConfig, NestedModel, load_item_ids
 from streaming.broker import EmbeddedBroker, free_port
 from streaming.catalogue import catalogue_topic
 from streaming.checkpoint import previous, read_checkpoint
@@ -357,3 +358,18 @@ def test_a_stamp_years_past_a_lagging_streams_clock_is_dead_lettered_and_moves_n
     assert letters == ["clock_jump"]
     snap = read_checkpoint(tmp_path / "ckpt" / "w1.safetensors")
     assert max(int(level["pop_ts"]) for level in snap.population.values()) == int(good["ts"].max())
+
+
+def test_a_worker_on_a_model_of_another_dimension_names_the_model_that_wrote_the_checkpoint(broker, topic, stream,
+                                                                                           model_path, tmp_path):
+    produce(stream.head(500), ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+    Worker(broker, topic, model_path, tmp_path / "ckpt", "w1").finish_at(tmp_path / "ckpt" / "w1.safetensors", 500)
+    other = tmp_path / "dim32.safetensors"
+    NestedModel(NestedConfig(n_items=1500, dim=32, c_pop=100, pop_half_life=2000.0)).save(
+        other, item_ids=load_item_ids(model_path))
+
+    w = Worker(broker, topic, other, tmp_path / "ckpt", "w2")
+    assert w.proc.wait(120) == 2
+    text = w.text()
+    assert "holds user rows of another model" in text and f"written by {model_path}" in text
+    assert "empty --checkpoint-dir" in text and "Traceback" not in text
