@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -24,6 +25,7 @@ import numpy as np
 # Feast's usage telemetry stays off: these machines (and many users') have no route out.
 os.environ.setdefault("FEAST_USAGE", "False")
 
+log = logging.getLogger("recsys.features")
 TEMPLATE = Path(__file__).parent / "repo"
 # The user_state rows holding the population level, one per partition of the topic: its
 # partial item counts (vector), the stream time they are as of (last_ts) and the events in
@@ -51,6 +53,7 @@ class FeatureRepo:
                                     f"run `recsys features apply --repo {self.path}` first")
         self.store = FeatureStore(repo_path=str(self.path))
         self._user_state = None  # the view, looked up once (the registry parses protos per lookup)
+        self._concurrent_reads()  # a user's own repo too, not only the ones `apply` made
 
     @classmethod
     def create(cls, path: Path, online: str = "sqlite") -> FeatureRepo:
@@ -69,16 +72,25 @@ class FeatureRepo:
         self.store.apply(ALL)
         self._concurrent_reads()
 
-    def _concurrent_reads(self) -> None:
+    def _concurrent_reads(self, wait_s: float = 1.0) -> None:
         """A SQLite online store in WAL mode: the stream worker's writes no longer block the
         server's reads (in the default rollback journal every push held readers off for its
-        commit: bench/serving_load.py p99). The mode is kept in the database file."""
+        commit: bench/serving_load.py p99; another process's lock stalled every reader). The
+        mode is kept in the database file; a store locked right now keeps its mode, with a
+        warning, and readers wait on writers as before."""
         cfg = self.store.config.online_store
         if getattr(cfg, "type", None) != "sqlite":
             return
         path = Path(cfg.path) if Path(cfg.path).is_absolute() else self.path / cfg.path
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            db.execute("PRAGMA journal_mode=WAL")
+        if not path.exists():  # made by the first write (or `apply`, which calls this again)
+            return
+        try:
+            with contextlib.closing(sqlite3.connect(path, timeout=wait_s)) as db:
+                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as e:
+            log.warning("the online store %s stays in its journal mode, where a writer holds readers off (%s)",
+                        path, e)
 
     def materialize(self, end: datetime | None = None) -> None:
         """Load the latest offline values into the online store, over all of time (history

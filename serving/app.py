@@ -182,7 +182,8 @@ class Service:
         if cfg.feature_repo is not None:
             from features.store import FeatureRepo
 
-            self.features = FeatureRepo(cfg.feature_repo)
+            self.features = FeatureRepo(cfg.feature_repo)  # fails early on a missing repo; threads open their own
+        self._repos = threading.local()
         self.reads = ThreadPoolExecutor(4, thread_name_prefix="feature-read")
         self.scoring = ThreadPoolExecutor(2, thread_name_prefix="score")
         self.sends = ThreadPoolExecutor(4, thread_name_prefix="kafka-send")
@@ -218,6 +219,17 @@ class Service:
         return sorted(r for r, t in self.faults.items() if now - t < self.cfg.degraded_for_s)
 
     # -- reads -----------------------------------------------------------------------------------
+    def repo(self):
+        """This thread's own view of the feature repo: Feast's SQLite store keeps one
+        connection, which the read threads would otherwise share, so one read stuck on a lock
+        held up every other."""
+        repo = getattr(self._repos, "repo", None)
+        if repo is None:
+            from features.store import FeatureRepo
+
+            repo = self._repos.repo = FeatureRepo(self.cfg.feature_repo)
+        return repo
+
     async def user_state(self, user_id: str) -> tuple[np.ndarray, list[int], int, str, str | None]:
         """(user vector, item indices the user touched last, time of their latest event
         (-1: unknown), "user" | "population", why it is degraded (None: it is not))."""
@@ -228,7 +240,7 @@ class Service:
             return *fallback, self.fault("online store saturated")
         self.reads_in_flight += 1
         try:
-            row = await asyncio.wait_for(asyncio.wrap_future(self.reads.submit(self.features.user_state, [user_id])),
+            row = await asyncio.wait_for(asyncio.wrap_future(self.reads.submit(lambda: self.repo().user_state([user_id]))),
                                          self.cfg.feature_timeout_s)
         except asyncio.TimeoutError:
             return *fallback, self.fault("online store slow")
@@ -253,7 +265,7 @@ class Service:
     def _watch_population(self) -> None:
         while not self._stop.is_set():
             try:
-                partials = self.features.populations(self.cfg.max_partitions)
+                partials = self.repo().populations(self.cfg.max_partitions)
                 if partials:
                     self._population = whole_population(partials, self.ranker.pop_half_lives_s,
                                                         self.ranker.pop_memory_events, self.cfg.population_max_lag_s)
@@ -302,7 +314,7 @@ class Service:
     def _item_attributes(self, item_ids: list[str], chunk: int = 10_000) -> dict[str, dict]:
         out = {}
         for lo in range(0, len(item_ids), chunk):
-            out |= self.features.item_attributes(item_ids[lo:lo + chunk])
+            out |= self.repo().item_attributes(item_ids[lo:lo + chunk])
         return out
 
     def item(self, item_id: str, score: float) -> dict:
