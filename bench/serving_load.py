@@ -34,7 +34,7 @@ from features.store import FeatureRepo, population_key
 from recsys.datasets import load_dataset
 from recsys.nested_model import NestedConfig, NestedModel
 from serving.export import export_onnx, scorer_from_model
-from streaming.broker import EmbeddedBroker, free_port
+from streaming.broker import EmbeddedBroker, die_with_parent, free_port
 
 
 def cpu_seconds(pid: int) -> float:
@@ -165,14 +165,15 @@ def main() -> None:
     key, port = secrets.token_urlsafe(16), free_port()
     procs = [subprocess.Popen([*recsys, "serve", "--model", str(work / "model.onnx"), "--feature-repo", str(repo.path),
                                "--port", str(port), *kafka], env=os.environ | {"RECSYS_API_KEY": key},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)]
     server = procs[0]
     if args.ingest_rate > 0:
         procs.append(subprocess.Popen([*recsys, "stream", *kafka, "--model", str(ckpt), "--checkpoint-dir",
                                        str(work / "ckpt"), "--feature-repo", str(repo.path), "--log-every", "2"],
-                                      stdout=(work / "worker.log").open("w"), stderr=subprocess.STDOUT))
+                                      stdout=(work / "worker.log").open("w"), stderr=subprocess.STDOUT,
+                                      preexec_fn=die_with_parent))
         procs.append(subprocess.Popen([*recsys, "produce", "--data", "ml-1m", "--rate", str(args.ingest_rate), *kafka],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

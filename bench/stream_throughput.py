@@ -31,7 +31,7 @@ from features.sources import write_sources
 from features.store import FeatureRepo
 from recsys.datasets import load_dataset
 from recsys.nested_model import NestedConfig, NestedModel
-from streaming.broker import EmbeddedBroker
+from streaming.broker import EmbeddedBroker, die_with_parent
 from streaming.producer import ProducerConfig, produce
 from streaming.worker import StreamWorker, WorkerConfig
 
@@ -50,7 +50,7 @@ def drain_group(cfg: WorkerConfig, n: int, work: Path) -> dict:
          cfg.topic, "--group", cfg.group, "--model", str(cfg.model), "--checkpoint-dir", str(cfg.checkpoint_dir),
          "--feature-repo", str(cfg.feature_repo), "--batch-size", str(cfg.batch_size), "--device", "cpu",
          "--worker-id", f"w{i}", "--idle-exit", str(cfg.idle_exit_s)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent) for i in range(n)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     done = [re.search(r"(\d+) events applied.*monotonic ([\d.]+) to ([\d.]+)", log) for log in logs]
     if not all(done):

@@ -85,7 +85,7 @@ def cmd_broker(args) -> int:
     if current and current.is_running():
         print(f"already running: {current.bootstrap_servers}")
         return 0
-    broker = EmbeddedBroker.start(port=args.port, log_dir=state_dir)
+    broker = EmbeddedBroker.start(port=args.port, log_dir=state_dir, outlive_parent=True)
     broker.save(state_dir)
     print(f"broker ready: bootstrap servers {broker.bootstrap_servers} (pid {broker.pid}, log {broker.log_path})")
     return 0
@@ -226,7 +226,8 @@ def cmd_serve(args) -> int:
             raise ValueError(f"--api-key-file {args.api_key_file} is empty")
     cfg = ServeConfig(model=Path(args.model), feature_repo=args.feature_repo and Path(args.feature_repo),
                       bootstrap_servers=args.bootstrap_servers, topic=args.topic, api_key=key,
-                      allow_anonymous_writes=args.allow_anonymous_writes, max_body_bytes=args.max_body_bytes)
+                      allow_anonymous_writes=args.allow_anonymous_writes, max_body_bytes=args.max_body_bytes,
+                      max_in_flight=args.max_in_flight)
     return serve(cfg, host=args.host, port=args.port)
 
 
@@ -346,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-anonymous-writes", action="store_true",
                    help="accept POST /events without a key (without a key and this flag, writes are refused)")
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="larger request bodies are refused unread")
+    p.add_argument("--max-in-flight", type=int, default=64,
+                   help="requests in the app at once; more are answered 503 with Retry-After (admission control)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)

@@ -38,7 +38,7 @@ from recsys.datasets import load_dataset
 from recsys.nested_model import NestedModel, load_item_ids, write_log
 from recsys.train import TrainConfig
 from serving.export import export_onnx
-from streaming.broker import EmbeddedBroker, free_port
+from streaming.broker import EmbeddedBroker, die_with_parent, free_port
 from streaming.producer import ProducerConfig, produce
 
 
@@ -357,7 +357,8 @@ class _Process:
     def __enter__(self) -> _Process:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([sys.executable, "-m", "commands.cli", *self.args], stdout=self.log.open("w"),
-                                     stderr=subprocess.STDOUT, env=os.environ | (self.env or {}))
+                                     stderr=subprocess.STDOUT, env=os.environ | (self.env or {}),
+                                     preexec_fn=die_with_parent)
         return self
 
     def wait_for(self, text: str | None, ready, timeout_s: float = 120) -> None:

@@ -35,6 +35,18 @@ def tansu_binary() -> Path:
     return path
 
 
+def die_with_parent() -> None:
+    """A ``preexec_fn`` for the processes a bench, a test or the demo starts: the child gets
+    SIGTERM when the thread that started it dies, so one killed by a timeout leaves no broker,
+    worker or server behind (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,7 +90,9 @@ class EmbeddedBroker:
 
     @classmethod
     def start(cls, port: int = 0, host: str = "127.0.0.1", log_dir: Path = DEFAULT_STATE_DIR,
-              timeout_s: float = 10.0) -> EmbeddedBroker:
+              timeout_s: float = 10.0, outlive_parent: bool = False) -> EmbeddedBroker:
+        """``outlive_parent``: keep running after this process exits (`recsys broker start`);
+        otherwise the broker stops with the thread that started it, even on a SIGKILL."""
         port = port or free_port()
         if _accepts(host, port):
             raise RuntimeError(f"{host}:{port} is already in use; pick another --port or stop what runs there")
@@ -90,7 +104,8 @@ class EmbeddedBroker:
                 [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
                  "--storage-engine", "memory://tansu/"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # outlives `recsys broker start`; Ctrl-C of a parent does not reach it
+                start_new_session=True,  # a parent's Ctrl-C does not reach it: `stop` ends it in order
+                preexec_fn=None if outlive_parent else die_with_parent,
             )
         broker = cls(proc.pid, host, port, str(log_path))
         deadline = time.monotonic() + timeout_s

@@ -1,4 +1,5 @@
 import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -7,6 +8,7 @@ from recsys.synthetic import SyntheticConfig, generate
 from streaming.broker import EmbeddedBroker
 from streaming.consumer import ReaderConfig, read_topic
 from streaming.producer import ProducerConfig, produce
+from waiting import wait_until
 
 
 def test_broker_starts_stops_and_reports_status(tmp_path):
@@ -14,6 +16,31 @@ def test_broker_starts_stops_and_reports_status(tmp_path):
     assert b.is_running()
     b.stop()
     assert not b.is_running()
+
+
+def test_a_broker_started_by_a_process_that_is_killed_stops_with_it(tmp_path):
+    """A bench or test run killed by a timeout (SIGKILL: no cleanup runs) leaves no broker."""
+    script = ("import sys, time; from pathlib import Path; from streaming.broker import EmbeddedBroker; "
+              f"b = EmbeddedBroker.start(log_dir=Path({str(tmp_path)!r})); print(b.pid, b.port, flush=True); "
+              "time.sleep(300)")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pid, port = map(int, parent.stdout.readline().split())
+    broker = EmbeddedBroker(pid, "127.0.0.1", port, "")
+    assert broker.is_running()
+    parent.kill()
+    parent.wait()
+    wait_until(lambda: not broker.is_ours(), "the broker to stop with the process that started it")
+
+
+def test_recsys_broker_start_leaves_its_broker_running(tmp_path, capsys):
+    from commands.cli import main
+
+    assert main(["broker", "start", "--state-dir", str(tmp_path)]) == 0
+    broker = EmbeddedBroker.load(tmp_path)
+    try:
+        assert broker.is_running()  # started for other commands: it outlives this one
+    finally:
+        assert main(["broker", "stop", "--state-dir", str(tmp_path)]) == 0
 
 
 def test_broker_stop_never_signals_a_process_that_now_holds_a_dead_brokers_pid(tmp_path, capsys):

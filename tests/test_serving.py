@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from urllib.parse import quote
@@ -297,6 +299,26 @@ def test_a_store_locked_in_its_rollback_journal_degrades_to_the_population_ranki
                        "dave's own ranking once the store is free")
     finally:
         lock.close()
+
+
+def test_beyond_max_in_flight_requests_are_shed_with_retry_after_and_health_still_answers(model, tmp_path):
+    path = rollback_journal_store(tmp_path / "features", ["dave"])
+    lock = sqlite3.connect(path / "data" / "online.db", isolation_level=None, timeout=60)
+    lock.execute("BEGIN EXCLUSIVE")  # every read waits its whole timeout: each request stays in flight 0.25 s
+    try:
+        cfg = ServeConfig(model=model, feature_repo=path, max_in_flight=2)
+        with BackgroundServer(create_app(cfg)) as url:
+            with ThreadPoolExecutor(20) as pool:
+                answers = list(pool.map(lambda _: get(f"{url}/recommendations/dave"), range(20)))
+                health = pool.submit(get, f"{url}/healthz").result()
+            metrics = get(f"{url}/metrics").text
+    finally:
+        lock.close()
+    codes = Counter(a.status_code for a in answers)
+    assert set(codes) == {200, 503} and codes[200] >= 2, codes
+    assert all(a.headers["Retry-After"] == "1" for a in answers if a.status_code == 503)
+    assert health.status_code == 200  # never shed: a supervisor sees the overload
+    assert f"recsys_serve_shed_total {float(codes[503])}" in metrics
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import torch
 
 from recsys.nested_model import USER_FIELDS, NestedModel
 from recsys.vocab import Vocab
+from streaming.broker import die_with_parent
 from streaming.checkpoint import latest_for_partitions, read_checkpoint, read_offsets
 from waiting import wait_until
 
@@ -29,7 +30,7 @@ class Worker:
         cmd = [sys.executable, "-m", "commands.cli", "stream", "--bootstrap-servers", broker.bootstrap_servers,
                "--topic", topic, "--group", f"g-{topic}", "--model", str(model_path), "--checkpoint-dir",
                str(ckpt_dir), "--worker-id", worker_id, "--log-every", "1", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
     def text(self) -> str:
         return self.log.read_text()
