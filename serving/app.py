@@ -47,6 +47,7 @@ from streaming.events import Event, InvalidEvent
 
 log = logging.getLogger("recsys.serve")
 INLINE_SCORING_ITEMS = 50_000  # larger catalogues are scored on a thread, off the event loop
+RESYNCING = "online store lost rows: re-syncing"  # until the workers' re-push brings them back
 NEVER_SHED = frozenset({"/healthz", "/readyz", "/metrics"})  # a supervisor must see an overloaded server
 
 
@@ -196,6 +197,7 @@ class Service:
         self.producer = None  # set once the broker answers (writes are 503 until then)
         self.faults: dict[str, float] = {}  # reason -> monotonic time it was last seen
         self._population = (np.zeros(0, dtype=np.float32), -1)  # (counts, clock), refreshed by a thread
+        self._partitions: set[int] = set()  # partitions whose population row has been read once
         # (for which ranker, item id -> attributes, how many of its online items were looked up)
         self.attributes: tuple[Ranker | None, dict[str, dict], int] = (None, {}, 0)
         self.rejected_mtime = None  # a refused model file is not retried until it changes
@@ -271,6 +273,10 @@ class Service:
         while not self._stop.is_set():
             try:
                 partials = self.repo().populations(self.cfg.max_partitions)
+                present = {p for p, *_ in partials}
+                if self._partitions - present:  # a store restarted empty: the workers push every row again
+                    self.fault(RESYNCING)  # meanwhile the last level read stays in use
+                self._partitions |= present
                 if partials:
                     self._population = whole_population(partials, self.ranker.pop_half_lives_s,
                                                         self.ranker.pop_memory_events, self.cfg.population_max_lag_s)
@@ -509,6 +515,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return {"status": "degraded" if reasons else "ok", "reasons": reasons, "model": str(r.path),
                 "items": len(r.item_ids), "provider": r.provider, "kafka": service.producer is not None,
                 "feature_repo": str(cfg.feature_repo) if cfg.feature_repo else None,
+                "population_partitions": len(service._partitions),
                 "uptime_s": round(time.time() - service.started, 1)}
 
     @app.get("/readyz")

@@ -35,6 +35,8 @@ class Metrics:
                                   registry=r)
         self.push_failures = Counter("recsys_stream_push_failures", "online-store writes that failed "
                                      "(their users stay dirty and are pushed again)", registry=r)
+        self.resyncs = Counter("recsys_stream_store_resyncs", "times the online store had lost rows and every "
+                               "held row was pushed again", registry=r)
         self.push = Histogram("recsys_stream_push_seconds", "one online-store write of the touched users",
                               registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5))
         self.push_rows = Histogram("recsys_stream_push_rows", "users per online-store write", registry=r,

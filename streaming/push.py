@@ -7,6 +7,11 @@ thread here only waits for that process and records freshness. While one write i
 flight, touched rows accumulate for the next, so a slow store coalesces, never queues; a
 failed write keeps its users dirty until a later one lands (at-least-once).
 
+A store can also lose rows it had (a Redis restarted empty): every few seconds the worker
+checks that its partitions' population rows are still there, and if one is gone it
+re-pushes every row it holds, ``max_rows`` per write, the population rows last — their
+return tells serving the re-sync is done.
+
     >>> push = FeaturePush(Path("runs/features"), metrics)
     >>> push.touched(rows, produce_ms)             # after each micro-batch
     >>> push.push(model, state, users, levels)     # every push_every_s
@@ -32,8 +37,9 @@ log = logging.getLogger("recsys.stream")
 
 
 class FeaturePush:
-    def __init__(self, repo: Path | None, metrics):
+    def __init__(self, repo: Path | None, metrics, max_rows: int = 5_000):
         self.metrics = metrics
+        self.max_rows = max_rows  # rows per write: a re-sync of 100k users goes in paced steps
         self.writer = None  # None: no online store, events are fresh once applied
         if repo is not None:  # forked now, before the Kafka client starts its threads
             self.writer = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
@@ -47,6 +53,10 @@ class FeaturePush:
         self.failed_users: list[str] = []  # users of failed writes: dirty again at the next push
         self.unpushed_ms: list[np.ndarray] = []  # produce timestamps of events not yet in the store
         self.fresh_s = np.zeros(0)  # recent freshness samples: produced → in the store (seconds)
+        self.landed: set[int] = set()  # partitions whose population row a write has put in the store
+        self.lost = False  # the check found a landed population row gone: re-push everything
+        self.resyncing = False
+        self.check = None  # the store check in flight (on the waiter thread)
 
     def touched(self, rows: torch.Tensor, partitions, produced_ms: np.ndarray) -> None:
         self.dirty.update(rows.tolist())
@@ -56,7 +66,27 @@ class FeaturePush:
 
     def pending(self) -> bool:
         """Whether a push has anything to write: touched rows, or rows of a failed push."""
-        return bool(self.dirty or self.dirty_partitions or self.failed_users)
+        return bool(self.dirty or self.dirty_partitions or self.failed_users or self.lost)
+
+    def check_store(self, partitions) -> None:
+        """Off the loop: are the population rows of these partitions, once written, still in
+        the store? If not, the next push starts a re-sync."""
+        keys = [population_key(p) for p in sorted(set(partitions) & self.landed)]
+        if self.writer is None or not keys or self.resyncing or (self.check is not None and not self.check.done()):
+            return
+
+        def check() -> None:
+            try:
+                gone = self.writer.submit(_missing_rows, keys).result()
+            except Exception as e:  # unreachable: failed writes re-dirty their rows meanwhile
+                log.warning("online store check failed (%s: %s)", type(e).__name__, e)
+                return
+            if gone:
+                log.warning("the online store lost rows it had (%s: restarted empty?): re-pushing every row held",
+                            ", ".join(gone))
+                self.lost = True
+
+        self.check = self.waiter.submit(check)
 
     def push(self, model, state, users: Vocab, levels: dict, wait: bool = False) -> None:
         """Fresh user vectors of every row touched since the last push, and the population
@@ -67,12 +97,22 @@ class FeaturePush:
                 return
             self.job.result()
         self._redirty_failed(users)
+        if self.lost:
+            self.lost, self.resyncing = False, True
+            self.dirty.update(range(len(users)))
+            self.dirty_partitions.update(levels)
+            self.metrics.resyncs.inc()
         with self.lock:
             unpushed, self.unpushed_ms = self.unpushed_ms, []
         self.dirty_partitions &= set(levels)  # a partition revoked meanwhile is its new owner's to push
         if self.writer is not None and (self.dirty or self.dirty_partitions):
-            rows = torch.tensor(sorted(self.dirty), dtype=torch.int64, device=state.cnt.device)
-            parts = sorted(self.dirty_partitions)
+            ordered = sorted(self.dirty)
+            take, rest = ordered[:self.max_rows], ordered[self.max_rows:]
+            rows = torch.tensor(take, dtype=torch.int64, device=state.cnt.device)
+            parts = [] if self.resyncing and rest else sorted(self.dirty_partitions)
+            if self.resyncing and not rest:
+                log.info("re-sync: the last %d rows and %d population rows on their way", len(take), len(parts))
+                self.resyncing = False
             with torch.no_grad():
                 user = model.read_users(state, rows).float().cpu().numpy() if len(rows) else []
             # A partition's row: its partial item counts, as of its own clock.
@@ -86,18 +126,24 @@ class FeaturePush:
             self.job = self.waiter.submit(self._write, ids, vectors, events, recent, last_ts, stamps)
             if wait:
                 self.job.result()
-        elif unpushed:  # no online store: fresh when applied
+            self.dirty = set(rest)
+            self.dirty_partitions -= set(parts)
+            return
+        if unpushed:  # no online store: fresh when applied
             self._observe_freshness(np.concatenate(unpushed))
         self.dirty.clear()
         self.dirty_partitions.clear()
 
     def last_push(self, model, state, users: Vocab, levels: dict, attempts: int = 5) -> None:
         """At shutdown: push until the online store has every row, or give up loudly."""
-        for attempt in range(attempts):
+        refused = 0
+        while refused < attempts:
             self.push(model, state, users, levels, wait=True)
             if not self.pending():
                 return
-            time.sleep(min(2.0 ** attempt, 10.0))
+            if self.failed_users:  # refused, not just more than one write's worth: back off
+                refused += 1
+                time.sleep(min(2.0 ** refused, 10.0))
         log.error("the online store refused %d users' last vectors; they are pushed with their next event",
                   len(self.failed_users))
 
@@ -138,6 +184,7 @@ class FeaturePush:
             self.writer.submit(_push_user_state, ids, vectors, events, recent, last_ts).result()
             self.metrics.push.observe(time.perf_counter() - t0)
             self.metrics.push_rows.observe(len(ids))
+            self.landed.update(int(u.rsplit("/", 1)[1]) for u in ids if is_population_key(u))
         except Exception as e:  # the state is the truth: its rows are pushed again, the loop goes on
             self.metrics.push_failures.inc()
             log.warning("Feast push of %d rows failed (%s: %s); they stay dirty and are pushed again", len(ids),
@@ -198,3 +245,7 @@ def _push_evicted(ids, blobs) -> None:
 
 def _read_evicted(ids) -> list:
     return _repo.evicted(ids)
+
+
+def _missing_rows(keys) -> list[str]:
+    return [k for k, v in zip(keys, _repo.user_state(keys)["vector"]) if v is None]

@@ -240,6 +240,7 @@ class StreamWorker(Ownership):
                     self.checkpoints.give_up_if_stale()
                     self._check_log_ends()
                     self.evict_idle()
+                    self.features.check_store(self.levels)  # a store restarted empty gets every row again
                     self.checkpoint()
                     last_ckpt = now
                 if now - last_log >= self.cfg.log_every_s:

@@ -356,6 +356,31 @@ def test_hot_swap_refuses_a_model_that_does_not_fit_what_is_served(data, repo, t
         assert get(f"{url}/recommendations/alice").status_code == 200
 
 
+def test_a_store_that_lost_its_rows_says_re_syncing_and_ranks_by_the_last_population_read(model, data, tmp_path):
+    repo = FeatureRepo.create(tmp_path / "features")
+    repo.apply()
+    n = len(data.interactions["item_id"].unique())
+    level = np.zeros(n, dtype=np.float32)
+    level[[5, 7, 9]] = [30.0, 20.0, 10.0]  # three items the population favours
+    rows = [population_key(0), population_key(1)]
+    repo.push_user_state(rows, [level, level], events=[60, 60], last_ts=[1_700_000_000] * 2)
+    cfg = ServeConfig(model=model, feature_repo=repo.path, population_every_s=0.1, degraded_for_s=0.5)
+    with BackgroundServer(create_app(cfg)) as url:
+        def top() -> list[str]:
+            return [i["item_id"] for i in get(f"{url}/recommendations/nobody").json()["items"]]
+
+        wait_until(lambda: get(f"{url}/healthz").json()["population_partitions"] == 2, "the population level read")
+        before = top()
+        with sqlite3.connect(repo.path / "data" / "online.db") as db:  # a store restarted empty
+            table = db.execute("SELECT name FROM sqlite_master WHERE name LIKE '%user_state'").fetchone()[0]
+            db.execute(f"DELETE FROM {table}")
+        wait_until(lambda: "online store lost rows: re-syncing" in get(f"{url}/healthz").json()["reasons"],
+                   "healthz to say the store is re-syncing")
+        assert top() == before  # the last level read stays in use meanwhile
+        repo.push_user_state(rows, [level, level], events=[60, 60], last_ts=[1_700_000_000] * 2)  # the re-push
+        wait_until(lambda: get(f"{url}/healthz").json()["status"] == "ok", "healthz ok once the rows are back")
+
+
 def test_a_corrupted_online_store_degrades_to_the_population_ranking(model, tmp_path):
     repo = FeatureRepo.create(tmp_path / "features")
     repo.apply()

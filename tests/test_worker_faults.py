@@ -26,7 +26,7 @@ from streaming.checkpoint import previous, read_checkpoint
 from streaming.clients import create_topic, make_producer
 from streaming.producer import ProducerConfig, produce
 from waiting import wait_until
-from workers import (Worker, assert_exactly_once, checkpointed, dead_letters, merged_checkpoints, metric,
+from workers import (RedisServer, Worker, assert_exactly_once, checkpointed, dead_letters, merged_checkpoints, metric,
                      reference_rows)
 
 pytestmark = pytest.mark.slow
@@ -373,3 +373,36 @@ def test_a_worker_on_a_model_of_another_dimension_names_the_model_that_wrote_the
     text = w.text()
     assert "holds user rows of another model" in text and f"written by {model_path}" in text
     assert "empty --checkpoint-dir" in text and "Traceback" not in text
+
+
+def test_a_redis_restarted_empty_gets_every_users_row_back_within_a_minute(broker, topic, stream, model_path,
+                                                                          tmp_path, monkeypatch):
+    from features.store import FeatureRepo
+
+    port = free_port()
+    redis = RedisServer(port, tmp_path)
+    monkeypatch.setenv("REDIS_CONNECTION", f"127.0.0.1:{port}")  # the repo's yaml reads it; the worker inherits it
+    try:
+        repo = FeatureRepo.create(tmp_path / "features", online="redis")
+        repo.apply()
+        events = stream.head(3_000)
+        produce(events, ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+        w = Worker(broker, topic, model_path, tmp_path / "ckpt", "w1", "--feature-repo", str(repo.path),
+                   "--checkpoint-every", "1")
+        expected = Counter(events["user_id"].cast(pl.Utf8).to_list())
+        users = sorted(expected)
+
+        def store_is_current() -> bool:
+            return repo.user_state(users)["events"] == [expected[u] for u in users]
+
+        wait_until(lambda: store_is_current() or w.proc.poll() is not None, "every user's row in Redis")
+        redis.stop()
+        redis = RedisServer(port, tmp_path)  # the same address, nothing in it; no event arrives meanwhile
+        assert repo.user_state(users[:1])["events"] == [None]
+        wait_until(lambda: store_is_current() or w.proc.poll() is not None, "every user's row pushed again", 60)
+        assert w.proc.poll() is None, w.text()[-3000:]
+        assert "lost rows" in w.text()
+        w.proc.terminate()
+        w.finish()
+    finally:
+        redis.stop()

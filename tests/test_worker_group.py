@@ -4,9 +4,6 @@ without a retrain — through the real broker, stream workers, online store and 
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -27,7 +24,7 @@ from streaming.checkpoint import read_offsets
 from streaming.clients import create_topic
 from streaming.producer import ProducerConfig, produce
 from waiting import wait_until
-from workers import Worker
+from workers import RedisServer, Worker
 
 NEW_ITEM = "brand-new-release"
 NEWCOMERS = ["nobody-1", "nobody-2"]  # no history: ranked by the population level alone
@@ -39,21 +36,13 @@ def online(request, tmp_path, monkeypatch):
     if request.param == "sqlite":
         yield "sqlite", None
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (`apt-get install redis-server`; `make test` installs it "
-                    "where apt-get is available)")
     port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    wait_until(lambda: _listening(port) or proc.poll() is not None, "redis-server to listen")
-    assert proc.poll() is None, "redis-server exited at start"
+    server = RedisServer(port, tmp_path)
     monkeypatch.setenv("REDIS_CONNECTION", f"127.0.0.1:{port}")  # the repo's yaml reads it; workers inherit it
     try:
         yield "redis", port
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +169,3 @@ def test_a_new_item_is_recommended_seconds_after_its_events_without_a_retrain(br
     finally:
         worker.proc.terminate()
         worker.proc.wait(60)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -6,6 +6,8 @@ events in-process with the model's own `update`; `assert_exactly_once` compares 
 
 from __future__ import annotations
 
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import polars as pl
+import pytest
 import torch
 
 from recsys.nested_model import USER_FIELDS, NestedModel
@@ -20,6 +23,31 @@ from recsys.vocab import Vocab
 from streaming.broker import die_with_parent
 from streaming.checkpoint import latest_for_partitions, read_checkpoint, read_offsets
 from waiting import wait_until
+
+
+class RedisServer:
+    """A real `redis-server` on loopback, without persistence: a restart comes back empty."""
+
+    def __init__(self, port: int, folder: Path):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed (`apt-get install redis-server`; `make test` installs it "
+                        "where apt-get is available)")
+        self.port = port
+        self.proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                      "no", "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     preexec_fn=die_with_parent)
+        wait_until(lambda: _listening(port) or self.proc.poll() is not None, "redis-server to listen")
+        assert self.proc.poll() is None, "redis-server exited at start"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 class Worker:
