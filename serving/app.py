@@ -412,8 +412,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         service.close()
 
     app = FastAPI(lifespan=lifespan, title="recsys-nested", description="Ranked recommendations from nested user models "
-                  "updated online from a Kafka stream.", version="0.1.0")
+                  "updated online from a Kafka stream.", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.service = service
+    _self_hosted_docs(app)
 
     in_flight = 0
 
@@ -476,7 +477,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         population, clock = service.population(len(ranker.item_ids) + len(online))
         absent_s = clock - last_ts if min(clock, last_ts) >= 0 else 0
         items = await service.score(ranker, user, absent_s, population, seen, excluded, k, online)
-        answer = {"user_id": user_id, "source": source, "model": str(ranker.path),
+        answer = {"user_id": user_id, "source": source, "model": ranker.path.name,  # never a server path
                   "items": [service.item(i, s) for i, s in items]}
         if degraded:
             answer["degraded"] = degraded
@@ -512,9 +513,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.get("/healthz")
     async def healthz():
         r, reasons = service.ranker, service.degraded()
-        return {"status": "degraded" if reasons else "ok", "reasons": reasons, "model": str(r.path),
+        return {"status": "degraded" if reasons else "ok", "reasons": reasons, "model": r.path.name,
                 "items": len(r.item_ids), "provider": r.provider, "kafka": service.producer is not None,
-                "feature_repo": str(cfg.feature_repo) if cfg.feature_repo else None,
+                "feature_repo": cfg.feature_repo is not None,
                 "population_partitions": len(service._partitions),
                 "uptime_s": round(time.time() - service.started, 1)}
 
@@ -527,6 +528,24 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _self_hosted_docs(app: FastAPI) -> None:
+    """/docs from the Swagger UI files of the installed `swagger-ui-bundle`, as FastAPI's
+    guide to self-hosting them does: its default page loads them from a CDN, which a server
+    without a route out (or a careful user's browser) cannot reach."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/static/docs", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} API",
+                                   swagger_js_url="/static/docs/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/docs/swagger-ui.css",
+                                   swagger_favicon_url="/static/docs/favicon-32x32.png")
 
 
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> int:

@@ -137,6 +137,17 @@ def test_bad_requests_get_a_clear_4xx(model, repo):
         assert get(f"{url}/recommendations/alice", params={"exclude": many}).status_code == 422
 
 
+def test_docs_load_from_the_server_itself_and_no_answer_shows_a_server_path(model, repo):
+    with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path))) as url:
+        page = get(f"{url}/docs")
+        assert page.status_code == 200 and "swagger-ui-bundle.js" in page.text
+        assert "cdn" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
+        for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+            assert get(f"{url}/static/docs/{asset}").status_code == 200
+        answers = get(f"{url}/recommendations/alice").text + get(f"{url}/healthz").text
+    assert str(model.parent) not in answers and str(repo.path) not in answers
+
+
 def test_writes_are_refused_unless_a_key_is_set_or_anonymous_writes_are_allowed(model, repo):
     with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path))) as url:
         r = post(f"{url}/events", json={"user_id": "a", "item_id": "b", "ts": 1})
