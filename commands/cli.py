@@ -200,7 +200,7 @@ def cmd_stream(args) -> int:
                        metrics_host=args.metrics_host, log_every_s=args.log_every, idle_exit_s=args.idle_exit,
                        max_clock_skew_s=args.max_clock_skew,
                        max_clock_jump_s=args.max_clock_jump, checkpoint_give_up_s=args.checkpoint_give_up,
-                       user_ttl_s=args.user_ttl)
+                       user_ttl_s=args.user_ttl, max_users=args.max_users or None)
     return run_worker(cfg)
 
 
@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-ttl", type=float, default=None,
                    help="seconds idle before a user's state leaves memory for the online store (needs "
                         "--feature-repo; default: keep every user)")
+    p.add_argument("--max-users", type=int, default=200_000,
+                   help="with --feature-repo, users held at most; past it the least recently active leave for the "
+                        "online store and come back with their next event (0: no bound)")
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between log lines")
     p.add_argument("--idle-exit", type=float, default=None, help="exit cleanly after this many idle seconds")
     p.set_defaults(func=cmd_stream)

@@ -56,6 +56,7 @@ class Snapshot:
     ends: dict[int, int] = field(default_factory=dict)  # partition -> log end offset seen at write time
     event_ids: torch.Tensor | None = None  # (U, K) hashes of each user's latest client event ids
     model: str = ""  # which model wrote it: its file and a digest of its config (`model_identity`)
+    evicted_from: list[int] = field(default_factory=list)  # partitions with users waiting in the online store
 
 
 def previous(path: Path) -> Path:
@@ -79,7 +80,8 @@ def write_checkpoint(path: Path, snap: Snapshot, keep_previous: bool = True) -> 
                 "offsets": json.dumps({str(p): o for p, o in snap.offsets.items()}),
                 "ends": json.dumps({str(p): o for p, o in snap.ends.items()}),
                 "user_ids": json.dumps(snap.user_ids), "item_ids": json.dumps(snap.item_ids),
-                "written_at": f"{time.time():.3f}", "model": snap.model}
+                "written_at": f"{time.time():.3f}", "model": snap.model,
+                "evicted_from": json.dumps(snap.evicted_from)}
     metadata["sha256"] = _digest(tensors, metadata)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -157,7 +159,8 @@ def read_checkpoint(path: Path) -> Snapshot:
                     users={k.removeprefix("user."): v for k, v in tensors.items() if k.startswith("user.")},
                     population=population,
                     item_ids=json.loads(meta["item_ids"]), topic_id=meta.get("topic_id") or None,
-                    ends=_int_map(meta.get("ends")), event_ids=tensors.get("event_ids"), model=meta.get("model", ""))
+                    ends=_int_map(meta.get("ends")), event_ids=tensors.get("event_ids"), model=meta.get("model", ""),
+                    evicted_from=json.loads(meta.get("evicted_from", "[]")))
 
 
 class CheckpointMismatch(ValueError):

@@ -32,12 +32,18 @@ PAST_END_GRACE_S = 2.0  # a position past the log's end this long means the topi
 class Ownership:
     # -- idle users: out to the online store and back ------------------------------------------
     def evict_idle(self) -> None:
-        """Users idle for ``user_ttl_s`` leave memory (and the next checkpoint) once their whole
-        row is in the online store; an unpushed or unwritten user stays until a later try."""
-        if self.cfg.user_ttl_s is None or not len(self.users):
+        """Users idle for ``user_ttl_s``, and past ``max_users`` the least recently active
+        (down to 90 % of it), leave memory (and the next checkpoint) once their whole row is
+        in the online store; an unpushed or unwritten user stays until a later try."""
+        ttl, bound = self.cfg.user_ttl_s, self.cfg.max_users
+        if not self.cfg.evicts or not len(self.users):
+            return
+        idle = self.users.idle(ttl) if ttl is not None else torch.zeros(len(self.users.touched), dtype=torch.bool)
+        if bound is not None and len(self.users) > bound:
+            idle[self.users.least_recent(len(self.users) - int(0.9 * bound))] = True
+        if not idle.any():
             return
         unsettled = self.features.settled(self.model, self.state, self.users.ids, self.levels)
-        idle = self.users.idle(self.cfg.user_ttl_s)
         if unsettled:
             idle[sorted(unsettled)] = False
         rows = idle.nonzero().flatten()
@@ -52,6 +58,7 @@ class Ownership:
                  for j, r in enumerate(rows.tolist())]
         if not self.features.evict(ids, blobs):
             return
+        self.evicted_from.update(self.users.partition[rows].tolist())
         self._keep_rows(~idle)
         self.changed = True
         self.metrics.evicted.inc(len(ids))
@@ -61,7 +68,9 @@ class Ownership:
         """Users this worker does not hold take their rows back from the online store, if an
         eviction left one there; the others start empty, as new users do."""
         known = self.users.find(user_ids)
-        missing = {u: p for u, p, r in zip(user_ids, partitions.tolist(), known.tolist()) if r < 0}
+        # Only partitions some user left (checkpoints carry the set): no store read per new user otherwise.
+        missing = {u: p for u, p, r in zip(user_ids, partitions.tolist(), known.tolist())
+                   if r < 0 and (p in self.evicted_from or self.cfg.user_ttl_s is not None)}
         if not missing:
             return
         back = [(u, decode_user_row(b)) for u, b in zip(missing, self.features.evicted(list(missing)))
@@ -110,7 +119,7 @@ class Ownership:
             population={p: {k: _cpu_copy(getattr(level, k)) for k in POPULATION_FIELDS} for p, level in self.levels.items()},
             item_ids=list(self.items.ids),
             topic_id=self.topic_id, ends=self._highwaters(), event_ids=self.users.event_ids.clone(),
-            model=self.identity)
+            model=self.identity, evicted_from=sorted(self.evicted_from & set(self.offsets)))
         ok = self.checkpoints.write(snap, wait)
         self.seconds["checkpoint"] += time.perf_counter() - t0
         return ok
@@ -207,6 +216,7 @@ class Ownership:
             getattr(self.state, name)[rows.to(self.device)] = value[take].to(self.device)
         if snap.event_ids is not None:
             self.users.event_ids[rows] = snap.event_ids[take]
+        self.evicted_from.update(set(snap.evicted_from) & set(partitions))
         for p in partitions:  # each partition's population level comes with its users and offsets
             if p in snap.population:
                 level = self.model.init_state(0, len(self.items), device=self.device)

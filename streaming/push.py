@@ -57,6 +57,8 @@ class FeaturePush:
         self.lost = False  # the check found a landed population row gone: re-push everything
         self.resyncing = False
         self.check = None  # the store check in flight (on the waiter thread)
+        self.refusals = 0  # writes failed in a row: the next try waits 0.1 s × 2^n, at most 10 s
+        self.retry_at = 0.0
 
     def touched(self, rows: torch.Tensor, partitions, produced_ms: np.ndarray) -> None:
         self.dirty.update(rows.tolist())
@@ -96,6 +98,8 @@ class FeaturePush:
             if not wait:
                 return
             self.job.result()
+        if not wait and self.refusals and time.monotonic() < self.retry_at:
+            return  # a failing store is not hammered every 0.1 s
         self._redirty_failed(users)
         if self.lost:
             self.lost, self.resyncing = False, True
@@ -184,6 +188,7 @@ class FeaturePush:
             self.writer.submit(_push_user_state, ids, vectors, events, recent, last_ts).result()
             self.metrics.push.observe(time.perf_counter() - t0)
             self.metrics.push_rows.observe(len(ids))
+            self.refusals = 0
             self.landed.update(int(u.rsplit("/", 1)[1]) for u in ids if is_population_key(u))
         except Exception as e:  # the state is the truth: its rows are pushed again, the loop goes on
             self.metrics.push_failures.inc()
@@ -192,6 +197,8 @@ class FeaturePush:
             with self.lock:
                 self.failed_users.extend(ids)
                 self.unpushed_ms.append(stamps_ms)
+            self.refusals += 1
+            self.retry_at = time.monotonic() + min(0.1 * 2.0 ** self.refusals, 10.0)
             return
         self._observe_freshness(stamps_ms)
 

@@ -78,6 +78,10 @@ class UserRows:
         """(U,) bool: rows with no event for ``ttl_s`` seconds."""
         return time.monotonic() - self.touched > ttl_s
 
+    def least_recent(self, n: int) -> torch.Tensor:
+        """The ``n`` rows whose latest event is oldest."""
+        return torch.argsort(self.touched[:len(self)])[:n]
+
     def restart_log(self, partition: int) -> None:
         """Offsets in a partition's old log mean nothing in its new one."""
         self.through[self.partition == partition] = -1

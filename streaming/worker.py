@@ -82,6 +82,10 @@ class WorkerConfig:
     # Users idle this long (seconds of wall clock) leave memory and checkpoints for the online
     # store, and come back from it with their next event; None keeps every user held.
     user_ttl_s: float | None = None
+    # With an online store, at most this many users are held: past it, the least recently
+    # active leave for the store (and come back the same way). ~22 KB each at the default
+    # model size: 100k new users once grew a worker to 2.2 GB. None: no bound.
+    max_users: int | None = 200_000
     log_every_s: float = 10.0
     idle_exit_s: float | None = None  # exit cleanly after this long without messages (batch jobs, tests)
     # One intra-op thread on CPU: the Kafka IO thread and the Feast writer need the other
@@ -91,6 +95,11 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.user_ttl_s is not None and self.feature_repo is None:
             raise ValueError("user_ttl_s needs feature_repo: evicted users wait in the online store until they return")
+
+    @property
+    def evicts(self) -> bool:
+        """Whether users leave memory for the online store (and so may come back from it)."""
+        return self.feature_repo is not None and (self.user_ttl_s is not None or self.max_users is not None)
 
     @property
     def dlq(self) -> str:
@@ -134,6 +143,7 @@ class StreamWorker(Ownership):
         self.state = self.model.init_state(0, len(self.items), device=self.device)  # the user rows
         self.levels: dict[int, FastState] = {}  # owned partition -> its population level (no user rows)
         self.clock_moved: dict[int, float] = {}  # partition -> monotonic time its level's clock last moved
+        self.evicted_from: set[int] = set()  # owned partitions some of whose users wait in the online store
         self.offsets: dict[int, int] = {}  # owned partition -> next offset (all before it are in the state)
         self.pending: list = []  # records polled, not yet applied
         self.metrics = Metrics(cfg.metrics_port, cfg.metrics_host)
@@ -317,7 +327,7 @@ class StreamWorker(Ownership):
         if good:
             user_ids, _, ts, event_ids = zip(*good)
             parts = torch.tensor(parts, dtype=torch.int64)
-            if self.cfg.user_ttl_s is not None:
+            if self.cfg.evicts:
                 self._rehydrate(user_ids, parts)
             rows = self.users.rows(list(user_ids), parts)
             items = torch.from_numpy(named)

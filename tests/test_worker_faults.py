@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -285,6 +286,42 @@ def test_idle_users_leave_memory_for_the_online_store_and_return_where_they_left
     assert_exactly_once(rows, head, reference_rows(model_path, head))
 
 
+def test_past_max_users_the_least_recent_leave_for_the_online_store_and_return_where_they_left(
+        broker, topic, stream, model_path, tmp_path):
+    """The default bound on held users (no TTL set): a burst of new users cannot grow the
+    worker without limit, and nobody's state is lost on the way out and back."""
+    from features.store import FeatureRepo
+    from streaming.checkpoint import decode_user_row
+
+    repo = FeatureRepo.create(tmp_path / "features")
+    repo.apply()
+    ckpt = tmp_path / "ckpt"
+    own = ckpt / "w1.safetensors"
+    port = free_port()
+    cfg = ProducerConfig(broker.bootstrap_servers, topic, progress=False)
+    first = stream.head(4_000)
+    produce(first, cfg)
+    w = Worker(broker, topic, model_path, ckpt, "w1", "--feature-repo", str(repo.path), "--max-users", "200",
+               "--checkpoint-every", "0.3", "--metrics-port", str(port))
+    wait_until(lambda: checkpointed(own) == first.height and len(read_checkpoint(own).user_ids) <= 200
+               or w.proc.poll() is not None, "held users down to the bound", timeout_s=180)
+    assert w.proc.poll() is None, w.text()[-3000:]
+    assert metric(port, "recsys_stream_users_evicted_total") >= first["user_id"].n_unique() - 200
+
+    produce(stream.slice(4_000, 2_000), cfg)
+    wait_until(lambda: metric(port, "recsys_stream_users_rehydrated_total") > 0 or w.proc.poll() is not None,
+               "returning users taken back from the online store")
+    w.finish_at(own, 6_000)
+    head = stream.head(6_000)
+    rows = merged_checkpoints(ckpt, topic)
+    away = sorted(set(head["user_id"].cast(pl.Utf8).to_list()) - set(rows))
+    for uid, blob in zip(away, repo.evicted(away)):
+        assert blob is not None, f"user {uid} is neither held nor in the online store"
+        row = decode_user_row(blob)
+        rows[uid] = row.fields | {"recent": [i for i in row.recent if i is not None]}
+    assert_exactly_once(rows, head, reference_rows(model_path, head))
+
+
 def test_a_client_retry_under_the_same_event_id_is_applied_once(broker, topic, model_path, tmp_path):
     own = tmp_path / "ckpt" / "w1.safetensors"
     producer = make_producer(broker.bootstrap_servers)
@@ -406,3 +443,31 @@ def test_a_redis_restarted_empty_gets_every_users_row_back_within_a_minute(broke
         w.finish()
     finally:
         redis.stop()
+
+
+def test_writes_to_a_failing_store_back_off_instead_of_retrying_every_push(model_path, tmp_path):
+    from features.store import FeatureRepo
+    from recsys.nested_model import NestedModel
+    from recsys.vocab import Vocab
+    from streaming.metrics import Metrics
+    from streaming.push import FeaturePush
+
+    repo = FeatureRepo.create(tmp_path / "features")
+    repo.apply()
+    for part in (repo.path / "data").glob("online.db*"):  # a store that refuses every write at once
+        part.write_bytes(b"\x00garbage" * 4096)
+    model = NestedModel.load(model_path)
+    state = model.update(model.init_state(1, 1500), torch.tensor([0]), torch.tensor([3]), torch.tensor([1_700_000_000]))
+    metrics = Metrics(None)
+    push = FeaturePush(repo.path, metrics)
+    try:
+        push.touched(torch.tensor([0]), [], np.zeros(1))
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # the worker loop's pace: a push every 0.1 s
+            push.push(model, state, Vocab(["u0"]), {})
+            time.sleep(0.1)
+        failures = metrics.registry.get_sample_value("recsys_stream_push_failures_total")
+        assert 1 <= failures <= 8, failures  # 0.2, 0.4, 0.8, 1.6 s apart; ~30 without a backoff
+        assert push.pending()  # the row waits for the store, never dropped
+    finally:
+        push.close()
