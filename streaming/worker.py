@@ -301,7 +301,7 @@ class StreamWorker(Ownership):
                 self._reset(p, f"the log restarted at offset {first}, before our {self.offsets[p]}", seek=False)
         good, kept, parts, offsets, stamps = [], [], [], [], []
         host_horizon = time.time() + self.cfg.max_clock_skew_s  # the stream clock moves only with accepted events
-        horizons: dict[int, float] = {}
+        horizons: dict[int, tuple[int, float]] = {}  # partition -> (clock, jump allowed)
         for rec in records:
             ev = decode_fields(rec.value if rec.value is not None else b"")
             if not isinstance(ev, InvalidEvent):
@@ -363,7 +363,7 @@ class StreamWorker(Ownership):
         self.first_apply = self.first_apply or time.monotonic()
         self.last_apply = time.monotonic()
 
-    def _check_clock(self, ev, partition: int, host_horizon: float, horizons: dict[int, float]):
+    def _check_clock(self, ev, partition: int, host_horizon: float, horizons: dict[int, tuple[int, float]]):
         """The event, or why its time cannot be right. Two guards: the host's clock (a 2099
         stamp), and the partition's own clock, which a backfill or a replay keeps years
         behind the host: a stamp more than ``max_clock_jump_s`` past the partition's latest
@@ -373,15 +373,16 @@ class StreamWorker(Ownership):
         if ts > host_horizon:
             return InvalidEvent("future_timestamp", f"ts={ts} is more than {self.cfg.max_clock_skew_s:.0f}s ahead "
                                                     f"of the worker's clock ({host_horizon:.0f})")
-        if partition not in horizons:
+        if partition not in horizons:  # the clock as of this batch: the level's, then each event accepted
             level = self.levels.get(partition)
             clock = int(level.pop_ts) if level is not None else -1
             since = self.clock_moved.setdefault(partition, time.monotonic())
-            horizons[partition] = (clock + self.cfg.max_clock_jump_s + time.monotonic() - since
-                                   if clock >= 0 else float("inf"))
-        if ts > horizons[partition]:
+            horizons[partition] = (clock, self.cfg.max_clock_jump_s + time.monotonic() - since)
+        clock, allowed = horizons[partition]
+        if clock >= 0 and ts > clock + allowed:
             return InvalidEvent("clock_jump", f"ts={ts} is more than {self.cfg.max_clock_jump_s:.0f}s past partition "
                                               f"{partition}'s stream clock; a longer real gap: raise --max-clock-jump")
+        horizons[partition] = (max(clock, ts), allowed)
         return ev
 
     def _level(self, partition: int) -> FastState:
