@@ -248,10 +248,23 @@ def test_an_idle_worker_writes_no_checkpoint(broker, topic, stream, model_path, 
     w.finish()
 
 
+def assert_held_or_evicted_exactly_once(ckpt: Path, topic: str, repo, head: pl.DataFrame, model_path: Path) -> None:
+    """Each user's row — in a checkpoint, or evicted to the online store — equals ``head``
+    applied in one pass without eviction."""
+    from streaming.checkpoint import decode_user_row
+
+    rows = merged_checkpoints(ckpt, topic)
+    away = sorted(set(head["user_id"].cast(pl.Utf8).to_list()) - set(rows))
+    for uid, blob in zip(away, repo.evicted(away)):
+        assert blob is not None, f"user {uid} is neither held nor in the online store"
+        row = decode_user_row(blob)
+        rows[uid] = row.fields | {"recent": [i for i in row.recent if i is not None]}
+    assert_exactly_once(rows, head, reference_rows(model_path, head))
+
+
 def test_idle_users_leave_memory_for_the_online_store_and_return_where_they_left(broker, topic, stream, model_path,
                                                                                  tmp_path):
     from features.store import FeatureRepo
-    from streaming.checkpoint import decode_user_row
 
     repo = FeatureRepo.create(tmp_path / "features")
     repo.apply()
@@ -276,14 +289,7 @@ def test_idle_users_leave_memory_for_the_online_store_and_return_where_they_left
     w.finish_at(own, 8_000)
 
     # Every user's row, wherever it lives now, equals the same events applied without eviction.
-    head = stream.head(8_000)
-    rows = merged_checkpoints(ckpt, topic)
-    away = sorted(set(head["user_id"].cast(pl.Utf8).to_list()) - set(rows))
-    for uid, blob in zip(away, repo.evicted(away)):
-        assert blob is not None, f"user {uid} is neither held nor in the online store"
-        row = decode_user_row(blob)
-        rows[uid] = row.fields | {"recent": [i for i in row.recent if i is not None]}
-    assert_exactly_once(rows, head, reference_rows(model_path, head))
+    assert_held_or_evicted_exactly_once(ckpt, topic, repo, stream.head(8_000), model_path)
 
 
 def test_past_max_users_the_least_recent_leave_for_the_online_store_and_return_where_they_left(
@@ -291,7 +297,6 @@ def test_past_max_users_the_least_recent_leave_for_the_online_store_and_return_w
     """The default bound on held users (no TTL set): a burst of new users cannot grow the
     worker without limit, and nobody's state is lost on the way out and back."""
     from features.store import FeatureRepo
-    from streaming.checkpoint import decode_user_row
 
     repo = FeatureRepo.create(tmp_path / "features")
     repo.apply()
@@ -312,14 +317,7 @@ def test_past_max_users_the_least_recent_leave_for_the_online_store_and_return_w
     wait_until(lambda: metric(port, "recsys_stream_users_rehydrated_total") > 0 or w.proc.poll() is not None,
                "returning users taken back from the online store")
     w.finish_at(own, 6_000)
-    head = stream.head(6_000)
-    rows = merged_checkpoints(ckpt, topic)
-    away = sorted(set(head["user_id"].cast(pl.Utf8).to_list()) - set(rows))
-    for uid, blob in zip(away, repo.evicted(away)):
-        assert blob is not None, f"user {uid} is neither held nor in the online store"
-        row = decode_user_row(blob)
-        rows[uid] = row.fields | {"recent": [i for i in row.recent if i is not None]}
-    assert_exactly_once(rows, head, reference_rows(model_path, head))
+    assert_held_or_evicted_exactly_once(ckpt, topic, repo, stream.head(6_000), model_path)
 
 
 def test_a_client_retry_under_the_same_event_id_is_applied_once(broker, topic, model_path, tmp_path):
