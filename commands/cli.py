@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-anonymous-writes", action="store_true",
                    help="accept POST /events without a key (without a key and this flag, writes are refused)")
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="larger request bodies are refused unread")
-    p.add_argument("--max-in-flight", type=int, default=64,
+    p.add_argument("--max-in-flight", type=int, default=32,
                    help="requests in the app at once; more are answered 503 with Retry-After (admission control)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
