@@ -26,17 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 # Any change to the model code or the replay's code makes a new key: a cached fit is never
 # one that the current code would not produce. Whole folders, not a list of names, so a new
 # module (or a fit that moves to another file) is never left out.
-CODE = sorted([*(ROOT / "recsys").rglob("*.py"), *(ROOT / "offline_eval").rglob("*.py")])
+CODE_FOLDERS = ("recsys", "offline_eval")
 
 
 def cacheable(model) -> bool:
     return all(hasattr(model, m) for m in ("fit_key", "save_fit", "load_fit"))
 
 
-def code_digest() -> str:
+def code_digest(root: Path = ROOT) -> str:
     h = hashlib.sha256()
-    for path in CODE:
-        h.update(str(path.relative_to(ROOT)).encode())
+    for path in sorted(p for folder in CODE_FOLDERS for p in (root / folder).rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 

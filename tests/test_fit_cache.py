@@ -49,3 +49,20 @@ def test_mf_online_reuses_the_fit_of_mf_static_and_scores_as_if_fitted_itself(tm
     assert len(list((tmp_path / "fits").iterdir())) == 1
     alone = run_replay(small(), ReplayConfig(models=("mf_online",), progress=False))
     assert shared["models"]["mf_online"]["overall"] == alone["models"]["mf_online"]["overall"]
+
+
+def test_editing_any_file_of_the_model_or_the_replay_invalidates_every_fit(tmp_path):
+    import shutil
+
+    from offline_eval.fit_cache import CODE_FOLDERS, ROOT, code_digest
+
+    for folder in CODE_FOLDERS:
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_digest(tmp_path)
+    assert code_digest(tmp_path) == before  # the same code, the same key
+    nested = tmp_path / "offline_eval" / "nested.py"  # where NestedReplay.fit lives
+    nested.write_text(nested.read_text() + "\n# an edit\n")
+    edited = code_digest(tmp_path)
+    assert edited != before
+    (tmp_path / "recsys" / "new_level.py").write_text("X = 1\n")  # a module nobody listed
+    assert code_digest(tmp_path) != edited
