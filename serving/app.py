@@ -22,6 +22,7 @@ and a metric, and the current model stays.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hmac
 import json
 import logging
@@ -33,15 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from features.store import MAX_PARTITIONS, is_population_key  # feast itself loads lazily
-from recsys.nested_model import read_speeds, sum_levels
 from serving.admission import Admission
+from serving.population import whole_population
 from streaming.catalogue import Catalogue
 from streaming.clients import make_request_producer
 from streaming.events import Event, InvalidEvent
@@ -78,17 +78,15 @@ class ServeConfig:
     max_in_flight: int = 32
 
 
-def whole_population(partials, half_lives_s: list[float] | None, memory_events: float,
-                     max_lag_s: float) -> tuple[np.ndarray, int]:
-    """The partitions' partial levels (partition, item-major counts at each speed, events,
-    clock) → the whole level's read counts (`read_speeds`, as the model reads its own) and
-    clock: each partial brought to the freshest clock (time-decayed levels) and summed,
-    leaving out any partition that has fallen ``max_lag_s`` behind."""
-    speeds = len(half_lives_s) if half_lives_s is not None else 1
-    freshest = max(t for *_, t in partials)
-    total, clock = sum_levels([(torch.from_numpy(c).reshape(-1, speeds), t) for _, c, _, t in partials
-                               if freshest - t <= max_lag_s], half_lives_s)
-    return read_speeds(total, memory_events).numpy(), clock
+def cuda_devices() -> int:
+    """How many CUDA devices the driver sees (0 without a driver): torch's question, asked
+    of the driver itself so the server process never loads torch."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        return count.value if cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 else 0
+    except OSError:
+        return 0
 
 
 def check_exported(path: Path) -> None:
@@ -115,8 +113,8 @@ class Ranker:
         check_exported(Path(path))
         self.path, self.mtime = Path(path), Path(path).stat().st_mtime
         providers = ["CPUExecutionProvider"]
-        # The onnxruntime-gpu build lists CUDA even without a GPU: ask the device, as the worker does.
-        if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        # The onnxruntime-gpu build lists CUDA even without a GPU: ask the driver for a device.
+        if "CUDAExecutionProvider" in ort.get_available_providers() and cuda_devices() > 0:
             providers.insert(0, "CUDAExecutionProvider")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # many small requests: parallelism is across requests

@@ -425,3 +425,18 @@ def test_recommended_items_carry_their_catalogue_attributes(data, model, tmp_pat
     catalogue = set(data.items["item_id"].cast(str))
     assert {item["item_id"] for item in described} == {item["item_id"] for item in items} & catalogue
     assert counts["item_attributes"] == len(catalogue | set(data.interactions["item_id"].cast(str)))
+
+
+def test_serving_reads_the_population_level_exactly_as_the_model_does():
+    from recsys.nested_model import read_speeds as model_read, sum_levels as model_sum
+    from serving.population import whole_population
+
+    rng = np.random.default_rng(7)
+    half_lives, memory = [3_600.0, 86_400.0, 30 * 86_400.0], 5_000.0
+    clocks = [1_700_000_000, 1_700_050_000, 1_699_990_000]
+    partials = [(p, rng.gamma(0.3, 20, size=(40 + 5 * p, 3)).astype(np.float32), 100, t) for p, t in enumerate(clocks)]
+    got, clock = whole_population([(p, c.ravel(), n, t) for p, c, n, t in partials], half_lives, memory, 30 * 86400.0)
+    total, want_clock = model_sum([(torch.from_numpy(c), t) for _, c, _, t in partials], half_lives)
+    assert clock == want_clock == max(clocks)
+    np.testing.assert_allclose(got, model_read(total, memory).numpy(), rtol=1e-5, atol=1e-6)
+
