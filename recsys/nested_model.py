@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys import compiled_memory, fused_update
+from recsys import compiled_memory, fused_update, partials
 from recsys.baselines import grow
 from recsys.batch_users import sequences_before
 
@@ -665,14 +665,9 @@ def read_speeds(pop: torch.Tensor, memory_events: float) -> torch.Tensor:
 
 def sum_levels(levels, half_life_s: float | None) -> tuple[torch.Tensor, int]:
     """Partial population levels [(counts, clock)] of disjoint parts of the stream → the
-    whole level's counts and clock: time-decayed ones brought to the freshest clock first;
-    event-counted ones (``half_life_s`` None) summed as they are."""
-    clock = max(int(t) for _, t in levels)
-    total = torch.zeros(max(len(c) for c, _ in levels), *levels[0][0].shape[1:], dtype=levels[0][0].dtype)
-    for counts, t in levels:
-        counts = counts.cpu()
-        total[:len(counts)] += counts if half_life_s is None else decay_to(counts, int(t), clock, half_life_s)
-    return total, clock
+    whole level's counts and clock (`recsys.partials.sum_levels`, on the CPU)."""
+    total, clock = partials.sum_levels([(counts.cpu().numpy(), t) for counts, t in levels], half_life_s)
+    return torch.from_numpy(total), clock
 
 
 def consolidate(pop: torch.Tensor, chunk_counts: torch.Tensor, cfg: NestedConfig) -> torch.Tensor:

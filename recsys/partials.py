@@ -1,7 +1,8 @@
-"""The population level as serving reads it: the partitions' partial counts, brought to one
-clock, summed, and read at the model's memory — in numpy, so the server process never
-loads torch. The model's own functions (`recsys.nested_model.sum_levels`, `read_speeds`)
-are the reference; `tests/test_serving.py` checks these against them."""
+"""Partial population levels — one per partition of the stream — brought to one clock and
+summed, and the whole level read at the model's memory. In numpy: the worker group sums
+on the CPU anyway (`recsys.nested_model.sum_levels` calls this), and the server process
+reads the level without loading torch. The model's on-device `read_speeds` is the
+reference for this one's; `tests/test_serving.py` checks they agree."""
 
 from __future__ import annotations
 
@@ -37,15 +38,3 @@ def read_speeds(counts: np.ndarray, memory_events: float) -> np.ndarray:
     lo = hi - 1
     a = float(np.clip((target - mass[lo]) / max(mass[hi] - mass[lo], 1e-12), 0, 1))
     return ((1 - a) * counts[:, lo] + a * counts[:, hi]).astype(counts.dtype)
-
-
-def whole_population(partials, half_lives_s: list[float] | None, memory_events: float,
-                     max_lag_s: float) -> tuple[np.ndarray, int]:
-    """The partitions' partial levels (partition, item-major counts at each speed, events,
-    clock) → the whole level's read counts and clock, leaving out any partition that has
-    fallen ``max_lag_s`` behind the freshest."""
-    speeds = len(half_lives_s) if half_lives_s is not None else 1
-    freshest = max(t for *_, t in partials)
-    total, clock = sum_levels([(np.asarray(c, dtype=np.float32).reshape(-1, speeds), t) for _, c, _, t in partials
-                               if freshest - t <= max_lag_s], half_lives_s)
-    return read_speeds(total, memory_events), clock
