@@ -209,9 +209,9 @@ def main() -> None:
     recsys = [sys.executable, "-m", "commands.cli"]
     kafka = ["--bootstrap-servers", broker.bootstrap_servers, "--topic", "interactions"]
     key, port = secrets.token_urlsafe(16), free_port()
+    admission = ["--max-in-flight", str(args.max_in_flight)] if args.max_in_flight else []
     procs = [subprocess.Popen([*recsys, "serve", "--model", str(work / "model.onnx"), "--feature-repo", str(repo.path),
-                               "--port", str(port), *kafka,
-                               *(["--max-in-flight", str(args.max_in_flight)] if args.max_in_flight else [])], env=os.environ | {"RECSYS_API_KEY": key},
+                               "--port", str(port), *kafka, *admission], env=os.environ | {"RECSYS_API_KEY": key},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)]
     server = procs[0]
     if args.ingest_rate > 0:

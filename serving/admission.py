@@ -32,7 +32,7 @@ class Admission:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        status = [500]
+        status = [None]  # the answer's status, once it has started
 
         async def observed_send(message) -> None:
             if message["type"] == "http.response.start":
@@ -49,24 +49,18 @@ class Admission:
         else:
             self.in_flight += 1
             self.metrics.in_flight.set(self.in_flight)
-            started = [False]
-
-            async def tracked_send(message) -> None:
-                started[0] |= message["type"] == "http.response.start"
-                await observed_send(message)
-
             try:
-                await self.app(scope, receive, tracked_send)
+                await self.app(scope, receive, observed_send)
             except Exception:
                 log.exception("unhandled error on %s", scope["path"])
-                if not started[0]:
+                if status[0] is None:
                     await _answer(observed_send, 500, {"detail": "internal error"})
             finally:
                 self.in_flight -= 1
                 self.metrics.in_flight.set(self.in_flight)
         route = scope.get("route")
         endpoint = route.path if route is not None else "unmatched"
-        self.metrics.requests.labels(endpoint, str(status[0])).inc()
+        self.metrics.requests.labels(endpoint, str(status[0] or 500)).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
