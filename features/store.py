@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,8 +44,25 @@ def is_population_key(user_id: str) -> bool:
     return user_id.startswith(POPULATION_KEY)
 
 
+def _import_feast_without_torch() -> None:
+    """Import Feast without torch in a process that has not loaded it (the server).
+
+    Feast's `torch_wrapper` imports torch on import, for tensor conversions this project never
+    asks for, and catches the failure; the server would otherwise carry torch's 300 MB and
+    seconds of import for nothing. Torch is hidden for that one import only, so a later
+    ``import torch`` in the same process works as usual."""
+    if "feast" in sys.modules or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which Feast catches
+    try:
+        import feast  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+
+
 class FeatureRepo:
     def __init__(self, path: Path):
+        _import_feast_without_torch()
         from feast import FeatureStore
 
         self.path = Path(path)

@@ -148,6 +148,31 @@ def test_docs_load_from_the_server_itself_and_no_answer_shows_a_server_path(mode
     assert str(model.parent) not in answers and str(repo.path) not in answers
 
 
+def test_the_server_process_loads_no_torch(model, repo):
+    """`recsys serve` ranks through ONNX Runtime and reads the population level in numpy: torch
+    (300 MB, seconds of import) is never mapped into its process, not even by Feast."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "commands.cli", "serve", "--model", str(model),
+                               "--feature-repo", str(repo.path), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def answered():
+            try:
+                return get(f"http://127.0.0.1:{port}/recommendations/alice").status_code == 200
+            except httpx.TransportError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                return False
+
+        wait_until(answered, "`recsys serve` to answer a recommendation", 180)
+        assert get(f"http://127.0.0.1:{port}/healthz").json()["feature_repo"]
+        mapped = Path(f"/proc/{server.pid}/maps").read_text()
+        assert "onnxruntime" in mapped  # the check sees the libraries the server did load
+        assert "libtorch" not in mapped and "/torch/" not in mapped
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
 def test_writes_are_refused_unless_a_key_is_set_or_anonymous_writes_are_allowed(model, repo):
     with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path))) as url:
         r = post(f"{url}/events", json={"user_id": "a", "item_id": "b", "ts": 1})
