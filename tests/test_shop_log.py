@@ -16,26 +16,11 @@ import pytest
 
 from commands.cli import main
 from features.store import FeatureRepo
-from recsys.datasets import load_dataset
+from logs import shop_log
 from serving.app import BackgroundServer, ServeConfig, create_app
 from waiting import wait_until
 
 get, post = partial(httpx.get, timeout=60), partial(httpx.post, timeout=60)
-KINDS = ("view", "view", "cart", "view", "purchase")
-
-
-def shop_log(path) -> pl.DataFrame:
-    """The generator's log as a shop writes it: `cust-…`, `sku-…`, ms since the epoch, kinds, prices."""
-    log = load_dataset("synthetic", n_users=300, n_items=400, n_events=8_000, seed=11).interactions
-    shop = log.select(
-        user_id=pl.lit("cust-") + pl.col("user_id").cast(pl.Utf8),
-        item_id=pl.lit("sku-") + pl.col("item_id").cast(pl.Utf8),
-        timestamp=pl.col("ts") * 1000,
-        event_type=pl.Series([KINDS[n % len(KINDS)] for n in range(log.height)]),
-        price=(pl.col("item_id") % 50).cast(pl.Float64) + 0.99,
-    )
-    shop.write_csv(path)
-    return shop
 
 
 @pytest.mark.slow
