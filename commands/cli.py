@@ -219,15 +219,15 @@ def cmd_serve(args) -> int:
     from serving.app import ServeConfig, check_exported, serve
 
     check_exported(Path(args.model))  # before the server starts: "run `recsys export`", not a traceback
-    key = os.environ.get("RECSYS_API_KEY") or None
+    flags = {}  # the key is never a flag (command lines are visible to every user): RECSYS_API_KEY, or a file
     if args.api_key_file:
-        key = Path(args.api_key_file).read_text().strip() or None
-        if key is None:
+        flags["api_key"] = Path(args.api_key_file).read_text().strip() or None
+        if flags["api_key"] is None:
             raise ValueError(f"--api-key-file {args.api_key_file} is empty")
     cfg = ServeConfig(model=Path(args.model), feature_repo=args.feature_repo and Path(args.feature_repo),
-                      bootstrap_servers=args.bootstrap_servers, topic=args.topic, api_key=key,
+                      bootstrap_servers=args.bootstrap_servers, topic=args.topic,
                       allow_anonymous_writes=args.allow_anonymous_writes, max_body_bytes=args.max_body_bytes,
-                      max_in_flight=args.max_in_flight)
+                      max_in_flight=args.max_in_flight, **flags)
     return serve(cfg, host=args.host, port=args.port)
 
 

@@ -148,6 +148,21 @@ def test_docs_load_from_the_server_itself_and_no_answer_shows_a_server_path(mode
     assert str(model.parent) not in answers and str(repo.path) not in answers
 
 
+def test_docs_show_a_typed_schema_for_every_routes_answer_and_the_event_body(model, repo):
+    with BackgroundServer(create_app(ServeConfig(model=model, feature_repo=repo.path))) as url:
+        api = get(f"{url}/openapi.json").json()
+    ok = {"get": "200", "post": "202"}
+    routes = {(path, method): op for path, ops in api["paths"].items() for method, op in ops.items()}
+    assert {p for p, _ in routes} == {"/recommendations/{user_id}", "/events", "/healthz", "/readyz", "/metrics"}
+    for (path, method), op in routes.items():
+        (schema,) = [c["schema"] for c in op["responses"][ok[method]]["content"].values()]
+        assert schema.get("$ref") or schema.get("type") == "string", (path, schema)  # a model, or /metrics' text
+    item = api["components"]["schemas"]["RecommendedItem"]
+    assert {"item_id", "score"} <= set(item["properties"]) and item["additionalProperties"] is True
+    body = routes["/events", "post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"user_id", "item_id", "ts"} <= set(body["required"])
+
+
 def test_the_server_process_loads_no_torch(model, repo):
     """`recsys serve` ranks through ONNX Runtime and reads the population level in numpy: torch
     (300 MB, seconds of import) is never mapped into its process, not even by Feast."""

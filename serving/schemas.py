@@ -1,0 +1,67 @@
+"""The API's request and response bodies, as `/docs` shows them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from recsys.log_contract import EVENT_TYPES
+
+
+class RecommendedItem(BaseModel):
+    """One ranked item: its id, its score and the catalogue's attributes (``--item-columns``)."""
+
+    model_config = ConfigDict(extra="allow")
+    item_id: str
+    score: float
+
+
+class Recommendations(BaseModel):
+    user_id: str
+    source: Literal["user", "population"] = Field(
+        description="user: ranked from the user's own state; population: the trend ranking (a user with no "
+                    "pushed state yet, or a degraded read)")
+    model: str = Field(description="the served model file's name")
+    items: list[RecommendedItem]
+    degraded: str | None = Field(None, description="why this answer was degraded (absent when it was not)")
+
+
+class EventIn(BaseModel):
+    """An interaction, as `streaming/events.py`'s `Event` validates it (the stream worker's schema)."""
+
+    user_id: str = Field(min_length=1, max_length=128)
+    item_id: str = Field(min_length=1, max_length=128)
+    ts: int = Field(description="seconds since the epoch")
+    event_type: str = Field("view", description=f"one of {', '.join(EVENT_TYPES)}")
+    value: float | None = None
+    event_id: str | None = Field(None, description="a client's id for retries: a repeated id is applied once")
+
+
+class Accepted(BaseModel):
+    accepted: EventIn
+
+
+class Rejected(BaseModel):
+    error: str = Field(description="the reason, as the dead-letter topic names it")
+    detail: str
+
+
+class Unavailable(BaseModel):
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    reasons: list[str]
+    model: str
+    items: int
+    provider: str
+    kafka: bool
+    feature_repo: bool
+    population_partitions: int
+    uptime_s: float
+
+
+class Ready(BaseModel):
+    ready: bool
