@@ -43,7 +43,7 @@ class MF:
         self.bias = torch.zeros(0)
         self.pending = None  # (batch, its gradients) from score_fresh, for update to apply
 
-    def _ensure(self, n_users: int, n_items: int) -> None:
+    def grow_rows(self, n_users: int, n_items: int) -> None:
         self.user = grow(self.user, n_users)
         if n_items > self.item.shape[0]:
             old = self.item.shape[0]
@@ -91,7 +91,7 @@ class MF:
         self.gen.set_state(t["generator"])  # items first seen online draw what a fresh fit would
 
     def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
-        self._ensure(int(users.max()) + 1, n_items)
+        self.grow_rows(int(users.max()) + 1, n_items)
         return self.user[users] @ self.item[:n_items].T + self.bias[:n_items]  # (B, N)
 
     def score_fresh(self, batch, n_items: int) -> torch.Tensor:
@@ -120,7 +120,7 @@ class MF:
     def _gradients(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Per-event user gradients (B, D), summed item (n, D) and bias (n,) gradients of the
         batch's next-item softmax at the current weights, and n, the items they cover."""
-        self._ensure(batch.n_users_known, batch.n_items_known)
+        self.grow_rows(batch.n_users_known, batch.n_items_known)
         users, items = torch.from_numpy(batch.users), torch.from_numpy(batch.items)
         n_known = max(int(items.max()) + 1, batch.n_items_known)
         u, it = self.user[users], self.item[:n_known]

@@ -77,7 +77,7 @@ def untrained_rows(history, n_items: int) -> torch.Tensor:
     return torch.from_numpy(np.setdiff1d(np.arange(n_items), history.items))
 
 
-def _user_sequences(history, max_len: int) -> list[np.ndarray]:
+def user_sequences(history, max_len: int) -> list[np.ndarray]:
     """Each user's latest ``max_len`` event positions in time order, longest first (less padding)."""
     order = np.lexsort((np.arange(len(history.users)), history.users))
     users_sorted = history.users[order]
@@ -151,7 +151,7 @@ def _meta_train(history, model_cfg: NestedConfig, cfg: TrainConfig) -> NestedMod
     snaps = population_snapshots(model, history.items, history.ts, model_cfg.n_items)
     items_t = torch.from_numpy(history.items).to(cfg.device)
     ts_t = torch.from_numpy(history.ts).to(cfg.device)
-    seqs = _user_sequences(history, cfg.max_len)
+    seqs = user_sequences(history, cfg.max_len)
     batches = [seqs[i:i + cfg.users_per_batch] for i in range(0, len(seqs), cfg.users_per_batch)]
 
     rank, world = distributed_rank()
@@ -165,7 +165,7 @@ def _meta_train(history, model_cfg: NestedConfig, cfg: TrainConfig) -> NestedMod
             # Random user-mid counter phases, so training sees every phase (CMS); drawn for
             # the whole batch so that every rank's generator stays in step.
             phases = rng.integers(0, model_cfg.c_mid, len(batches[b]))
-            loss_sum, count = _train_batch(model, opt, batches[b][rank::world], items_t, ts_t, snaps, cfg,
+            loss_sum, count = train_batch(model, opt, batches[b][rank::world], items_t, ts_t, snaps, cfg,
                                            phases[rank::world], length=len(batches[b][0]))
             if not math.isfinite(loss_sum):  # a NaN model is never saved, served or cached
                 raise NonFiniteLoss(f"training loss became {loss_sum} in epoch {epoch + 1} (lr {cfg.lr:g}): "
@@ -241,7 +241,7 @@ def _average_gradients(model: NestedModel, world: int) -> None:
             p.grad /= world
 
 
-def _train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: TrainConfig, phases, length=None):
+def train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: TrainConfig, phases, length=None):
     """Unroll one batch of user sequences; with ``opt=None`` only measure the loss.
     ``length``: unroll this many steps (the whole batch's longest, when ranks share it)."""
     dev = items_t.device
@@ -305,13 +305,13 @@ def sequence_loss(model: NestedModel, history, cfg: TrainConfig = TrainConfig(pr
     """Mean next-item cross-entropy of the model over the users' history sequences (no update)."""
     snaps = population_snapshots(model, history.items, history.ts, model.cfg.n_items)
     items_t, ts_t = torch.from_numpy(history.items), torch.from_numpy(history.ts)
-    seqs = _user_sequences(history, cfg.max_len)
+    seqs = user_sequences(history, cfg.max_len)
     rng = np.random.default_rng(cfg.seed)
     total = count = 0.0
     with torch.no_grad():
         for i in range(0, len(seqs), cfg.users_per_batch):
             batch = seqs[i:i + cfg.users_per_batch]
             phases = rng.integers(0, model.cfg.c_mid, len(batch))
-            s, n = _train_batch(model, None, batch, items_t, ts_t, snaps, cfg, phases)
+            s, n = train_batch(model, None, batch, items_t, ts_t, snaps, cfg, phases)
             total, count = total + s, count + n
     return total / max(count, 1)

@@ -14,7 +14,7 @@ def test_an_online_step_is_the_autograd_sgd_step():
     model = mf_online(epochs=1)
     model.fit(log.history())
     batch = log.slice(log.n_history, log.n_history + 64)
-    model._ensure(batch.n_users_known, batch.n_items_known)
+    model.grow_rows(batch.n_users_known, batch.n_items_known)
     n = max(int(batch.items.max()) + 1, batch.n_items_known)
     users, items = torch.from_numpy(batch.users), torch.from_numpy(batch.items)
     u = model.user[users].clone().requires_grad_()

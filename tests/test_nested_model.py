@@ -285,7 +285,7 @@ def test_the_training_unroll_applies_exactly_the_online_update_rule():
     from offline_eval.protocol import ProtocolConfig, encode
     from recsys.datasets import load_dataset
     from recsys.nested_model import population_defaults
-    from recsys.train import TrainConfig, _train_batch, _user_sequences, population_snapshots
+    from recsys.train import TrainConfig, train_batch, user_sequences, population_snapshots
 
     history = encode(load_dataset("synthetic", n_users=40, n_items=80, n_events=1_500, seed=2),
                      ProtocolConfig()).history()
@@ -297,8 +297,8 @@ def test_the_training_unroll_applies_exactly_the_online_update_rule():
     train = TrainConfig(progress=False, unroll=4, max_len=10_000)
     snaps = population_snapshots(model, history.items, history.ts, cfg.n_items)
     items_t, ts_t = torch.from_numpy(history.items), torch.from_numpy(history.ts)
-    seqs = _user_sequences(history, train.max_len)[:8]
-    unrolled, n = _train_batch(model, None, seqs, items_t, ts_t, snaps, train, np.zeros(len(seqs), dtype=np.int64))
+    seqs = user_sequences(history, train.max_len)[:8]
+    unrolled, n = train_batch(model, None, seqs, items_t, ts_t, snaps, train, np.zeros(len(seqs), dtype=np.int64))
 
     online = 0.0
     E, b = model.all_items(cfg.n_items)
