@@ -45,13 +45,13 @@ def update_rate(model, log, batch: int, device: str, max_events: int) -> dict:
     state = model.init_state(log.n_users_known, log.n_items_known, device=device)
     users, items, ts = (torch.from_numpy(a[:max_events]).to(device) for a in (log.users, log.items, log.ts))
     warm = min(len(users), 4 * batch)
-    state = model.update(state, users[:warm], items[:warm], ts[:warm])  # allocations, first-call costs
+    state = model.update(state, users[:warm], items[:warm], ts[:warm], donate=True)  # allocations, first-call costs
     _sync(device)
     t0, steps = time.perf_counter(), []
     for lo in range(warm, len(users), batch):
         u = users[lo:lo + batch]
         steps.append(int(torch.unique(u, return_counts=True)[1].max()))
-        state = model.update(state, u, items[lo:lo + batch], ts[lo:lo + batch])
+        state = model.update(state, u, items[lo:lo + batch], ts[lo:lo + batch], donate=True)
     _sync(device)
     seconds = time.perf_counter() - t0
     return {"events_per_s": (len(users) - warm) / seconds, "mean_steps_per_batch": float(np.mean(steps)),

@@ -103,7 +103,7 @@ class NestedReplay:
         clock, pop = self.state.clock(), self.model.population_counts(self.state.pop)
         before = sequences_before(self.state.recent[users], users, items)  # before the update writes the rows
         votes = self._votes(before, n_items)
-        self.state, reads = self.model.update_reading(self.state, users, items, ts)
+        self.state, reads = self.model.update_reading(self.state, users, items, ts, donate=True)
         self._associate(before, items, ts)
         self.applied = batch
         return self.model.score_users(reads.z, clock - reads.last_ts, pop, n_items, votes)
@@ -115,7 +115,7 @@ class NestedReplay:
         users, items, ts = (torch.from_numpy(a) for a in (batch.users, batch.items, batch.ts))
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, int(items.max()) + 1)
         before = sequences_before(self.state.recent[users], users, items)
-        self.state = self.model.update(self.state, users, items, ts)
+        self.state = self.model.update(self.state, users, items, ts, donate=True)
         self._associate(before, items, ts)
 
     def _votes(self, recent: torch.Tensor, n_items: int) -> torch.Tensor | None:

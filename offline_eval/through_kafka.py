@@ -131,7 +131,8 @@ class WorkerPath:
         # An item new to this batch is new to the model's table too: any index past it reads as cold.
         item_cols = np.where(item_cols >= 0, item_cols, len(w.items))
         _, reads = w.model.update_reading(ahead, torch.from_numpy(local.astype(np.int64)),
-                                          torch.from_numpy(item_cols.astype(np.int64)), torch.from_numpy(batch.ts))
+                                          torch.from_numpy(item_cols.astype(np.int64)), torch.from_numpy(batch.ts),
+                                          donate=True)  # a copy of the rows: `take`
         scores = w.model.score_users(reads.z, state.clock() - reads.last_ts, w.population, len(w.items))
         return scores[:, torch.from_numpy(self._columns(n_items))]
 

@@ -106,11 +106,11 @@ def score_tail(model: NestedModel, fit_part, tail, batch_size: int = 256, absorb
     for b, lo in enumerate(range(0, tail.n_events, batch_size)):
         users, items, ts = (torch.from_numpy(a[lo:lo + batch_size]) for a in (tail.users, tail.items, tail.ts))
         if b % score_every:
-            state = model.update(state, users, items, ts)
+            state = model.update(state, users, items, ts, donate=True)
         else:  # protocol v2: each event from its user's state after their earlier events (replay's score_fresh)
             n_known = int(known_upto[lo])
             clock, pop = state.clock(), model.population_counts(state.pop)[:n_known]
-            state, reads = model.update_reading(state, users, items, ts)
+            state, reads = model.update_reading(state, users, items, ts, donate=True)
             absent = clock - reads.last_ts
             E, bias = model.all_items(n_known)
             weight = trust(absent.to(E.dtype).view(1, -1), f)  # (F, B): every fade of the grid at once
@@ -188,11 +188,11 @@ def association_link(model: NestedModel, fit_part, tail, cfg: AssociationConfig,
         users, items, ts = (torch.from_numpy(a[lo:lo + batch_size]) for a in (tail.users, tail.items, tail.ts))
         before = sequences_before(state.recent[users], users, items)  # before the update writes the rows
         if b % score_every:
-            state = model.update(state, users, items, ts)
+            state = model.update(state, users, items, ts, donate=True)
         else:
             n_known = int(known_upto[lo])
             clock, pop = state.clock(), model.population_counts(state.pop)[:n_known]
-            state, reads = model.update_reading(state, users, items, ts)
+            state, reads = model.update_reading(state, users, items, ts, donate=True)
             E, bias = model.all_items(n_known)
             weight = trust((clock - reads.last_ts).to(E.dtype), model.fade)
             seen_now = seen.before_each(users, items, n_known)

@@ -145,6 +145,9 @@ class FastState:
     def to(self, device) -> FastState:
         return FastState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def clone(self) -> FastState:
+        return FastState(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+
     def user_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The per-user fields of ``rows`` (for checkpoints split by owner)."""
         return {name: getattr(self, name)[rows] for name in USER_FIELDS}
@@ -482,18 +485,22 @@ class NestedModel(nn.Module):
 
     @torch.no_grad()
     def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
-               population: bool = True) -> FastState:
-        """Apply a time-ordered micro-batch of events; a user's events apply in their order.
-        ``population=False``: the user levels only (a stream worker keeps one population
-        level per partition, with `update_population`)."""
-        return self._recur(state, users, items, ts, read=False, population=population)[0]
+               population: bool = True, donate: bool = False) -> FastState:
+        """The state after a time-ordered micro-batch of events; a user's events apply in their
+        order. ``state`` is left as it was, unless ``donate``: then its tensors are reused for
+        the result and the caller must not use it again (JAX's buffer donation; the worker,
+        the replay and training donate, as a copy of every row per batch would cost more than
+        the update). ``population=False``: the user levels only (a stream worker keeps one
+        population level per partition, with `update_population`)."""
+        return self._recur(state if donate else state.clone(), users, items, ts, read=False,
+                           population=population)[0]
 
     @torch.no_grad()
     def update_reading(self, state: FastState, users: torch.Tensor, items: torch.Tensor,
-                       ts: torch.Tensor) -> tuple[FastState, Reads]:
+                       ts: torch.Tensor, donate: bool = False) -> tuple[FastState, Reads]:
         """``update``, and what each event's user looked like just before it (their earlier
         events of the batch applied): the fresh-user query of replay v2 and of serving."""
-        return self._recur(state, users, items, ts, read=True)
+        return self._recur(state if donate else state.clone(), users, items, ts, read=True)
 
     def _recur(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
                read: bool, population: bool = True) -> tuple[FastState, Reads | None]:
@@ -565,16 +572,21 @@ class NestedModel(nn.Module):
             z = self.combine(mid_before, read_before, seq) if self.cfg.use_fast else self.user0.expand_as(x)
             reads = Reads(z=torch.empty_like(z).index_copy_(0, sm, z),
                           last_ts=torch.empty_like(prev_ts).index_copy_(0, sm, prev_ts))
-        return (self.update_population(state, items, ts) if population else state), reads
+        return (self.update_population(state, items, ts, donate=True) if population else state), reads
 
     @torch.no_grad()
-    def update_population(self, state: FastState, items: torch.Tensor, ts: torch.Tensor) -> FastState:
-        """Population-fast: counts accumulate per chunk of c_pop global events; at each chunk
+    def update_population(self, state: FastState, items: torch.Tensor, ts: torch.Tensor,
+                          donate: bool = False) -> FastState:
+        """The state with the events added to its population level (``donate``: as in `update`).
+
+        Population-fast: counts accumulate per chunk of c_pop global events; at each chunk
         end the level consolidates: pop ← δ·pop + chunk counts. Cuts of micro-batches do not
         change the result: chunk boundaries are global event positions. With a half-life in
         seconds, every event counts by its age instead (`decay_add`)."""
         if not len(items):
             return state
+        if not donate:
+            state = replace(state, pop_acc=state.pop_acc.clone())  # the only tensor written in place
         if self.cfg.pop_half_life_s is not None:
             state.pop, state.pop_ts = decay_add(state.pop, state.pop_ts, items, ts, self.cfg.pop_half_lives())
             state.pop_events = state.pop_events + len(items)
@@ -723,7 +735,7 @@ def write_log(model: NestedModel, state: FastState, log, batch_size: int) -> Fas
     micro-batches of ``batch_size``."""
     for lo in range(0, len(log.users), batch_size):
         part = (torch.from_numpy(a[lo:lo + batch_size]) for a in (log.users, log.items, log.ts))
-        state = model.update(state, *part)
+        state = model.update(state, *part, donate=True)
     return state
 
 

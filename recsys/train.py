@@ -67,7 +67,7 @@ def population_snapshots(model: NestedModel, items: np.ndarray, ts: np.ndarray, 
     snaps = [model.population_counts(level.pop)]
     for lo in range(0, len(items), C):
         part, part_ts = (torch.from_numpy(a[lo:lo + C]).to(level.pop.device) for a in (items, ts))
-        level = model.update_population(level, part, part_ts)
+        level = model.update_population(level, part, part_ts, donate=True)
         snaps.append(model.population_counts(level.pop)[:n_items])
     return torch.stack(snaps)
 

@@ -341,12 +341,13 @@ class StreamWorker(Ownership):
         if good and len(rows):
             self.users.applied(rows, offsets)
             items, ts = items.to(self.device), ts.to(self.device)
-            self.state = self.model.update(self.state, rows.to(self.device), items, ts, population=False)
+            self.state = self.model.update(self.state, rows.to(self.device), items, ts, population=False,
+                                           donate=True)
             touched = parts.unique().tolist()
             moved = time.monotonic()
             for p in touched:
                 mine = (parts == p).to(self.device)
-                self.levels[p] = self.model.update_population(self._level(p), items[mine], ts[mine])
+                self.levels[p] = self.model.update_population(self._level(p), items[mine], ts[mine], donate=True)
                 self.clock_moved[p] = moved
             self.features.touched(rows, touched, stamps)
             self.applied_s = np.concatenate([self.applied_s[-50_000:], time.time() - stamps / 1000.0])

@@ -127,6 +127,23 @@ def test_the_population_read_keeps_its_memory_in_events_whatever_the_rate(events
     assert events_per_day == 400 or abs(math.log(single / read)) > math.log(4), (single, read)
 
 
+@pytest.mark.parametrize("pop_half_life_s", [None, 3_600.0])  # the event clock writes its chunk in place
+def test_an_update_leaves_its_input_state_as_it_was_unless_donated(model64, pop_half_life_s):
+    model = NestedModel(replace(CFG, pop_half_life_s=pop_half_life_s)).double()
+    users, items, ts = _events(seed=3)
+    before = model.update(model.init_state(6, CFG.n_items), users[:20], items[:20], ts[:20])
+    kept = {name: t.clone() for name, t in before.tensors().items()}
+
+    after = model.update(before, users[20:], items[20:], ts[20:])
+    _, reads = model.update_reading(before, users[20:], items[20:], ts[20:])
+    for name, t in before.tensors().items():
+        assert torch.equal(t, kept[name]), f"update wrote into its input's {name}"
+    assert not torch.equal(after.M, before.M)  # the events did move the state
+
+    donated = model.update(before, users[20:], items[20:], ts[20:], donate=True)  # `before` is spent now
+    _assert_same(donated, after)
+
+
 def test_every_level_moves(model64):
     users, items, ts = _events(1)
     before = model64.init_state(n_users=6, n_items=CFG.n_items)

@@ -97,7 +97,7 @@ def reference_rows(model_path: Path, frame: pl.DataFrame) -> dict[str, dict[str,
     i = torch.from_numpy(items.index(frame["item_id"].cast(pl.Utf8)))
     ts = torch.from_numpy(frame["ts"].to_numpy().copy())
     for lo in range(0, len(u), 4096):
-        state = model.update(state, u[lo:lo + 4096], i[lo:lo + 4096], ts[lo:lo + 4096])
+        state = model.update(state, u[lo:lo + 4096], i[lo:lo + 4096], ts[lo:lo + 4096], donate=True)
     return {uid: _named({f: getattr(state, f)[r] for f in USER_FIELDS}, items.ids) for r, uid in enumerate(users.ids)}
 
 
