@@ -23,7 +23,7 @@ import numpy as np
 from commands.demo import DemoConfig, session_reaction
 from commands.train import train_artifact
 from recsys.datasets import load_dataset
-from recsys.nested_model import NestedModel
+from recsys.nested import NestedModel
 from recsys.train import TrainConfig
 
 

@@ -33,7 +33,7 @@ import torch
 from features.sources import write_sources
 from features.store import FeatureRepo, population_key
 from recsys.datasets import load_dataset
-from recsys.nested_model import NestedConfig, NestedModel
+from recsys.nested import NestedConfig, NestedModel
 from serving.export import export_onnx, scorer_from_model
 from streaming.broker import EmbeddedBroker, die_with_parent, free_port
 

@@ -30,7 +30,7 @@ import torch
 from features.sources import write_sources
 from features.store import FeatureRepo
 from recsys.datasets import load_dataset
-from recsys.nested_model import NestedConfig, NestedModel
+from recsys.nested import NestedConfig, NestedModel
 from streaming.broker import EmbeddedBroker, die_with_parent
 from streaming.producer import ProducerConfig, produce
 from streaming.worker import StreamWorker, WorkerConfig

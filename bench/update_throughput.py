@@ -31,9 +31,9 @@ from offline_eval.nested import NestedReplay
 from offline_eval.protocol import ProtocolConfig, encode
 from offline_eval.replay import replay_model
 from recsys import compiled_memory, fused_update
-from recsys.baselines import pop_online_decay
+from offline_eval.baselines import pop_online_decay
 from recsys.datasets import load_dataset
-from recsys.nested_model import NestedConfig, NestedModel, population_defaults, write_log
+from recsys.nested import NestedConfig, NestedModel, population_defaults, write_log
 
 
 def _sync(device: str) -> None:

@@ -35,7 +35,7 @@ from features.store import FeatureRepo
 from offline_eval.oracle import true_probabilities
 from offline_eval.report import ReplayConfig, markdown_table, run_replay
 from recsys.datasets import load_dataset
-from recsys.nested_model import NestedModel, load_item_ids, write_log
+from recsys.nested import NestedModel, load_item_ids, write_log
 from recsys.train import TrainConfig
 from serving.export import export_onnx
 from streaming.broker import EmbeddedBroker, die_with_parent, free_port

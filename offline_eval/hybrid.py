@@ -17,7 +17,7 @@ import torch
 
 from offline_eval.protocol import EncodedLog, ProtocolConfig
 from offline_eval.replay import batch_bounds
-from recsys.baselines import ItemKNNOnline, PopOnline, pop_online_decay
+from offline_eval.baselines import ItemKNNOnline, PopOnline, pop_online_decay
 from recsys.ranking import SeenItems, grid_ndcg_sums
 
 WEIGHTS = (0.0, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0, 8.0)

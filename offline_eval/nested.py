@@ -13,7 +13,7 @@ import torch
 from recsys import association
 from recsys.association import AssociationConfig, AssociationLevel, association_defaults
 from recsys.batch_users import sequences_before
-from recsys.nested_model import (POPULATION_CLOCK, NestedConfig, NestedModel, load_state, population_defaults,
+from recsys.nested import (POPULATION_CLOCK, NestedConfig, NestedModel, load_state, population_defaults,
                                  save_state)
 from recsys.train import TrainConfig, train_nested
 

@@ -22,10 +22,10 @@ from offline_eval.nested import NestedReplay
 from offline_eval.oracle import Oracle
 from offline_eval.protocol import EncodedLog, ProtocolConfig, encode
 from offline_eval.replay import ReplayResult, replay_model
-from recsys.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
+from offline_eval.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
 from recsys.dataset import Dataset
-from recsys.mf import mf_online, mf_static
-from recsys.sasrec import SASRecConfig, SASRecStatic
+from offline_eval.mf import mf_online, mf_static
+from offline_eval.sasrec import SASRecConfig, SASRecStatic
 from recsys.train import TrainConfig
 
 

@@ -27,7 +27,7 @@ import polars as pl
 import torch
 
 from offline_eval.protocol import EncodedLog
-from recsys.nested_model import POPULATION_FIELDS, USER_FIELDS
+from recsys.nested import POPULATION_FIELDS, USER_FIELDS
 from offline_eval.nested import NestedReplay
 from streaming.checkpoint import Snapshot, write_checkpoint
 from streaming.clients import create_topic, make_producer

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from recsys.baselines import grow
+from recsys.rows import grow
 from recsys.batch_users import sequences_before, user_positions
 
 

@@ -5,9 +5,9 @@ personal score (item embeddings, fast reads) looks more certain in training than
 events it has not seen, and the learned population weight comes out too small; and it
 learns nothing of users who come back after a long absence. Three numbers set the mix: the
 population weight's multiplier, ``fade``, how fast a returning user's personal score
-gives way (`recsys.nested_model.trust`), and the form: the additive score meta-training fits,
+gives way (`recsys.nested.trust`), and the form: the additive score meta-training fits,
 or the two parts as experts mixed in probability with the population's share π
-(`recsys.nested_model.mixture`). ML-1M, one fit, on the stream: NDCG@10 0.0182 as trained,
+(`recsys.nested.mixture`). ML-1M, one fit, on the stream: NDCG@10 0.0182 as trained,
 0.0222 with the population weight ×3, 0.0238 with ×3 and fade 0.3. The form differs by
 history (each history's own 80/20 replay, the best of each form): synthetic 0.0699 additive
 vs 0.0708 mixed; Steam 0.0551 vs 0.0552; ML-1M 0.1635 vs 0.1584 — so the tail chooses.
@@ -34,7 +34,7 @@ import torch
 from recsys import association
 from recsys.association import AssociationConfig
 from recsys.batch_users import sequences_before
-from recsys.nested_model import FastState, NestedModel, score_items, trust, write_log
+from recsys.nested import FastState, NestedModel, score_items, trust, write_log
 from recsys.ranking import SeenItems, grid_ndcg
 
 # Geometric, wide enough for "popularity barely matters" and "popularity is nearly all".

@@ -1,6 +1,6 @@
 """Partial population levels — one per partition of the stream — brought to one clock and
 summed, and the whole level read at the model's memory. In numpy: the worker group sums
-on the CPU anyway (`recsys.nested_model.sum_levels` calls this), and the server process
+on the CPU anyway (`recsys.nested.sum_levels` calls this), and the server process
 reads the level without loading torch. The model's on-device `read_speeds` is the
 reference for this one's; `tests/test_serving.py` checks they agree."""
 

@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 from recsys.association import AssociationConfig
 from recsys.calibration import association_link, calibrate, split_history
-from recsys.nested_model import FastState, NestedConfig, NestedModel, population_defaults, score_items, write_log
+from recsys.nested import FastState, NestedConfig, NestedModel, population_defaults, score_items, slow, write_log
+from recsys.nested.user_fast import memory_step
+from recsys.nested.user_mid import mid_step
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ def _meta_train(history, model_cfg: NestedConfig, cfg: TrainConfig) -> NestedMod
         if cfg.progress and rank == 0:
             print(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f} in {time.perf_counter() - t0:.0f}s")
     model = unshard(model) if cfg.shard else model
-    model.forget_items(untrained_rows(history, model_cfg.n_items))
+    slow.forget_items(model, untrained_rows(history, model_cfg.n_items))
     return model.eval()
 
 
@@ -282,7 +284,7 @@ def train_batch(model: NestedModel, opt, seqs, items_t, ts_t, snaps, cfg: TrainC
             losses.append(F.cross_entropy(logits, items[:, j], reduction="none") * keep)
             term = {name: v[:, t] for name, v in terms.items()}
             ends = model.chunk_ends(cnt + 1)
-            new = (*model.memory_step(M, S, term), *model.mid_step(mid, acc, term["mid_target"], ends, rates))
+            new = (*memory_step(M, S, term), *mid_step(mid, acc, term["mid_target"], ends, rates))
             M, S, mid, acc = (torch.where(keep.view(-1, *[1] * (o.dim() - 1)), nw, o)
                               for nw, o in zip(new, (M, S, mid, acc)))
             cnt = cnt + keep

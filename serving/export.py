@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recsys.nested_model import NestedModel, load_item_ids, model_config, population_term, score_items, trust
+from recsys.nested import NestedModel, load_item_ids, model_config, population_term, score_items, trust
 
 K_MAX = 100  # the graph returns the top 100; the API slices to the requested k
 

@@ -22,7 +22,7 @@ import time
 import torch
 from kafka import ConsumerRebalanceListener, TopicPartition
 
-from recsys.nested_model import POPULATION_FIELDS, USER_FIELDS
+from recsys.nested import POPULATION_FIELDS, USER_FIELDS
 from streaming.checkpoint import Snapshot, UserRow, decode_user_row, encode_user_row, read_own, restore
 
 log = logging.getLogger("recsys.stream")

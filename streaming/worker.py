@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsys.nested_model import USER_FIELDS, FastState, NestedModel, load_item_ids, sum_levels
+from recsys.nested import USER_FIELDS, FastState, NestedModel, load_item_ids, sum_levels
 from recsys.vocab import Vocab
 from streaming.catalogue import Catalogue
 from streaming.checkpoint import CheckpointWriter, check_rows_fit, model_identity

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from recsys.datasets import load_dataset
-from recsys.nested_model import NestedConfig, NestedModel
+from recsys.nested import NestedConfig, NestedModel
 from streaming.broker import EmbeddedBroker
 
 

@@ -9,7 +9,7 @@ from offline_eval.protocol import EncodedLog, ProtocolConfig, encode
 from offline_eval.replay import replay_model
 from recsys.calibration import MIXTURE_MULTIPLIERS, MULTIPLIERS, Mix, choose, mixes, score_tail, split_history
 from recsys.datasets import load_dataset
-from recsys.nested_model import NestedConfig, NestedModel, population_defaults, write_log
+from recsys.nested import NestedConfig, NestedModel, population_defaults, write_log
 from offline_eval.nested import NestedReplay
 from recsys.train import TrainConfig, train_nested
 

@@ -7,7 +7,7 @@ import torch
 from commands.cli import main
 from offline_eval.report import ReplayConfig, run_replay
 from recsys.datasets import load_dataset
-from recsys.nested_model import NestedConfig, NestedModel
+from recsys.nested import NestedConfig, NestedModel
 from recsys.train import NonFiniteLoss, TrainConfig
 
 

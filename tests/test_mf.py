@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from offline_eval.protocol import encode
 from recsys.datasets import load_dataset
-from recsys.mf import mf_online
+from offline_eval.mf import mf_online
 
 
 def test_an_online_step_is_the_autograd_sgd_step():

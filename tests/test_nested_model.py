@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsys import compiled_memory, fused_update
-from recsys.nested_model import (NestedConfig, NestedModel, decay_add, decay_to, load_state, read_speeds, save_state,
+from recsys.nested import slow
+from recsys.nested import (NestedConfig, NestedModel, decay_add, decay_to, load_state, read_speeds, save_state,
                                  sum_levels)
 
 CFG = NestedConfig(n_items=30, dim=8, mem_dim=4, c_mid=3, c_pop=5, pop_half_life=10.0)
@@ -181,7 +182,7 @@ def test_an_item_new_to_the_model_scores_as_the_average_item(model64):
 
 def test_rows_training_never_saw_become_cold():
     model = NestedModel(CFG).double()
-    model.forget_items(torch.tensor([3, 7]))
+    slow.forget_items(model, torch.tensor([3, 7]))
     E, b = model.all_items(CFG.n_items + 1)  # row CFG.n_items: past the table
     for row in (3, 7):
         assert torch.allclose(E[row], E[CFG.n_items], atol=1e-12) and torch.isclose(b[row], b[CFG.n_items])
@@ -281,7 +282,7 @@ def test_a_model_saved_before_the_read_share_keeps_its_memory(model64, tmp_path)
 def test_meta_training_lowers_the_next_item_loss():
     from offline_eval.protocol import encode
     from recsys.datasets import load_dataset
-    from recsys.nested_model import population_defaults
+    from recsys.nested import population_defaults
     from recsys.train import TrainConfig, sequence_loss, train_nested
 
     history = encode(load_dataset("synthetic", n_users=200, n_items=300, n_events=8_000, seed=5)).history()
@@ -301,7 +302,7 @@ def test_the_training_unroll_applies_exactly_the_online_update_rule():
 
     from offline_eval.protocol import ProtocolConfig, encode
     from recsys.datasets import load_dataset
-    from recsys.nested_model import population_defaults
+    from recsys.nested import population_defaults
     from recsys.train import TrainConfig, train_batch, user_sequences, population_snapshots
 
     history = encode(load_dataset("synthetic", n_users=40, n_items=80, n_events=1_500, seed=2),

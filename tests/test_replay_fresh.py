@@ -8,12 +8,12 @@ import torch
 from offline_eval.hybrid import Hybrid
 from offline_eval.protocol import ProtocolConfig, encode
 from offline_eval.replay import replay_model
-from recsys.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
+from offline_eval.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
 from recsys.batch_users import earlier_same_user, sequences_before, user_positions
 from recsys.datasets import load_dataset
-from recsys.mf import mf_online, mf_static
-from recsys.nested_model import NestedConfig, NestedModel
-from recsys.sasrec import SASRecConfig, SASRecStatic
+from offline_eval.mf import mf_online, mf_static
+from recsys.nested import NestedConfig, NestedModel
+from offline_eval.sasrec import SASRecConfig, SASRecStatic
 from offline_eval.nested import NestedReplay
 from recsys.train import TrainConfig
 

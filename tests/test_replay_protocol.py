@@ -12,7 +12,7 @@ from offline_eval.metrics import summarize
 from offline_eval.protocol import ProtocolConfig, encode
 from offline_eval.replay import replay_model
 from offline_eval.report import ReplayConfig, model_report, run_replay
-from recsys.baselines import PopOnline, PopStatic
+from offline_eval.baselines import PopOnline, PopStatic
 from recsys.dataset import Dataset
 from recsys.datasets import DEFAULT_ML1M, load_dataset
 from recsys.ranking import ranks_of_targets
@@ -136,7 +136,7 @@ class FollowsLast:
         self.knn = None
 
     def fit(self, history):
-        from recsys.baselines import ItemKNNConfig, ItemKNNOnline
+        from offline_eval.baselines import ItemKNNConfig, ItemKNNOnline
 
         self.knn = ItemKNNOnline(ItemKNNConfig(recent=1, window=1, pop_weight=0.0))
         self.knn.fit(history)

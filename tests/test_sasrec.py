@@ -10,9 +10,9 @@ import torch
 from offline_eval.protocol import ProtocolConfig, encode
 from offline_eval.metrics import summarize
 from offline_eval.replay import replay_model
-from recsys.baselines import PopStatic
+from offline_eval.baselines import PopStatic
 from recsys.dataset import Dataset
-from recsys.sasrec import SASRecConfig, SASRecStatic
+from offline_eval.sasrec import SASRecConfig, SASRecStatic
 
 SMALL = SASRecConfig(dim=32, heads=2, layers=1, max_len=8, dropout=0.0, epochs=30, batch_size=64, lr=5e-3)
 

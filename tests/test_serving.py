@@ -22,7 +22,7 @@ import torch
 from features.sources import write_sources
 from features.store import POPULATION_KEY, FeatureRepo, population_key
 from recsys.datasets import load_dataset
-from recsys.nested_model import NestedConfig, NestedModel
+from recsys.nested import NestedConfig, NestedModel
 from serving.app import BackgroundServer, ServeConfig, create_app
 from serving.export import Scorer, check_export, export_onnx, scorer_from_model, write_graph
 from streaming.broker import EmbeddedBroker, free_port
@@ -468,7 +468,7 @@ def test_recommended_items_carry_their_catalogue_attributes(data, model, tmp_pat
 
 
 def test_serving_reads_the_population_level_exactly_as_the_model_does():
-    from recsys.nested_model import read_speeds as model_read, sum_levels as model_sum
+    from recsys.nested import read_speeds as model_read, sum_levels as model_sum
     from serving.population import whole_population
 
     rng = np.random.default_rng(7)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from recsys.nested_model import NestedModel
+from recsys.nested import NestedModel
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import pytest
 import torch
 from kafka.serializer import Serializer
 
-from recsys.nested_model import NestedConfig, NestedModel, load_item_ids
+from recsys.nested import NestedConfig, NestedModel, load_item_ids
 from streaming.broker import EmbeddedBroker, free_port
 from streaming.catalogue import catalogue_topic
 from streaming.checkpoint import previous, read_checkpoint
@@ -445,7 +445,7 @@ def test_a_redis_restarted_empty_gets_every_users_row_back_within_a_minute(broke
 
 def test_writes_to_a_failing_store_back_off_instead_of_retrying_every_push(model_path, tmp_path):
     from features.store import FeatureRepo
-    from recsys.nested_model import NestedModel
+    from recsys.nested import NestedModel
     from recsys.vocab import Vocab
     from streaming.metrics import Metrics
     from streaming.push import FeaturePush

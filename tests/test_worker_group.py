@@ -16,7 +16,7 @@ import torch
 from features.sources import write_sources
 from features.store import FeatureRepo
 from recsys.dataset import Dataset
-from recsys.nested_model import NestedConfig, NestedModel
+from recsys.nested import NestedConfig, NestedModel
 from serving.app import BackgroundServer, ServeConfig, create_app
 from serving.export import export_onnx
 from streaming.broker import free_port

@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 import torch
 
-from recsys.nested_model import USER_FIELDS, NestedModel
+from recsys.nested import USER_FIELDS, NestedModel
 from recsys.vocab import Vocab
 from streaming.broker import die_with_parent
 from streaming.checkpoint import latest_for_partitions, read_checkpoint, read_offsets
@@ -88,7 +88,7 @@ class Worker:
 
 def reference_rows(model_path: Path, frame: pl.DataFrame) -> dict[str, dict[str, torch.Tensor]]:
     """Every user's rows after all of ``frame`` applied in one in-process pass."""
-    from recsys.nested_model import load_item_ids
+    from recsys.nested import load_item_ids
 
     model = NestedModel.load(model_path).eval()
     users, items = Vocab(), Vocab(load_item_ids(model_path))

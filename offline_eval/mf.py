@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from recsys.baselines import grow
 from recsys.batch_users import earlier_same_user
+from recsys.rows import grow
 
 
 @dataclass(frozen=True)

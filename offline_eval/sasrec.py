@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from recsys.baselines import grow
 from recsys.batch_users import sequences_before, user_positions
+from recsys.rows import grow
 
 
 @dataclass(frozen=True)
