@@ -59,7 +59,7 @@ def update_rate(model, log, batch: int, device: str, max_events: int) -> dict:
 
 
 def score_rate(model, state, n_items: int, batch: int, device: str, repeats: int = 20) -> float:
-    users = torch.arange(batch, device=device) % state.M.shape[0]
+    users = torch.arange(batch, device=device) % state.n_users
     model.score(state, users, n_items)
     _sync(device)
     t0 = time.perf_counter()

@@ -90,9 +90,9 @@ class NestedReplay:
 
     def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
-        votes = self._votes(self.state.recent[users], n_items)
+        votes = self._votes(self.state.latest_items(users), n_items)
         return self.model.score_users(self.model.read_users(self.state, users), self.state.absent_s(users),
-                                      self.model.population_counts(self.state.pop), n_items, votes)
+                                      self.model.population_counts(self.state.level_counts()), n_items, votes)
 
     def score_fresh(self, batch, n_items: int) -> torch.Tensor:
         """Each event from its user's vector after their earlier events of the batch. That takes
@@ -100,8 +100,8 @@ class NestedReplay:
         nothing left to do. Global state (population, association, clock) stays as at the batch start."""
         users, items, ts = (torch.from_numpy(a) for a in (batch.users, batch.items, batch.ts))
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
-        clock, pop = self.state.clock(), self.model.population_counts(self.state.pop)
-        before = sequences_before(self.state.recent[users], users, items)  # before the update writes the rows
+        clock, pop = self.state.clock(), self.model.population_counts(self.state.level_counts())
+        before = sequences_before(self.state.latest_items(users), users, items)  # before the update writes the rows
         votes = self._votes(before, n_items)
         self.state, reads = self.model.update_reading(self.state, users, items, ts, donate=True)
         self._associate(before, items, ts)
@@ -114,7 +114,7 @@ class NestedReplay:
             return
         users, items, ts = (torch.from_numpy(a) for a in (batch.users, batch.items, batch.ts))
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, int(items.max()) + 1)
-        before = sequences_before(self.state.recent[users], users, items)
+        before = sequences_before(self.state.latest_items(users), users, items)
         self.state = self.model.update(self.state, users, items, ts, donate=True)
         self._associate(before, items, ts)
 

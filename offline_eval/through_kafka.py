@@ -27,7 +27,6 @@ import polars as pl
 import torch
 
 from offline_eval.protocol import EncodedLog
-from recsys.nested import POPULATION_FIELDS, USER_FIELDS
 from offline_eval.nested import NestedReplay
 from streaming.checkpoint import Snapshot, write_checkpoint
 from streaming.clients import create_topic, make_producer
@@ -86,8 +85,8 @@ class WorkerPath:
         write_checkpoint(self.workdir / "checkpoints" / "replay.safetensors", Snapshot(
             topic=self.topic, offsets={0: 0}, user_ids=[str(u) for u in self.log.user_ids[:n_users]],
             partitions=torch.zeros(n_users, dtype=torch.int64),
-            users={k: getattr(state, k)[:n_users].clone() for k in USER_FIELDS},
-            population={0: {k: getattr(state, k).clone() for k in POPULATION_FIELDS}}, item_ids=item_ids))
+            users={k: v.clone() for k, v in state.user_rows(slice(0, n_users)).items()},
+            population={0: {k: v.clone() for k, v in state.population().items()}}, item_ids=item_ids))
         return model_path
 
     def _wait(self, done, what: str) -> None:

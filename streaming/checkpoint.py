@@ -338,8 +338,8 @@ class CheckpointWriter:
 class UserRow:
     """One user's whole fast state, as an evicted user keeps it in the online store."""
 
-    fields: dict[str, torch.Tensor]  # the per-user fields of FastState but ``recent``, and ``event_ids``
-    recent: list[str | None]  # the item ids in the recent slots (None: empty), by id: indices are per worker
+    fields: dict[str, torch.Tensor]  # the user's rows but their items (`FastState.split_items`), and ``event_ids``
+    latest: list[str | None]  # the user's latest items (None: an empty slot), by id: indices are per worker
     through: int  # the offset of the latest event the row holds, in the user's partition ...
     topic_id: str | None = None  # ... of this topic (a recreated topic starts its offsets over)
 
@@ -348,7 +348,7 @@ def encode_user_row(row: UserRow) -> bytes:
     from safetensors.torch import save
 
     return save({k: v.contiguous() for k, v in row.fields.items()},
-                metadata={"recent": json.dumps(row.recent), "through": str(row.through),
+                metadata={"recent": json.dumps(row.latest), "through": str(row.through),
                           "topic_id": row.topic_id or ""})
 
 

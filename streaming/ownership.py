@@ -22,7 +22,7 @@ import time
 import torch
 from kafka import ConsumerRebalanceListener, TopicPartition
 
-from recsys.nested import POPULATION_FIELDS, USER_FIELDS
+from recsys.nested import FastState
 from streaming.checkpoint import Snapshot, UserRow, decode_user_row, encode_user_row, read_own, restore
 
 log = logging.getLogger("recsys.stream")
@@ -50,10 +50,10 @@ class Ownership:
         if not len(rows):
             return
         ids = [self.users.ids.ids[r] for r in rows.tolist()]
-        values = {k: getattr(self.state, k)[rows.to(self.device)].cpu() for k in USER_FIELDS}
-        values["event_ids"] = self.users.event_ids[rows]
-        blobs = [encode_user_row(UserRow({k: v[j] for k, v in values.items() if k != "recent"},
-                                         [self.items.ids[i] if i >= 0 else None for i in values["recent"][j].tolist()],
+        fields, latest = FastState.split_items({k: v.cpu() for k, v in self.state.user_rows(rows.to(self.device)).items()})
+        fields["event_ids"] = self.users.event_ids[rows]
+        blobs = [encode_user_row(UserRow({k: v[j] for k, v in fields.items()},
+                                         [self.items.ids[i] if i >= 0 else None for i in latest[j].tolist()],
                                          int(self.users.through[r]), self.topic_id))
                  for j, r in enumerate(rows.tolist())]
         if not self.features.evict(ids, blobs):
@@ -78,15 +78,14 @@ class Ownership:
         if not back:
             return
         rows = self.users.rows([u for u, _ in back], torch.tensor([missing[u] for u, _ in back], dtype=torch.int64))
-        named = self.catalogue.index([i for _, row in back for i in row.recent if i is not None])
-        index = dict(zip((i for _, row in back for i in row.recent if i is not None), named.tolist()))
-        recent = torch.tensor([[-1 if i is None else index[i] for i in row.recent] for _, row in back],
+        named = self.catalogue.index([i for _, row in back for i in row.latest if i is not None])
+        index = dict(zip((i for _, row in back for i in row.latest if i is not None), named.tolist()))
+        latest = torch.tensor([[-1 if i is None else index[i] for i in row.latest] for _, row in back],
                               dtype=torch.int64)
         self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
-        dev = rows.to(self.device)
-        for name in USER_FIELDS:
-            value = recent if name == "recent" else torch.stack([row.fields[name] for _, row in back])
-            getattr(self.state, name)[dev] = value.to(self.device)
+        fields = {name: torch.stack([row.fields[name] for _, row in back]) for name in back[0][1].fields
+                  if name != "event_ids"}
+        self.state.put_user_rows(rows.to(self.device), FastState.join_items(fields, latest))
         # An offset counts in the log it was read from: a recreated topic starts over.
         self.users.through[rows] = torch.tensor([row.through if row.topic_id == self.topic_id else -1
                                                  for _, row in back], dtype=torch.int64)
@@ -115,8 +114,8 @@ class Ownership:
         snap = Snapshot(
             topic=self.cfg.topic, offsets=dict(self.offsets), user_ids=list(self.users.ids.ids),
             partitions=self.users.partition.clone(),
-            users={k: _cpu_copy(getattr(self.state, k)[:n]) for k in USER_FIELDS},
-            population={p: {k: _cpu_copy(getattr(level, k)) for k in POPULATION_FIELDS} for p, level in self.levels.items()},
+            users={k: _cpu_copy(v) for k, v in self.state.user_rows(slice(0, n)).items()},
+            population={p: {k: _cpu_copy(v) for k, v in level.population().items()} for p, level in self.levels.items()},
             item_ids=list(self.items.ids),
             topic_id=self.topic_id, ends=self._highwaters(), event_ids=self.users.event_ids.clone(),
             model=self.identity, evicted_from=sorted(self.evicted_from & set(self.offsets)))
@@ -209,25 +208,16 @@ class Ownership:
         if (remap < 0).any():  # this runs in the rebalance callback: a data-dependent raise here would crash-loop
             log.warning("%d items of the checkpoint could not be named in the catalogue %s: their counts are "
                         "left out", int((remap < 0).sum()), self.catalogue.topic)
-        if "recent" in users:  # item indices past the model's table are each worker's own naming
-            users["recent"] = torch.where(users["recent"] >= 0, remap[users["recent"].clamp(min=0)], -1)
+        users = FastState.renumber_items(users, remap)  # indices past the model's table are each worker's own
         self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
-        for name, value in users.items():
-            getattr(self.state, name)[rows.to(self.device)] = value[take].to(self.device)
+        self.state.put_user_rows(rows.to(self.device), {name: value[take] for name, value in users.items()})
         if snap.event_ids is not None:
             self.users.event_ids[rows] = snap.event_ids[take]
         self.evicted_from.update(set(snap.evicted_from) & set(partitions))
         for p in partitions:  # each partition's population level comes with its users and offsets
-            if p in snap.population:
-                level = self.model.init_state(0, len(self.items), device=self.device)
-                for name, value in snap.population[p].items():
-                    if name in ("pop", "pop_acc"):  # by item id: indices past the model's table are per file
-                        n = min(len(value), len(remap))  # a level may hold spare capacity past its items
-                        named = remap[:n] >= 0
-                        value = value.new_zeros(len(self.items), *value.shape[1:]).index_add_(
-                            0, remap[:n][named], value[:n][named])
-                    setattr(level, name, value.to(self.device))
-                self.levels[p] = level
+            if p in snap.population:  # counts by item id: indices past the model's table are per file
+                empty = self.model.init_state(0, len(self.items), device=self.device)
+                self.levels[p] = empty.with_population(snap.population[p], remap)
 
     def _keep_rows(self, keep: torch.Tensor) -> None:
         rows = keep.nonzero().flatten()

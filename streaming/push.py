@@ -112,7 +112,7 @@ class FeaturePush:
         if self.writer is not None and (self.dirty or self.dirty_partitions):
             ordered = sorted(self.dirty)
             take, rest = ordered[:self.max_rows], ordered[self.max_rows:]
-            rows = torch.tensor(take, dtype=torch.int64, device=state.cnt.device)
+            rows = torch.tensor(take, dtype=torch.int64, device=state.level_counts().device)
             parts = [] if self.resyncing and rest else sorted(self.dirty_partitions)
             if self.resyncing and not rest:
                 log.info("re-sync: the last %d rows and %d population rows on their way", len(take), len(parts))
@@ -121,11 +121,11 @@ class FeaturePush:
                 user = model.read_users(state, rows).float().cpu().numpy() if len(rows) else []
             # A partition's row: its partial item counts, as of its own clock.
             ids = [users.ids[r] for r in rows.tolist()] + [population_key(p) for p in parts]
-            vectors = [*user, *(levels[p].pop.float().cpu().numpy().ravel() for p in parts)]  # item-major speeds
-            events = np.concatenate([state.cnt[rows].cpu().numpy(), [int(levels[p].pop_events) for p in parts]])
-            recent = [r[r >= 0] for r in state.recent[rows].cpu().numpy()] + [np.zeros(0, np.int64)] * len(parts)
-            last_ts = np.concatenate([state.last_ts[rows].cpu().numpy(),
-                                      [int(levels[p].pop_ts) for p in parts]])
+            vectors = [*user, *(levels[p].level_counts().float().cpu().numpy().ravel() for p in parts)]  # item-major speeds
+            events = np.concatenate([state.events(rows).cpu().numpy(), [levels[p].level_events() for p in parts]])
+            recent = [r[r >= 0] for r in state.latest_items(rows).cpu().numpy()] + [np.zeros(0, np.int64)] * len(parts)
+            last_ts = np.concatenate([state.last_event_ts(rows).cpu().numpy(),
+                                      [levels[p].level_clock() for p in parts]])
             stamps = np.concatenate(unpushed) if unpushed else np.zeros(0)
             self.job = self.waiter.submit(self._write, ids, vectors, events, recent, last_ts, stamps)
             if wait:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsys.nested import USER_FIELDS, FastState, NestedModel, load_item_ids, sum_levels
+from recsys.nested import FastState, NestedModel, load_item_ids, sum_levels
 from recsys.vocab import Vocab
 from streaming.catalogue import Catalogue
 from streaming.checkpoint import CheckpointWriter, check_rows_fit, model_identity
@@ -183,8 +183,9 @@ class StreamWorker(Ownership):
         return self.applied + self.dead_letters.total
 
     def held(self) -> Held:
-        levels = [(level.pop, level.pop_ts) for level in self.levels.values()]
-        population = torch.zeros(max(len(self.items), *(len(c) for c, _ in levels)), dtype=self.state.pop.dtype)
+        levels = [(level.level_counts(), level.level_clock()) for level in self.levels.values()]
+        population = torch.zeros(max(len(self.items), *(len(c) for c, _ in levels)),
+                                 dtype=self.state.level_counts().dtype)
         if levels:
             summed = self.model.population_counts(sum_levels(levels, self.model.cfg.pop_half_lives())[0])
             population[:len(summed)] = summed
@@ -204,7 +205,7 @@ class StreamWorker(Ownership):
                                       max_poll_records=max(self.cfg.batch_size, 4096),
                                       fetch_max_wait_ms=max(1, int(self.cfg.max_wait_s * 1000)))
         one = self.model.init_state(1, len(self.items))
-        check_rows_fit(self.cfg.checkpoint_dir, self.cfg.topic, {k: getattr(one, k).shape[1:] for k in USER_FIELDS},
+        check_rows_fit(self.cfg.checkpoint_dir, self.cfg.topic, one.row_shapes(),
                        self.identity)  # here, not in the rebalance callback, where a raise would be swallowed
         self.dead_letters.connect()
         self.catalogue = Catalogue(self.cfg.bootstrap_servers, self.cfg.topic, list(self.items.ids))
@@ -376,7 +377,7 @@ class StreamWorker(Ownership):
                                                     f"of the worker's clock ({host_horizon:.0f})")
         if partition not in horizons:  # the clock as of this batch: the level's, then each event accepted
             level = self.levels.get(partition)
-            clock = int(level.pop_ts) if level is not None else -1
+            clock = level.level_clock() if level is not None else -1
             since = self.clock_moved.setdefault(partition, time.monotonic())
             horizons[partition] = (clock, self.cfg.max_clock_jump_s + time.monotonic() - since)
         clock, allowed = horizons[partition]

@@ -258,7 +258,7 @@ def assert_held_or_evicted_exactly_once(ckpt: Path, topic: str, repo, head: pl.D
     for uid, blob in zip(away, repo.evicted(away)):
         assert blob is not None, f"user {uid} is neither held nor in the online store"
         row = decode_user_row(blob)
-        rows[uid] = row.fields | {"recent": [i for i in row.recent if i is not None]}
+        rows[uid] = row.fields | {"latest": [i for i in row.latest if i is not None]}
     assert_exactly_once(rows, head, reference_rows(model_path, head))
 
 

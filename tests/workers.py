@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 import torch
 
-from recsys.nested import USER_FIELDS, NestedModel
+from recsys.nested import FastState, NestedModel
 from recsys.vocab import Vocab
 from streaming.broker import die_with_parent
 from streaming.checkpoint import latest_for_partitions, read_checkpoint, read_offsets
@@ -98,12 +98,14 @@ def reference_rows(model_path: Path, frame: pl.DataFrame) -> dict[str, dict[str,
     ts = torch.from_numpy(frame["ts"].to_numpy().copy())
     for lo in range(0, len(u), 4096):
         state = model.update(state, u[lo:lo + 4096], i[lo:lo + 4096], ts[lo:lo + 4096], donate=True)
-    return {uid: _named({f: getattr(state, f)[r] for f in USER_FIELDS}, items.ids) for r, uid in enumerate(users.ids)}
+    rows = state.user_rows(torch.arange(len(users.ids)))
+    return {uid: _named({f: v[r] for f, v in rows.items()}, items.ids) for r, uid in enumerate(users.ids)}
 
 
 def _named(row: dict, item_ids: list[str]) -> dict:
-    """Recent items by id: beyond the model's table, item indices are each worker's own naming."""
-    return row | {"recent": [item_ids[i] for i in row["recent"].tolist() if i >= 0]}
+    """The latest items by id: beyond the model's table, item indices are each worker's own naming."""
+    fields, latest = FastState.split_items(row)
+    return fields | {"latest": [item_ids[i] for i in latest.tolist() if i >= 0]}
 
 
 def merged_checkpoints(ckpt_dir: Path, topic: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -112,7 +114,7 @@ def merged_checkpoints(ckpt_dir: Path, topic: str) -> dict[str, dict[str, torch.
     for p, path in latest_for_partitions(ckpt_dir, topic, range(64)).items():
         snap = read_checkpoint(path)
         for r in (snap.partitions == p).nonzero().flatten().tolist():
-            rows[snap.user_ids[r]] = _named({f: snap.users[f][r] for f in USER_FIELDS}, snap.item_ids)
+            rows[snap.user_ids[r]] = _named({f: v[r] for f, v in snap.users.items()}, snap.item_ids)
     return rows
 
 
@@ -121,8 +123,8 @@ def assert_exactly_once(rows, stream: pl.DataFrame, reference=None) -> None:
     got = {uid: int(r["cnt"]) for uid, r in rows.items()}
     assert got == dict(expected), "some user's events were lost or applied twice"
     for uid, ref in (reference or {}).items():
-        assert rows[uid]["recent"] == ref["recent"], uid
-        for f in set(USER_FIELDS) - {"recent"}:
+        assert rows[uid]["latest"] == ref["latest"], uid
+        for f in set(ref) - {"latest"}:
             assert torch.allclose(rows[uid][f].double(), ref[f].double(), atol=1e-4, rtol=1e-4), (uid, f)
 
 

@@ -58,8 +58,86 @@ class FastState:
         """This state's population level with exactly the given user rows."""
         return replace(self, **users)
 
+    def put_user_rows(self, rows: torch.Tensor, users: dict[str, torch.Tensor]) -> None:
+        """Write ``users`` (named as `user_rows` names them) into ``rows``, in place: the state's
+        owner (a stream worker restoring rows it takes over) has no other holder to surprise."""
+        for name, value in users.items():
+            getattr(self, name)[rows] = value.to(getattr(self, name).device)
+
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One user row's shape per field: what a checkpoint's rows must match."""
+        return {name: tuple(getattr(self, name).shape[1:]) for name in USER_FIELDS}
+
+    @staticmethod
+    def renumber_items(users: dict[str, torch.Tensor], remap: torch.Tensor) -> dict[str, torch.Tensor]:
+        """User rows whose item indices (the latest items) go through ``remap`` (old index → new;
+        -1 stays -1): rows from another worker's numbering of the items first seen online."""
+        out = dict(users)
+        if "recent" in out:
+            out["recent"] = torch.where(out["recent"] >= 0, remap[out["recent"].clamp(min=0)], -1)
+        return out
+
+    @staticmethod
+    def split_items(users: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """User rows → (their fields but the item indices, (U, R) the indices of their latest
+        items): the part a row stored outside the worker must name by item id."""
+        fields = {k: v for k, v in users.items() if k != "recent"}
+        return fields, users["recent"]
+
+    @staticmethod
+    def join_items(fields: dict[str, torch.Tensor], latest: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`split_items` undone: the user rows from their fields and latest item indices."""
+        return fields | {"recent": latest}
+
+    # -- the population level, as a worker keeps one per partition ------------------------------
+    def population(self) -> dict[str, torch.Tensor]:
+        """The population level's tensors by name (a checkpoint's part per partition)."""
+        return {name: getattr(self, name) for name in POPULATION_FIELDS}
+
+    def with_population(self, level: dict[str, torch.Tensor], remap: torch.Tensor | None = None) -> FastState:
+        """This state with the population level ``level`` (as `population` names it); ``remap``:
+        its item counts re-indexed old → new, counts of items that map to -1 left out."""
+        level = dict(level)
+        if remap is not None:
+            for name in ("pop", "pop_acc"):
+                value = level[name]
+                n = min(len(value), len(remap))  # a level may hold spare capacity past its items
+                named = remap[:n] >= 0
+                level[name] = value.new_zeros(len(self.pop), *value.shape[1:]).index_add_(
+                    0, remap[:n][named], value[:n][named])
+        return replace(self, **{k: v.to(self.pop.device) for k, v in level.items()})
+
+    def level_counts(self) -> torch.Tensor:
+        """(N, speeds) the population level's counts (as of `level_clock`)."""
+        return self.pop
+
+    def level_events(self) -> int:
+        """Events the population level has applied."""
+        return int(self.pop_events)
+
+    def level_clock(self) -> int:
+        """The population level's clock: its latest event's time (-1: none yet)."""
+        return int(self.pop_ts)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def latest_items(self, rows: torch.Tensor) -> torch.Tensor:
+        """(U, R) the rows' latest item indices, oldest first (-1: none)."""
+        return self.recent[rows]
+
+    def events(self, rows: torch.Tensor) -> torch.Tensor:
+        """(U,) events applied to each row in total."""
+        return self.cnt[rows]
+
+    def last_event_ts(self, rows: torch.Tensor) -> torch.Tensor:
+        """(U,) each row's latest event time (-1: none yet)."""
+        return self.last_ts[rows]
+
+    @property
+    def n_users(self) -> int:
+        """User rows held (spare capacity from amortised growth included)."""
+        return len(self.cnt)
 
     def clock(self) -> torch.Tensor:
         """() the time of the latest event applied: the same offline and online."""
