@@ -43,7 +43,7 @@ class Ownership:
             idle[self.users.least_recent(len(self.users) - int(0.9 * bound))] = True
         if not idle.any():
             return
-        unsettled = self.features.settled(self.model, self.state, self.users.ids, self.levels)
+        unsettled = self.features.settled(self.serving_view())
         if unsettled:
             idle[sorted(unsettled)] = False
         rows = idle.nonzero().flatten()

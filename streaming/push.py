@@ -14,7 +14,7 @@ return tells serving the re-sync is done.
 
     >>> push = FeaturePush(Path("runs/features"), metrics)
     >>> push.touched(rows, produce_ms)             # after each micro-batch
-    >>> push.push(model, state, users, levels)     # every push_every_s
+    >>> push.push(view)                            # every push_every_s (a `recsys.nested.ServingView`)
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from features.store import is_population_key, population_key
+from recsys.nested.view import ServingView
 from recsys.vocab import Vocab
 
 log = logging.getLogger("recsys.stream")
@@ -90,42 +91,39 @@ class FeaturePush:
 
         self.check = self.waiter.submit(check)
 
-    def push(self, model, state, users: Vocab, levels: dict, wait: bool = False) -> None:
+    def push(self, view: ServingView, wait: bool = False) -> None:
         """Fresh user vectors of every row touched since the last push, and the population
-        level of every partition touched (``levels``: partition → its level), in one write
-        (``wait``: until it landed or failed)."""
+        level of every partition touched, as ``view`` shows them, in one write (``wait``:
+        until it landed or failed)."""
         if self.job is not None and not self.job.done():
             if not wait:
                 return
             self.job.result()
         if not wait and self.refusals and time.monotonic() < self.retry_at:
             return  # a failing store is not hammered every 0.1 s
-        self._redirty_failed(users)
+        self._redirty_failed(view.user_ids)
         if self.lost:
             self.lost, self.resyncing = False, True
-            self.dirty.update(range(len(users)))
-            self.dirty_partitions.update(levels)
+            self.dirty.update(range(view.n_users))
+            self.dirty_partitions.update(view.partitions)
             self.metrics.resyncs.inc()
         with self.lock:
             unpushed, self.unpushed_ms = self.unpushed_ms, []
-        self.dirty_partitions &= set(levels)  # a partition revoked meanwhile is its new owner's to push
+        self.dirty_partitions &= view.partitions  # a partition revoked meanwhile is its new owner's to push
         if self.writer is not None and (self.dirty or self.dirty_partitions):
             ordered = sorted(self.dirty)
             take, rest = ordered[:self.max_rows], ordered[self.max_rows:]
-            rows = torch.tensor(take, dtype=torch.int64, device=state.level_counts().device)
             parts = [] if self.resyncing and rest else sorted(self.dirty_partitions)
             if self.resyncing and not rest:
                 log.info("re-sync: the last %d rows and %d population rows on their way", len(take), len(parts))
                 self.resyncing = False
-            with torch.no_grad():
-                user = model.read_users(state, rows).float().cpu().numpy() if len(rows) else []
-            # A partition's row: its partial item counts, as of its own clock.
-            ids = [users.ids[r] for r in rows.tolist()] + [population_key(p) for p in parts]
-            vectors = [*user, *(levels[p].level_counts().float().cpu().numpy().ravel() for p in parts)]  # item-major speeds
-            events = np.concatenate([state.events(rows).cpu().numpy(), [levels[p].level_events() for p in parts]])
-            recent = [r[r >= 0] for r in state.latest_items(rows).cpu().numpy()] + [np.zeros(0, np.int64)] * len(parts)
-            last_ts = np.concatenate([state.last_event_ts(rows).cpu().numpy(),
-                                      [levels[p].level_clock() for p in parts]])
+            users, levels = view.users(take), [view.level(p) for p in parts]
+            # A partition's row: its partial item counts (item-major speeds), as of its own clock.
+            ids = users.ids + [population_key(p) for p in parts]
+            vectors = [*users.vectors, *(level.counts for level in levels)]
+            events = np.concatenate([users.events, [level.events for level in levels]])
+            recent = users.latest + [np.zeros(0, np.int64)] * len(parts)
+            last_ts = np.concatenate([users.last_ts, [level.clock for level in levels]])
             stamps = np.concatenate(unpushed) if unpushed else np.zeros(0)
             self.job = self.waiter.submit(self._write, ids, vectors, events, recent, last_ts, stamps)
             if wait:
@@ -138,11 +136,11 @@ class FeaturePush:
         self.dirty.clear()
         self.dirty_partitions.clear()
 
-    def last_push(self, model, state, users: Vocab, levels: dict, attempts: int = 5) -> None:
+    def last_push(self, view: ServingView, attempts: int = 5) -> None:
         """At shutdown: push until the online store has every row, or give up loudly."""
         refused = 0
         while refused < attempts:
-            self.push(model, state, users, levels, wait=True)
+            self.push(view, wait=True)
             if not self.pending():
                 return
             if self.failed_users:  # refused, not just more than one write's worth: back off
@@ -151,10 +149,10 @@ class FeaturePush:
         log.error("the online store refused %d users' last vectors; they are pushed with their next event",
                   len(self.failed_users))
 
-    def settled(self, model, state, users: Vocab, levels: dict) -> set[int]:
+    def settled(self, view: ServingView) -> set[int]:
         """Push and wait; the rows whose latest vector is still not in the store."""
-        self.push(model, state, users, levels, wait=True)
-        self._redirty_failed(users)
+        self.push(view, wait=True)
+        self._redirty_failed(view.user_ids)
         return self.dirty
 
     def renumber(self, renumber: torch.Tensor) -> None:

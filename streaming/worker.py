@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsys.nested import FastState, NestedModel, load_item_ids, sum_levels
+from recsys.nested import FastState, NestedModel, ServingView, load_item_ids, sum_levels
 from recsys.vocab import Vocab
 from streaming.catalogue import Catalogue
 from streaming.checkpoint import CheckpointWriter, check_rows_fit, model_identity
@@ -263,7 +263,7 @@ class StreamWorker(Ownership):
             if self.pending:
                 self.apply(self.pending)
                 self.pending = []
-            self.features.last_push(self.model, self.state, self.users.ids, self.levels)
+            self.features.last_push(self.serving_view())
             clean = self.checkpoint(wait=True)
         except BaseException:
             # A batch may have failed half-applied: the last good checkpoint stays the truth
@@ -392,9 +392,13 @@ class StreamWorker(Ownership):
         level = self.levels.get(partition) or self.model.init_state(0, len(self.items), device=self.device)
         return self.model.grow_state(level, 0, len(self.items))
 
+    def serving_view(self) -> ServingView:
+        """What the online store gets of the state now (references, no copy)."""
+        return ServingView(self.model, self.state, self.users.ids, self.levels)
+
     def push(self, wait: bool = False) -> None:
         t0 = time.perf_counter()
-        self.features.push(self.model, self.state, self.users.ids, self.levels, wait=wait)
+        self.features.push(self.serving_view(), wait=wait)
         self.seconds["push"] += time.perf_counter() - t0
 
     # -- observability -------------------------------------------------------------------------

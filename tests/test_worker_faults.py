@@ -27,8 +27,8 @@ from streaming.checkpoint import previous, read_checkpoint
 from streaming.clients import create_topic, make_producer
 from streaming.producer import ProducerConfig, produce
 from waiting import wait_until
-from workers import (RedisServer, Worker, assert_exactly_once, checkpointed, dead_letters, merged_checkpoints, metric,
-                     reference_rows)
+from workers import (RedisServer, Worker, assert_exactly_once, checkpointed, dead_letters, held_users,
+                     merged_checkpoints, metric, reference_rows)
 
 pytestmark = pytest.mark.slow
 
@@ -277,7 +277,7 @@ def test_idle_users_leave_memory_for_the_online_store_and_return_where_they_left
     w = Worker(broker, topic, model_path, ckpt, "w1", "--feature-repo", str(repo.path), "--user-ttl", "1",
                "--checkpoint-every", "0.3", "--metrics-port", str(port))
     # Everyone idles past the TTL: memory and the checkpoint hold no user, the online store holds them all.
-    wait_until(lambda: checkpointed(own) == first.height and len(read_checkpoint(own).user_ids) == 0
+    wait_until(lambda: checkpointed(own) == first.height and held_users(own) == 0
                or w.proc.poll() is not None, "every idle user evicted", timeout_s=180)
     assert w.proc.poll() is None, w.text()[-3000:]
     assert metric(port, "recsys_stream_users") == 0
@@ -308,7 +308,7 @@ def test_past_max_users_the_least_recent_leave_for_the_online_store_and_return_w
     produce(first, cfg)
     w = Worker(broker, topic, model_path, ckpt, "w1", "--feature-repo", str(repo.path), "--max-users", "200",
                "--checkpoint-every", "0.3", "--metrics-port", str(port))
-    wait_until(lambda: checkpointed(own) == first.height and len(read_checkpoint(own).user_ids) <= 200
+    wait_until(lambda: checkpointed(own) == first.height and (n := held_users(own)) is not None and n <= 200
                or w.proc.poll() is not None, "held users down to the bound", timeout_s=180)
     assert w.proc.poll() is None, w.text()[-3000:]
     assert metric(port, "recsys_stream_users_evicted_total") >= first["user_id"].n_unique() - 200
@@ -445,7 +445,7 @@ def test_a_redis_restarted_empty_gets_every_users_row_back_within_a_minute(broke
 
 def test_writes_to_a_failing_store_back_off_instead_of_retrying_every_push(model_path, tmp_path):
     from features.store import FeatureRepo
-    from recsys.nested import NestedModel
+    from recsys.nested import NestedModel, ServingView
     from recsys.vocab import Vocab
     from streaming.metrics import Metrics
     from streaming.push import FeaturePush
@@ -458,11 +458,12 @@ def test_writes_to_a_failing_store_back_off_instead_of_retrying_every_push(model
     state = model.update(model.init_state(1, 1500), torch.tensor([0]), torch.tensor([3]), torch.tensor([1_700_000_000]))
     metrics = Metrics(None)
     push = FeaturePush(repo.path, metrics)
+    view = ServingView(model, state, Vocab(["u0"]), levels={})
     try:
         push.touched(torch.tensor([0]), [], np.zeros(1))
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:  # the worker loop's pace: a push every 0.1 s
-            push.push(model, state, Vocab(["u0"]), {})
+            push.push(view)
             time.sleep(0.1)
         failures = metrics.registry.get_sample_value("recsys_stream_push_failures_total")
         assert 1 <= failures <= 8, failures  # 0.2, 0.4, 0.8, 1.6 s apart; ~30 without a backoff

@@ -136,6 +136,15 @@ def checkpointed(path: Path) -> int:
         return 0
 
 
+def held_users(path: Path) -> int | None:
+    """Users a worker's checkpoint holds (None while it is unreadable: a read racing the
+    worker's rename of a newer file sees the old header and the new file)."""
+    try:
+        return len(read_checkpoint(path).user_ids)
+    except Exception:
+        return None
+
+
 def metric(port: int, name: str, **labels: str) -> float:
     """The sum of a worker's Prometheus samples called ``name`` with these labels (0 if none yet)."""
     from urllib.request import urlopen
