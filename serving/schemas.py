@@ -1,4 +1,4 @@
-"""The API's request and response bodies, as `/docs` shows them."""
+"""The API's response bodies, as `/docs` shows them; the request body is `streaming.events.Event`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from recsys.log_contract import EVENT_TYPES
+from streaming.events import Event
 
 
 class RecommendedItem(BaseModel):
@@ -27,19 +27,8 @@ class Recommendations(BaseModel):
     degraded: str | None = Field(None, description="why this answer was degraded (absent when it was not)")
 
 
-class EventIn(BaseModel):
-    """An interaction, as `streaming/events.py`'s `Event` validates it (the stream worker's schema)."""
-
-    user_id: str = Field(min_length=1, max_length=128)
-    item_id: str = Field(min_length=1, max_length=128)
-    ts: int = Field(description="seconds since the epoch")
-    event_type: str = Field("view", description=f"one of {', '.join(EVENT_TYPES)}")
-    value: float | None = None
-    event_id: str | None = Field(None, description="a client's id for retries: a repeated id is applied once")
-
-
 class Accepted(BaseModel):
-    accepted: EventIn
+    accepted: Event  # the one event schema (streaming/events.py), which the worker validates too
 
 
 class Rejected(BaseModel):

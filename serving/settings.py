@@ -48,4 +48,6 @@ class ServeConfig(BaseSettings):
     @field_validator("api_key")
     @classmethod
     def _empty_key_is_no_key(cls, key: str | None) -> str | None:
-        return key.strip() or None if key is not None else None  # RECSYS_API_KEY="" must not open writes to ""
+        if key is None or not key.strip():
+            return None  # RECSYS_API_KEY="" must not open writes to an empty key
+        return key.strip()

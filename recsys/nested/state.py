@@ -135,6 +135,10 @@ class FastState:
         return self.last_ts[rows]
 
     @property
+    def device(self) -> torch.device:
+        return self.cnt.device
+
+    @property
     def n_users(self) -> int:
         """User rows held (spare capacity from amortised growth included)."""
         return len(self.cnt)

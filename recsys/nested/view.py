@@ -47,7 +47,7 @@ class ServingView:
         return set(self.levels)
 
     def users(self, rows: list[int]) -> UserRowsView:
-        index = torch.tensor(rows, dtype=torch.int64, device=self.state.level_counts().device)
+        index = torch.tensor(rows, dtype=torch.int64, device=self.state.device)
         with torch.no_grad():
             vectors = self.model.read_users(self.state, index).float().cpu().numpy() if rows else np.zeros((0, 0))
         return UserRowsView([self.user_ids.ids[r] for r in rows], vectors, self.state.events(index).cpu().numpy(),

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import TypeAdapter
 from fastapi.responses import JSONResponse
 
 from serving.routes.deps import service, writer
-from serving.schemas import Accepted, EventIn, Rejected, Unavailable
+from serving.schemas import Accepted, Rejected, Unavailable
 from serving.service import Service
 from streaming.events import Event, InvalidEvent
 
@@ -20,7 +21,7 @@ router = APIRouter(tags=["events"])
                         503: {"model": Unavailable, "description": "Kafka unreachable or slow: retry"}},
              # The body is read and bounded by hand (below), so its schema is declared here for /docs.
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": EventIn.model_json_schema()}}}})
+                 "application/json": {"schema": TypeAdapter(Event).json_schema()}}}})
 async def post_event(request: Request, svc: Service = Depends(service)):
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise HTTPException(415, "send the event as JSON (Content-Type: application/json)")
