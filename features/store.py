@@ -121,7 +121,7 @@ class FeatureRepo:
                         ts: datetime | None = None) -> None:
         """Write fresh user vectors to the online store: one call per micro-batch, not per event.
         ``vectors`` the user vectors, a 2-D array or a list (the population row's is its term, longer);
-        ``recent_items`` the model's item indices each user touched last (serving masks them);
+        ``recent_items`` the model's item indices serving masks for each user (their latest, and those they said no to);
         ``last_ts`` the time of each row's latest event (the population row's: the stream's clock).
 
         The rows go to the online store of the ``user_state`` view through its provider, as

@@ -13,6 +13,7 @@ import torch
 from recsys import association
 from recsys.association import AssociationConfig, AssociationLevel, association_defaults
 from recsys.batch_users import sequences_before
+from recsys.nested import negative
 from recsys.nested import (POPULATION_CLOCK, NestedConfig, NestedModel, load_state, population_defaults,
                                  save_state)
 from recsys.train import TrainConfig, train_nested
@@ -23,10 +24,13 @@ class NestedReplay:
     the fast state; then score/update are the online API."""
 
     def __init__(self, use_fast: bool = True, train_cfg: TrainConfig = TrainConfig(progress=False),
-                 population_clock: str = POPULATION_CLOCK, association: bool = False, **levels):
+                 population_clock: str = POPULATION_CLOCK, association: bool = False, feedback: str = "kinds",
+                 **levels):
         """``levels``: NestedConfig switches for ablations (``user_fast=False``, …);
-        ``association``: with the population association level (`recsys.association`)."""
-        self.use_fast, self.train_cfg, self.levels = use_fast, train_cfg, levels
+        ``association``: with the population association level (`recsys.association`);
+        ``feedback``: ``"kinds"`` reads each event's kind, ``"views"`` takes every event for a
+        view (the ablation of kinds; `EncodedLog.revealed`)."""
+        self.use_fast, self.train_cfg, self.levels, self.feedback = use_fast, train_cfg, levels, feedback
         self.population_clock = population_clock
         self.association = association and use_fast
         self.assoc_cfg: AssociationConfig | None = None
@@ -67,7 +71,8 @@ class NestedReplay:
     # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------
     def fit_key(self) -> str:
         return repr((self.use_fast, sorted(self.levels.items()), replace(self.train_cfg, progress=False),
-                     self.population_clock) + ((("association", True),) if self.association else ()))
+                     self.population_clock) + ((("association", True),) if self.association else ())
+                    + ((("feedback", self.feedback),) if self.feedback != "kinds" else ()))
 
     def save_fit(self, folder: Path) -> None:
         self.model.save(folder / "model.safetensors")
@@ -91,22 +96,27 @@ class NestedReplay:
     def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
         votes = self._votes(self.state.latest_items(users), n_items)
-        return self.model.score_users(self.model.read_users(self.state, users), self.state.absent_s(users),
-                                      self.model.population_counts(self.state.level_counts()), n_items, votes)
+        scores = self.model.score_users(self.model.read_users(self.state, users), self.state.absent_s(users),
+                                        self.model.population_counts(self.state.level_counts()), n_items, votes)
+        return negative.masked(scores, self.state.negative_items(users))
 
     def score_fresh(self, batch, n_items: int) -> torch.Tensor:
         """Each event from its user's vector after their earlier events of the batch. That takes
         the batch's recurrence, so it is applied here; ``update`` with this batch then has
         nothing left to do. Global state (population, association, clock) stays as at the batch start."""
         users, items, ts = (torch.from_numpy(a) for a in (batch.users, batch.items, batch.ts))
+        weight = None if batch.weight is None else torch.from_numpy(batch.weight)
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
         clock, pop = self.state.clock(), self.model.population_counts(self.state.level_counts())
+        said_no = self.state.negative_items(users)  # at the batch start; the batch's own below
         before = sequences_before(self.state.latest_items(users), users, items)  # before the update writes the rows
         votes = self._votes(before, n_items)
-        self.state, reads = self.model.update_reading(self.state, users, items, ts, donate=True)
-        self._associate(before, items, ts)
+        self.state, reads = self.model.update_reading(self.state, users, items, ts, donate=True, weight=weight)
+        self._associate(before, items, ts, weight)
         self.applied = batch
-        return self.model.score_users(reads.z, clock - reads.last_ts, pop, n_items, votes)
+        scores = self.model.score_users(reads.z, clock - reads.last_ts, pop, n_items, votes)
+        return negative.masked_before_each(scores, said_no, users, items,
+                                           torch.zeros_like(users, dtype=torch.bool) if weight is None else weight < 0)
 
     def update(self, batch) -> None:
         if batch is self.applied:  # score_fresh applied it already
@@ -114,13 +124,16 @@ class NestedReplay:
             return
         users, items, ts = (torch.from_numpy(a) for a in (batch.users, batch.items, batch.ts))
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, int(items.max()) + 1)
+        weight = None if batch.weight is None else torch.from_numpy(batch.weight)
         before = sequences_before(self.state.latest_items(users), users, items)
-        self.state = self.model.update(self.state, users, items, ts, donate=True)
-        self._associate(before, items, ts)
+        self.state = self.model.update(self.state, users, items, ts, donate=True, weight=weight)
+        self._associate(before, items, ts, weight)
 
     def _votes(self, recent: torch.Tensor, n_items: int) -> torch.Tensor | None:
         return association.read(self.assoc, recent, n_items, self.assoc_cfg) if self.association else None
 
-    def _associate(self, before: torch.Tensor, items: torch.Tensor, ts: torch.Tensor) -> None:
-        if self.association:
-            self.assoc = association.add(self.assoc, before, items, ts, self.assoc_cfg)
+    def _associate(self, before: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> None:
+        if self.association:  # only what a user took strengthens what follows what
+            yes = slice(None) if weight is None else weight > 0
+            self.assoc = association.add(self.assoc, before[yes], items[yes], ts[yes], self.assoc_cfg)

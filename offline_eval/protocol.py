@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from recsys.dataset import HISTORY_FRACTION, Dataset
+from recsys.feedback import FEEDBACK, is_plain
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class EncodedLog:
     n_history: int
     user_ids: np.ndarray  # dense index -> original id
     item_ids: np.ndarray
+    # (N,) float32 each event's feedback weight (`recsys.feedback`: > 0 positive, < 0 negative,
+    # 0 an impression); None: a log without kinds, every event a positive target.
+    weight: np.ndarray | None = None
 
     @property
     def n_events(self) -> int:
@@ -61,7 +65,28 @@ class EncodedLog:
 
     def slice(self, lo: int, hi: int) -> EncodedLog:
         return EncodedLog(self.users[lo:hi], self.items[lo:hi], self.ts[lo:hi], max(0, min(hi, self.n_history) - lo),
-                          self.user_ids, self.item_ids)
+                          self.user_ids, self.item_ids, None if self.weight is None else self.weight[lo:hi])
+
+    def targets(self) -> np.ndarray:
+        """(N,) bool: the events a model is scored on, the positive ones (all, without kinds)."""
+        return np.ones(self.n_events, dtype=bool) if self.weight is None else self.weight > 0
+
+    def select(self, keep: np.ndarray) -> EncodedLog:
+        """Only the events ``keep`` marks (the history split kept where it falls)."""
+        return EncodedLog(self.users[keep], self.items[keep], self.ts[keep], int(keep[:self.n_history].sum()),
+                          self.user_ids, self.item_ids, None if self.weight is None else self.weight[keep])
+
+    def revealed(self, feedback: str) -> EncodedLog:
+        """What a model is shown (its ``feedback`` attribute): ``"kinds"`` every event with its
+        weight; ``"positives"`` the positive events alone (a kind-blind model, which would take
+        a "no" for a "yes"); ``"views"`` every event as a view (the ablation of kinds)."""
+        if feedback == "kinds" or self.weight is None:
+            return self
+        if feedback == "positives":
+            return replace(self.select(self.targets()), weight=None)
+        if feedback == "views":
+            return replace(self, weight=None)
+        raise ValueError(f"feedback must be 'kinds', 'positives' or 'views', got {feedback!r}")
 
     def resplit(self, history_fraction: float) -> EncodedLog:
         """The same events split anew: the history's own replay (settings chosen on it see no stream)."""
@@ -87,4 +112,16 @@ def encode(ds: Dataset, cfg: ProtocolConfig = ProtocolConfig()) -> EncodedLog:
     users, user_ids = _first_appearance_codes(inter["user_id"])
     items, item_ids = _first_appearance_codes(inter["item_id"])
     n_history = int(np.floor(cfg.history_fraction * inter.height))
-    return EncodedLog(users, items, inter["ts"].to_numpy().astype(np.int64, copy=True), n_history, user_ids, item_ids)
+    return EncodedLog(users, items, inter["ts"].to_numpy().astype(np.int64, copy=True), n_history, user_ids, item_ids,
+                      feedback_weights(inter))
+
+
+def feedback_weights(inter: pl.DataFrame) -> np.ndarray | None:
+    """Each event's feedback weight from the log's ``event_type`` (and ``value``) columns; None
+    for a log without kinds, or whose kinds are all plain views (the replay is then as before)."""
+    if "event_type" not in inter.columns:
+        return None
+    kinds = inter["event_type"].fill_null("view").to_numpy()
+    values = inter["value"].cast(pl.Float64).fill_null(float("nan")).to_numpy() if "value" in inter.columns else None
+    weight = FEEDBACK.weights(kinds, values)
+    return None if is_plain(weight) else weight

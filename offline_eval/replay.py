@@ -55,11 +55,16 @@ def score_batch(model: ReplayModel, batch: EncodedLog, n_items: int, fresh: bool
 
 @dataclass
 class ReplayResult:
-    ranks: np.ndarray  # (stream events,) float64, inf = miss
+    ranks: np.ndarray  # (stream targets,) float64, inf = miss: one per positive stream event
     covered: np.ndarray  # (items,) bool: appeared in some top-10 list
     n_known_items: int  # known items at the end of the stream
     fit_seconds: float
     replay_seconds: float
+    targets: np.ndarray | None = None  # (stream events,) bool: which were targets (None: all)
+    # On a log with negative feedback: the share of served top 10s holding an item the user
+    # had said no to, and whether the replay filtered them for the model (a kind-blind one).
+    negative_shown: float | None = None
+    negatives_filtered: bool = False
 
 
 def batch_bounds(log: EncodedLog, batch_size: int) -> list[tuple[int, int]]:
@@ -69,35 +74,65 @@ def batch_bounds(log: EncodedLog, batch_size: int) -> list[tuple[int, int]]:
 
 def replay_model(model: ReplayModel, log: EncodedLog, cfg: ProtocolConfig, name: str = "model",
                  progress: bool = True, fitted: bool = False) -> ReplayResult:
+    """On a log with kinds of feedback, the positive events are the targets; a model is shown
+    what its ``feedback`` attribute asks for (`EncodedLog.revealed`: kind-blind models, the
+    default, see the positive events alone, and the replay masks what each user said no to for
+    them, as a shop's filter would); the seen filter is over positive events."""
+    feedback = getattr(model, "feedback", "positives")
     t0 = time.perf_counter()
     if not fitted:
-        model.fit(log.history())
+        model.fit(log.history().revealed(feedback))
     fit_seconds = time.perf_counter() - t0
 
     # Largest item index seen so far, +1: the known items before each position.
     known_upto = np.maximum.accumulate(log.items) + 1
     n_users, n_items = log.n_users_known, log.n_items_known
+    positive, kinds = log.targets(), log.weight is not None
     seen = SeenItems(n_users, n_items)
-    seen.add(log.users[: log.n_history], log.items[: log.n_history])
+    seen.add(log.users[: log.n_history][positive[: log.n_history]], log.items[: log.n_history][positive[: log.n_history]])
+    said_no = SeenItems(n_users, n_items) if kinds else None
+    if kinds:
+        no = log.weight[: log.n_history] < 0
+        said_no.add(log.users[: log.n_history][no], log.items[: log.n_history][no])
     covered = torch.zeros(n_items, dtype=torch.bool)
-    ranks = np.empty(log.n_events - log.n_history)
+    ranks = np.empty(int(positive[log.n_history:].sum()))
+    served = served_no = done = 0
 
     fresh = cfg.user_freshness == "event"
     t1 = time.perf_counter()
     bounds = batch_bounds(log, cfg.batch_size)
     for lo, hi in tqdm(bounds, desc=f"replay {name}", unit="batch", disable=not progress, mininterval=1.0):
         n_known = int(known_upto[lo - 1])
-        batch = log.slice(lo, hi)
-        users, targets = torch.from_numpy(batch.users), torch.from_numpy(batch.items)
+        full = log.slice(lo, hi)
+        t = torch.from_numpy(full.targets())
+        batch = full.revealed(feedback)
+        all_users, all_items = torch.from_numpy(full.users), torch.from_numpy(full.items)
+        users, targets = all_users[t], all_items[t]
         with torch.no_grad():  # not inference_mode: models grow their tables (cold start) while scoring
             scores = score_batch(model, batch, n_known, fresh)  # (B, n_known)
+            if len(scores) != len(users):  # shown every event: their targets' rows
+                scores = scores[t]
             if cfg.seen_filter:  # masked once, for the ranks and the coverage (where beats masked_fill 2×)
-                had = seen.before_each(users, targets, n_known) if fresh else seen.rows(users, n_known)
+                had = seen.before_each(all_users, all_items, n_known, t)[t] if fresh else seen.rows(users, n_known)
                 scores = torch.where(had, NEG_INF, scores)
-            ranks[lo - log.n_history: hi - log.n_history] = ranks_of_targets(scores, targets, None).numpy()
+            if kinds:
+                no = torch.from_numpy(full.weight < 0)
+                refused = said_no.before_each(all_users, all_items, n_known, no)[t] if fresh else said_no.rows(users, n_known)
+                if feedback == "positives":
+                    scores = torch.where(refused, NEG_INF, scores)
+            ranks[done: done + len(users)] = ranks_of_targets(scores, targets, None).numpy()
+            done += len(users)
             top = scores.topk(min(10, n_known), dim=1)
-            covered[top.indices[top.values > float("-inf")]] = True  # filtered items are not recommended
+            listed = top.values > float("-inf")
+            covered[top.indices[listed]] = True  # filtered items are not recommended
+            if kinds:
+                served += len(users)
+                served_no += int((refused.gather(1, top.indices) & listed).any(1).sum())
         model.update(batch)
-        seen.add(log.users[lo:hi], log.items[lo:hi])
+        seen.add(full.users[full.targets()], full.items[full.targets()])
+        if kinds:
+            said_no.add(full.users[full.weight < 0], full.items[full.weight < 0])
     replay_seconds = time.perf_counter() - t1
-    return ReplayResult(ranks, covered.numpy(), n_items, fit_seconds, replay_seconds)
+    return ReplayResult(ranks, covered.numpy(), n_items, fit_seconds, replay_seconds,
+                        positive[log.n_history:] if kinds else None,
+                        served_no / max(served, 1) if kinds else None, kinds and feedback == "positives")

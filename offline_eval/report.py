@@ -53,6 +53,7 @@ def _registry(log: EncodedLog, progress: bool, truth: dict,
         "nested_pop_by_time": lambda: NestedReplay(train_cfg=train, population_clock="time"),
         "nested_pop_by_events": lambda: NestedReplay(train_cfg=train, population_clock="events"),
         "nested_assoc": lambda: NestedReplay(train_cfg=train, association=True),
+        "nested_as_views": lambda: NestedReplay(train_cfg=train, feedback="views"),  # the ablation of kinds
         "oracle": lambda: Oracle(truth, log),
     }
 
@@ -89,6 +90,8 @@ def ndcg_standard_error(ranks: np.ndarray, k: int = 10) -> float:
 def model_report(result: ReplayResult, log: EncodedLog, cfg: ProtocolConfig) -> dict:
     ranks = result.ranks
     stream_users = log.users[log.n_history:]
+    if result.targets is not None:  # a log with kinds: the positive events are the targets
+        stream_users = stream_users[result.targets]
     warm = np.isin(stream_users, np.unique(log.users[: log.n_history]))
     overall = summarize(ranks, cfg.ks) | {"coverage@10": round(float(result.covered.mean()), 6),
                                           "ndcg@10_se": round(ndcg_standard_error(ranks), 6)}
@@ -101,7 +104,8 @@ def model_report(result: ReplayResult, log: EncodedLog, cfg: ProtocolConfig) -> 
         "fit_seconds": round(result.fit_seconds, 3),
         "replay_seconds": round(result.replay_seconds, 3),
         "replay_events_per_second": round(len(ranks) / max(result.replay_seconds, 1e-9), 1),
-    }
+    } | ({} if result.negative_shown is None else {
+        "negative_shown@10": round(result.negative_shown, 6), "negatives_filtered_by_replay": result.negatives_filtered})
 
 
 def _versions() -> dict:
@@ -157,7 +161,7 @@ def run_replay(ds: Dataset, cfg: ReplayConfig, fitted: dict[str, object] | None 
         cached = fit_seconds is not None and name not in fitted
         if fit_seconds is None:
             t = time.perf_counter()
-            model.fit(log.history())
+            model.fit(log.history().revealed(getattr(model, "feedback", "positives")))
             fit_seconds = time.perf_counter() - t
             if key is not None:
                 cache.save(model, key, fit_seconds, name)  # as fitted: the replay goes on to change it
@@ -212,17 +216,28 @@ def best_model_sentence(report: dict) -> str:
 
 def markdown_table(report: dict) -> str:
     oracle = "oracle" in report["models"]
+    # A log with negative feedback: the share of served top 10s holding an item the user said no to
+    # ("filtered": the replay masked them for a kind-blind model).
+    said_no = any("negative_shown@10" in m for m in report["models"].values())
     lines = ["| model | NDCG@10 (± se) | HR@10 | MRR | NDCG@10 cold | NDCG@10 warm | coverage@10 | fit s | replay ev/s |"
-             + (" of oracle |" if oracle else ""),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if oracle else "")]
+             + (" of oracle |" if oracle else "") + (" said no, in top 10 |" if said_no else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if oracle else "")
+             + (" --- |" if said_no else "")]
     for name, m in report["models"].items():
         o = m["overall"]
         se = f" ± {o['ndcg@10_se']:.4f}" if "ndcg@10_se" in o else ""
         lines.append(f"| {name} | {o['ndcg@10']:.4f}{se} | {o['hr@10']:.4f} | {o['mrr']:.4f} | "
                      f"{m['cold']['ndcg@10']:.4f} | {m['warm']['ndcg@10']:.4f} | {o['coverage@10']:.3f} | "
                      f"{m['fit_seconds']:.1f}{' (cached)' if m.get('fit_cached') else ' (reused)' if m.get('fit_reused') else ''} | "
-                     f"{m['replay_events_per_second']:,.0f} |" + (f" {m['oracle_fraction']:.1%} |" if oracle else ""))
+                     f"{m['replay_events_per_second']:,.0f} |" + (f" {m['oracle_fraction']:.1%} |" if oracle else "")
+                     + (f" {_said_no(m)} |" if said_no else ""))
     return "\n".join(lines)
+
+
+def _said_no(m: dict) -> str:
+    if "negative_shown@10" not in m:
+        return "–"
+    return f"{m['negative_shown@10']:.2%}" + (" (filtered)" if m.get("negatives_filtered_by_replay") else "")
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -104,13 +104,12 @@ def load_log(path: str | Path, read: ReadConfig = ReadConfig()) -> Dataset:
 
 
 def load_dataset(name: str, **kwargs) -> Dataset:
-    """``ml-1m`` | ``synthetic`` | a folder holding ml-1m files | a CSV/Parquet log (``read``: a
+    """``ml-1m`` | ``synthetic`` | ``synthetic-kinds`` | a folder holding ml-1m files | a CSV/Parquet log (``read``: a
     `ReadConfig`, how to read it)."""
     if name == "ml-1m":
         return load_movielens(kwargs.get("root", DEFAULT_ML1M))
-    if name == "synthetic":
-
-        return generate(SyntheticConfig(**kwargs))
+    if name in ("synthetic", "synthetic-kinds"):  # -kinds: with purchases, dislikes and impressions
+        return generate(SyntheticConfig(**kwargs, kinds=name == "synthetic-kinds"))
     path = Path(name)
     if path.is_dir():
         return load_movielens(path)

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import polars as pl
 
-# The event kinds the schema accepts (streaming/events.py validates the wire with the same tuple).
-EVENT_TYPES = ("view", "click", "rating", "cart", "purchase")
+from recsys.feedback import EVENT_KINDS
+
+# The event kinds the schema accepts (streaming/events.py validates the wire with the same
+# tuple; `recsys.feedback` says what each means to the model).
+EVENT_TYPES = EVENT_KINDS
 # Seconds since the epoch; 1970 .. 2100 covers every real log and rejects ms/µs stamps.
 TS_RANGE = (0, 4_102_444_800)
 TS_UNITS = ("auto", "s", "ms", "us", "ns", "iso")

@@ -63,10 +63,13 @@ class SeenItems:
     def rows(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
         return self.mask[users, :n_items]
 
-    def before_each(self, users: torch.Tensor, items: torch.Tensor, n_items: int) -> torch.Tensor:
-        """(B, n_items): what each event's user had before it, this batch's earlier events included."""
+    def before_each(self, users: torch.Tensor, items: torch.Tensor, n_items: int,
+                    marks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n_items): what each event's user had before it, this batch's earlier events included
+        (``marks``: only those of its events, e.g. the positive ones)."""
         mask = self.rows(users, n_items).clone()
-        j, k = earlier_same_user(users).nonzero(as_tuple=True)
+        earlier = earlier_same_user(users)
+        j, k = (earlier if marks is None else earlier & marks.unsqueeze(0)).nonzero(as_tuple=True)
         known = items[k] < n_items  # an item first seen in this batch is no candidate anyway
         mask[j[known], items[k][known]] = True
         return mask

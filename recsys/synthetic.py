@@ -6,7 +6,11 @@ What it holds, so a model's gains can be explained:
 - **short-term interests that drift**: each user's "session cluster" changes every
   ~``session_len`` of their events — only a model that learns online can follow it;
 - **trends**: in each of ``n_trend_windows`` windows a few items get a burst;
-- **arrivals**: a share of users and items first appear partway through the log.
+- **arrivals**: a share of users and items first appear partway through the log;
+- **kinds of feedback** (``kinds=True``): some session events are purchases; a user who
+  leaves a session's cluster says no (``dislike``) to a few of its items as the next session
+  starts; the trends of two windows ago are shown and ignored (``impression``). A model that takes
+  every event for a view learns the wrong tastes from them (`recsys.feedback`).
 
 Everything is vectorised with numpy; the same seed gives the same frame.
 """
@@ -39,6 +43,11 @@ class SyntheticConfig:
     late_share: float = 0.3  # users and items that appear after the start
     start_ts: int = 1_700_000_000
     span_s: int = 90 * 24 * 3600
+    kinds: bool = False  # add purchases, dislikes and impressions (an ``event_type`` column)
+    p_purchase: float = 0.3  # a session event is a purchase
+    p_dislike: float = 0.5  # at a session switch, the user says no to ...
+    dislikes_per_switch: int = 2  # ... this many items of the cluster they left
+    p_impression: float = 0.3  # an event comes with an ignored impression of a stale trend
 
     def __post_init__(self) -> None:
         if min(self.n_users, self.n_items, self.n_events, self.n_clusters) <= 0:
@@ -91,13 +100,50 @@ def generate(cfg: SyntheticConfig = SyntheticConfig()) -> Dataset:
     truth = {"item_cluster": world["item_cluster"], "user_taste": world["user_taste"],
              "trending": world["trending"] + 1, "config": asdict(cfg), "item_pop": world["item_pop"],
              "item_birth": world["item_birth"], "session_cluster": frame["session_cluster"].to_numpy().copy()}
+    if cfg.kinds:
+        frame = _with_kinds(rng, cfg, world, frame)
+        truth["session_cluster"] = frame["session_cluster"].to_numpy().copy()
     frame = frame.drop("session_cluster")
     # Stable across processes (str hashes are salted): the config decides the data.
     digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()
     # The catalogue: each item's genre is its taste cluster (Feast's item attributes; the demo).
     items = pl.DataFrame({"item_id": np.arange(1, I + 1),
                           "genres": [[f"cluster-{c}"] for c in world["item_cluster"].tolist()]})
-    return Dataset("synthetic", frame, items=items, sha256=digest, extra=truth)
+    return Dataset("synthetic-kinds" if cfg.kinds else "synthetic", frame, items=items, sha256=digest, extra=truth)
+
+
+def _with_kinds(rng, cfg: SyntheticConfig, world: dict, frame: pl.DataFrame) -> pl.DataFrame:
+    """The positive log with kinds: purchases among its session events, and the negative and
+    ignored events added just before the event they come with. A user never says no to (or
+    ignores) an item they take at some point: each (user, item) is positive or not."""
+    users, items, ts = (frame[c].to_numpy() for c in ("user_id", "item_id", "ts"))
+    cluster = frame["session_cluster"].to_numpy()
+    kind = np.where((cluster == world["item_cluster"][items - 1]) & (rng.random(len(items)) < cfg.p_purchase),
+                    "purchase", "view")
+    by_user = np.lexsort((np.arange(len(users)), users))
+    before = np.full(len(users), -1)
+    same = users[by_user][1:] == users[by_user][:-1]
+    before[by_user[1:][same]] = cluster[by_user[:-1][same]]
+    switch = np.flatnonzero((before >= 0) & (before != cluster)  # the first event of a new session
+                            & (rng.random(len(users)) < cfg.p_dislike))
+    members = {k: np.flatnonzero(world["item_cluster"] == k) for k in range(cfg.n_clusters)}
+    left = [rng.choice(m, min(cfg.dislikes_per_switch, len(m)), replace=False) for m in (members[k] for k in before[switch])]
+    d_at = np.repeat(switch, [len(x) for x in left])
+    d_items = np.concatenate(left) + 1 if left else np.zeros(0, np.int64)
+    # Shown and ignored: what a stale list would show, the trends of two windows ago.
+    i_at = np.flatnonzero(rng.random(len(users)) < cfg.p_impression)
+    t = (ts[i_at] - cfg.start_ts) / cfg.span_s
+    stale = np.maximum((t * cfg.n_trend_windows).astype(int) - 2, 0)
+    i_items = world["trending"][stale, rng.integers(0, cfg.trending_per_window, len(i_at))] + 1
+    extra = pl.DataFrame({"user_id": np.r_[users[d_at], users[i_at]], "item_id": np.r_[d_items, i_items],
+                          "ts": np.r_[ts[d_at], ts[i_at]] - 1, "session_cluster": np.r_[cluster[d_at], cluster[i_at]],
+                          "event_type": pl.Series(["dislike"] * len(d_at) + ["impression"] * len(i_at), dtype=pl.Utf8),
+                          "at": np.r_[d_at, i_at]})
+    taken = frame.select("user_id", "item_id").unique()
+    extra = extra.join(taken, on=["user_id", "item_id"], how="anti").unique(["user_id", "item_id"], keep="first")
+    positive = frame.with_columns(event_type=pl.Series(kind), at=pl.arange(0, frame.height))
+    out = pl.concat([extra.select(positive.columns), positive]).sort("ts", "at", maintain_order=True)
+    return out.drop("at")
 
 
 def _draw_events(rng, cfg: SyntheticConfig, world: dict, E: int) -> pl.DataFrame:

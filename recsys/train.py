@@ -94,7 +94,16 @@ def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfi
     population and personal levels (weight multiplier, fade) on that tail, and, with an
     ``association`` level, how its votes enter the score (`calibration.association_link`);
     with ``refit``, train again on the whole history and give that model the mix. Returns
-    the model and the fast state after the whole history."""
+    the model and the fast state after the whole history.
+
+    A history with kinds of feedback (``history.weight``): the slow level and the mix learn
+    from its positive events; the fast state is then written from every event, each by its
+    kind (a "no" masked for its user, a purchase counted as more than a view)."""
+    if getattr(history, "weight", None) is not None:
+        model, _ = train_nested(history.revealed("positives"), model_cfg, cfg, association)
+        with torch.no_grad():
+            state = model.init_state(history.n_users_known, history.n_items_known, device=cfg.device)
+            return model, write_log(model, state, history, cfg.absorb_batch)
     model_cfg = model_cfg or NestedConfig(n_items=history.n_items_known,
                                           **population_defaults(history.n_events, history.ts))
     if not model_cfg.use_fast or cfg.calibration_tail <= 0:

@@ -8,10 +8,10 @@ Wire format: one UTF-8 JSON object per Kafka message, keyed by ``user_id``::
 Validation is strict and every rejection carries a reason that says what was wrong
 and with which value, so a dead-letter record explains itself.
 
-``event_type`` and ``value`` are validated and kept on the topic, but the model does not
-read them yet: every valid event is one implicit interaction, as in the replay protocol
-(which has no types either). They are on the wire for the consumers that will weigh a
-purchase above a view, and so a dead letter shows them.
+``event_type`` says what kind of feedback the event is and ``value`` a rating's stars;
+`recsys.feedback` gives each kind its weight: a purchase counts more than a view, a
+``dislike`` (or a rating below the threshold) masks the item for that user from then on,
+an ``impression`` teaches no level. An unknown kind is a dead letter that names the kinds.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from features.store import is_population_key
+from recsys.feedback import FEEDBACK
 from recsys.log_contract import EVENT_TYPES, TS_RANGE  # the offline loader applies the same rules
 
 MAX_PAYLOAD_BYTES = 1024
@@ -119,8 +120,8 @@ def decode(payload: bytes) -> Event | InvalidEvent:
         return e
 
 
-def decode_fields(payload: bytes) -> tuple[str, str, int, str | None] | InvalidEvent:
-    """``(user_id, item_id, ts, event_id)`` of a valid message, or its rejection: the stream worker's
+def decode_fields(payload: bytes) -> tuple[str, str, int, str | None, float] | InvalidEvent:
+    """``(user_id, item_id, ts, event_id, feedback weight)`` of a valid message, or its rejection: the stream worker's
     hot path. The common well-formed message is checked inline, without building an
     `Event` (a quarter of the per-event cost otherwise); anything unusual goes through
     `decode`, so what is accepted and every rejection reason are exactly the schema's
@@ -139,9 +140,11 @@ def decode_fields(payload: bytes) -> tuple[str, str, int, str | None] | InvalidE
                     and i.strip() == i and u.isprintable() and i.isprintable() and not is_population_key(u)
                     and obj.get("event_type", "view") in EVENT_TYPES
                     and _plain_value(obj.get("value")) and e is None):
-                return u, i, ts, None
+                return u, i, ts, None, FEEDBACK.weight(obj.get("event_type", "view"), obj.get("value"))
     ev = decode(payload)  # event ids take this path: only clients that retry send them
-    return ev if isinstance(ev, InvalidEvent) else (ev.user_id, ev.item_id, ev.ts, ev.event_id)
+    if isinstance(ev, InvalidEvent):
+        return ev
+    return ev.user_id, ev.item_id, ev.ts, ev.event_id, FEEDBACK.weight(ev.event_type, ev.value)
 
 
 def _plain_value(v: object) -> bool:

@@ -50,7 +50,7 @@ class Ownership:
         if not len(rows):
             return
         ids = [self.users.ids.ids[r] for r in rows.tolist()]
-        fields, latest = FastState.split_items({k: v.cpu() for k, v in self.state.user_rows(rows.to(self.device)).items()})
+        fields, latest = self.state.split_items({k: v.cpu() for k, v in self.state.user_rows(rows.to(self.device)).items()})
         fields["event_ids"] = self.users.event_ids[rows]
         blobs = [encode_user_row(UserRow({k: v[j] for k, v in fields.items()},
                                          [self.items.ids[i] if i >= 0 else None for i in latest[j].tolist()],
@@ -85,7 +85,7 @@ class Ownership:
         self.state = self.model.grow_state(self.state, len(self.users), len(self.items))
         fields = {name: torch.stack([row.fields[name] for _, row in back]) for name in back[0][1].fields
                   if name != "event_ids"}
-        self.state.put_user_rows(rows.to(self.device), FastState.join_items(fields, latest))
+        self.state.put_user_rows(rows.to(self.device), self.state.join_items(fields, latest))
         # An offset counts in the log it was read from: a recreated topic starts over.
         self.users.through[rows] = torch.tensor([row.through if row.topic_id == self.topic_id else -1
                                                  for _, row in back], dtype=torch.int64)

@@ -326,29 +326,33 @@ class StreamWorker(Ownership):
         t1 = time.perf_counter()
         self.seconds["decode"] += t1 - t0
         if good:
-            user_ids, _, ts, event_ids = zip(*good)
+            user_ids, _, ts, event_ids, weights = zip(*good)
             parts = torch.tensor(parts, dtype=torch.int64)
             if self.cfg.evicts:
                 self._rehydrate(user_ids, parts)
             rows = self.users.rows(list(user_ids), parts)
             items = torch.from_numpy(named)
             ts = torch.tensor(ts, dtype=torch.int64)
+            weights = torch.tensor(weights, dtype=torch.float32)
             offsets = torch.tensor(offsets, dtype=torch.int64)
             stamps = np.asarray(stamps, dtype=np.int64)
             new = self.users.unapplied(rows, offsets, event_ids)
             if not new.all():
-                rows, items, ts, offsets, parts = rows[new], items[new], ts[new], offsets[new], parts[new]
+                rows, items, ts, weights, offsets, parts = rows[new], items[new], ts[new], weights[new], offsets[new], parts[new]
                 stamps = stamps[new.numpy()]
         if good and len(rows):
             self.users.applied(rows, offsets)
             items, ts = items.to(self.device), ts.to(self.device)
+            # Kinds of feedback (`recsys.feedback`); a stream of views alone runs exactly as before kinds.
+            weights = None if bool((weights == 1).all()) else weights.to(self.device)
             self.state = self.model.update(self.state, rows.to(self.device), items, ts, population=False,
-                                           donate=True)
+                                           donate=True, weight=weights)
             touched = parts.unique().tolist()
             moved = time.monotonic()
             for p in touched:
                 mine = (parts == p).to(self.device)
-                self.levels[p] = self.model.update_population(self._level(p), items[mine], ts[mine], donate=True)
+                self.levels[p] = self.model.update_population(self._level(p), items[mine], ts[mine], donate=True,
+                                                              weight=None if weights is None else weights[mine])
                 self.clock_moved[p] = moved
             self.features.touched(rows, touched, stamps)
             self.applied_s = np.concatenate([self.applied_s[-50_000:], time.time() - stamps / 1000.0])

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recsys.feedback import FEEDBACK
 from streaming.events import MAX_PAYLOAD_BYTES, Event, InvalidEvent, decode, decode_fields
 
 
@@ -16,8 +17,16 @@ def test_round_trip_through_json():
 def test_an_event_id_travels_with_the_event_and_is_checked_like_any_id():
     e = Event.from_json(b'{"user_id": "1", "item_id": "2", "ts": 1000, "event_id": "c0ffee-1"}')
     assert e.event_id == "c0ffee-1" and Event.from_json(e.to_json()) == e
-    assert decode_fields(e.to_json()) == ("1", "2", 1000, "c0ffee-1")
+    assert decode_fields(e.to_json()) == ("1", "2", 1000, "c0ffee-1", 1.0)
     assert decode(b'{"user_id": "1", "item_id": "2", "ts": 1000, "event_id": ""}').reason == "bad_id"
+
+
+@pytest.mark.parametrize("kind, value, weight", [
+    ("view", None, 1.0), ("purchase", None, FEEDBACK.positive["purchase"]), ("dislike", None, -1.0), ("impression", None, 0.0),
+    ("rating", 5.0, 1.0), ("rating", 2.0, -1.0), ("rating", None, 1.0)])
+def test_each_kind_of_feedback_reaches_the_worker_with_its_weight(kind, value, weight):
+    payload = Event(user_id="1", item_id="2", ts=1000, event_type=kind, value=value).to_json()
+    assert decode_fields(payload)[-1] == weight
 
 
 def test_integer_ids_become_strings_and_defaults_apply():
@@ -67,7 +76,7 @@ def test_the_fast_path_accepts_and_rejects_exactly_as_the_schema(obj):
     if isinstance(want, InvalidEvent):
         assert isinstance(got, InvalidEvent) and got.reason == want.reason
     else:
-        assert got == (want.user_id, want.item_id, want.ts, want.event_id)
+        assert got == (want.user_id, want.item_id, want.ts, want.event_id, FEEDBACK.weight(want.event_type, want.value))
 
 
 def test_wire_encoding_of_a_frame_matches_the_schema():

@@ -18,7 +18,8 @@ import polars as pl
 import pytest
 import torch
 
-from recsys.nested import FastState, NestedModel
+from recsys.nested import NestedModel
+from recsys.nested.state import ITEM_FIELDS
 from recsys.vocab import Vocab
 from streaming.broker import die_with_parent
 from streaming.checkpoint import latest_for_partitions, read_checkpoint, read_offsets
@@ -104,8 +105,8 @@ def reference_rows(model_path: Path, frame: pl.DataFrame) -> dict[str, dict[str,
 
 def _named(row: dict, item_ids: list[str]) -> dict:
     """The latest items by id: beyond the model's table, item indices are each worker's own naming."""
-    fields, latest = FastState.split_items(row)
-    return fields | {"latest": [item_ids[i] for i in latest.tolist() if i >= 0]}
+    fields = {k: v for k, v in row.items() if k not in ITEM_FIELDS}
+    return fields | {name: [item_ids[i] for i in row[name].tolist() if i >= 0] for name in ITEM_FIELDS}
 
 
 def merged_checkpoints(ckpt_dir: Path, topic: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -123,8 +124,9 @@ def assert_exactly_once(rows, stream: pl.DataFrame, reference=None) -> None:
     got = {uid: int(r["cnt"]) for uid, r in rows.items()}
     assert got == dict(expected), "some user's events were lost or applied twice"
     for uid, ref in (reference or {}).items():
-        assert rows[uid]["latest"] == ref["latest"], uid
-        for f in set(ref) - {"latest"}:
+        for f in ITEM_FIELDS:
+            assert rows[uid][f] == ref[f], (uid, f)
+        for f in set(ref) - set(ITEM_FIELDS):
             assert torch.allclose(rows[uid][f].double(), ref[f].double(), atol=1e-4, rtol=1e-4), (uid, f)
 
 

@@ -27,6 +27,9 @@ class NestedConfig:
     # from clamping on a stream up to 8× faster than the history's end.
     pop_read: float = 0.25
     recent_items: int = 50  # the user's latest items, kept so serving can mask what was just seen
+    # The latest items a user gave negative feedback on (`recsys.feedback`), masked for them
+    # from then on; a user who said no to more than this sees the oldest ones again.
+    negative_items: int = 128
     # The user's latest items read through the slow level's successor table ("what follows
     # these, across everyone"): the fresh-user signal a live stream is about. 0: off.
     sequence_items: int = 8

@@ -59,9 +59,12 @@ def _metadata(path) -> dict[str, str]:
 
 
 def write_log(model, state, log, batch_size: int):
-    """Apply a whole time-ordered log (anything with ``users``, ``items``, ``ts`` arrays) in
-    micro-batches of ``batch_size``; ``state`` is donated."""
+    """Apply a whole time-ordered log (anything with ``users``, ``items``, ``ts`` arrays, and a
+    ``weight`` one where it has kinds of feedback) in micro-batches of ``batch_size``; ``state``
+    is donated."""
+    weight = getattr(log, "weight", None)
     for lo in range(0, len(log.users), batch_size):
         part = (torch.from_numpy(a[lo:lo + batch_size]) for a in (log.users, log.items, log.ts))
-        state = model.update(state, *part, donate=True)
+        w = None if weight is None else torch.from_numpy(weight[lo:lo + batch_size])
+        state = model.update(state, *part, donate=True, weight=w)
     return state

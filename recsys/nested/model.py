@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.batch_users import sequences_before
+from recsys.nested import negative
 from recsys.nested import population as pop_level
 from recsys.nested import slow
 from recsys.nested.config import NestedConfig
@@ -205,9 +206,10 @@ class NestedModel(nn.Module):
     # -- the online API -----------------------------------------------------------------------
     @torch.no_grad()
     def score(self, state: FastState, users: torch.Tensor, n_items: int) -> torch.Tensor:
-        """(B,) users → (B, n_items) scores from the current state."""
-        return self.score_users(self.read_users(state, users), state.absent_s(users),
-                                self.population_counts(state.pop), n_items)
+        """(B,) users → (B, n_items) scores from the current state (what a user said no to at −inf)."""
+        scores = self.score_users(self.read_users(state, users), state.absent_s(users),
+                                  self.population_counts(state.pop), n_items)
+        return negative.masked(scores, state.negative_items(users))
 
     def score_users(self, z: torch.Tensor, absent_s: torch.Tensor, counts: torch.Tensor, n_items: int,
                     votes: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,31 +228,61 @@ class NestedModel(nn.Module):
 
     @torch.no_grad()
     def update(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
-               population: bool = True, donate: bool = False) -> FastState:
+               population: bool = True, donate: bool = False, weight: torch.Tensor | None = None) -> FastState:
         """The state after a time-ordered micro-batch of events; a user's events apply in their
         order. ``state`` is left as it was, unless ``donate``: then its tensors are reused for
         the result and the caller must not use it again (JAX's buffer donation; the worker,
         the replay and training donate, as a copy of every row per batch would cost more than
         the update). ``population=False``: the user levels only (a stream worker keeps one
-        population level per partition, with `update_population`)."""
-        return self._recur(state if donate else state.clone(), users, items, ts, read=False,
-                           population=population)[0]
+        population level per partition, with `update_population`). ``weight``: each event's
+        feedback weight (`recsys.feedback`; None: every event a view, weight 1)."""
+        return self._feedback(state if donate else state.clone(), users, items, ts, weight, read=False,
+                              population=population)[0]
 
     @torch.no_grad()
     def update_reading(self, state: FastState, users: torch.Tensor, items: torch.Tensor,
-                       ts: torch.Tensor, donate: bool = False) -> tuple[FastState, Reads]:
+                       ts: torch.Tensor, donate: bool = False, weight: torch.Tensor | None = None
+                       ) -> tuple[FastState, Reads]:
         """``update``, and what each event's user looked like just before it (their earlier
-        events of the batch applied): the fresh-user query of replay v2 and of serving."""
-        return self._recur(state if donate else state.clone(), users, items, ts, read=True)
+        events of the batch applied): the fresh-user query of replay v2 and of serving. With
+        ``weight``, only positive events have reads (the others' rows are placeholders)."""
+        return self._feedback(state if donate else state.clone(), users, items, ts, weight, read=True)
 
     @torch.no_grad()
     def update_population(self, state: FastState, items: torch.Tensor, ts: torch.Tensor,
-                          donate: bool = False) -> FastState:
-        """The state with the events added to its population level (``donate``: as in `update`)."""
-        return pop_level.add_events(state, items, ts, self.cfg, donate)
+                          donate: bool = False, weight: torch.Tensor | None = None) -> FastState:
+        """The state with the events added to its population level (``donate``: as in `update`;
+        ``weight``: each counts its feedback weight, and only positive ones count)."""
+        return pop_level.add_events(state, items, ts, self.cfg, donate, weight)
+
+    def _feedback(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
+                  weight: torch.Tensor | None, read: bool, population: bool = True) -> tuple[FastState, Reads | None]:
+        """Events of every kind (`recsys.feedback`): a negative one joins its user's negative
+        items and teaches no level; an impression teaches none; positive ones go through the
+        recurrence, the population counting each its weight."""
+        if weight is None or not len(users):
+            return self._recur(state, users, items, ts, read, population) if len(users) else (state, None)
+        state = self.grow_state(state, int(users.max()) + 1, int(items.max()) + 1)
+        no = weight < 0
+        negative.mark(state, users[no], items[no])
+        # Every kind says the user is here now: their absence (the personal part's fade) counts from it.
+        state.last_ts.scatter_reduce_(0, users[weight <= 0], ts[weight <= 0], "amax")
+        yes = (weight > 0).nonzero().flatten()
+        reads = None
+        if len(yes):
+            state, reads = self._recur(state, users[yes], items[yes], ts[yes], read, population, weight[yes])
+        if read:  # back to one row per event; non-positive events are no one's target
+            z = self.user0.detach().expand(len(users), -1).clone()
+            last_ts = torch.full_like(ts, -1)
+            if reads is not None:
+                z.index_copy_(0, yes, reads.z)
+                last_ts.index_copy_(0, yes, reads.last_ts)
+            reads = Reads(z=z, last_ts=last_ts)
+        return state, reads
 
     def _recur(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
-               read: bool, population: bool = True) -> tuple[FastState, Reads | None]:
+               read: bool, population: bool = True, weight: torch.Tensor | None = None
+               ) -> tuple[FastState, Reads | None]:
         """The recurrence behind ``update`` and ``update_reading``, writing into ``state``:
         everything that depends on the events alone is computed once over the batch (laid out
         step-major, `walk.step_major`), then both user levels walk each row's events
@@ -289,7 +321,7 @@ class NestedModel(nn.Module):
             z = self.combine(mid_before, read_before, seq) if self.cfg.use_fast else self.user0.expand_as(x)
             reads = Reads(z=torch.empty_like(z).index_copy_(0, lay.sm, z),
                           last_ts=torch.empty_like(prev_ts).index_copy_(0, lay.sm, prev_ts))
-        return (self.update_population(state, items, ts, donate=True) if population else state), reads
+        return (self.update_population(state, items, ts, donate=True, weight=weight) if population else state), reads
 
     # -- the model file ------------------------------------------------------------------------
     def save(self, path, item_ids=None) -> None:

@@ -20,19 +20,23 @@ from recsys.nested.state import FastState
 
 
 def add_events(state: FastState, items: torch.Tensor, ts: torch.Tensor, cfg: NestedConfig,
-               donate: bool = False) -> FastState:
-    """The state with the events added to its population level (``donate``: reuse its tensors).
+               donate: bool = False, weight: torch.Tensor | None = None) -> FastState:
+    """The state with the events added to its population level (``donate``: reuse its tensors;
+    ``weight``: each event counts its feedback weight, and events of weight ≤ 0 not at all).
 
     Time clock: every event counts by its age (`decay_add`). Event clock: counts accumulate
     per chunk of c_pop global events, and at each chunk end the level consolidates,
     pop ← δ·pop + chunk counts; chunk boundaries are global event positions, so cuts of
     micro-batches do not change the result."""
+    if weight is not None:
+        yes = weight > 0
+        items, ts, weight = items[yes], ts[yes], weight[yes]
     if not len(items):
         return state
     if not donate:
         state = replace(state, pop_acc=state.pop_acc.clone())  # the only tensor written in place
     if cfg.pop_half_life_s is not None:
-        state.pop, state.pop_ts = decay_add(state.pop, state.pop_ts, items, ts, cfg.pop_half_lives())
+        state.pop, state.pop_ts = decay_add(state.pop, state.pop_ts, items, ts, cfg.pop_half_lives(), weight)
         state.pop_events = state.pop_events + len(items)
         return state
     state.pop_ts = torch.maximum(state.pop_ts, ts.max())  # the level's clock, whichever way it decays
@@ -42,7 +46,9 @@ def add_events(state: FastState, items: torch.Tensor, ts: torch.Tensor, cfg: Nes
     while pos < start + len(items):
         end = min((pos // C + 1) * C, start + len(items))
         part = items[pos - start:end - start]
-        state.pop_acc.index_add_(0, part, state.pop_acc.new_ones(len(part), *state.pop_acc.shape[1:]))
+        counts = (state.pop_acc.new_ones(len(part)) if weight is None
+                  else weight[pos - start:end - start].to(state.pop_acc.dtype))
+        state.pop_acc.index_add_(0, part, counts.reshape(len(part), *state.pop_acc.shape[1:]))
         if end % C == 0:
             state.pop = consolidate(state.pop, state.pop_acc, cfg)
             state.pop_acc.zero_()
@@ -52,7 +58,7 @@ def add_events(state: FastState, items: torch.Tensor, ts: torch.Tensor, cfg: Nes
 
 
 def decay_add(pop: torch.Tensor, pop_ts: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
-              half_life_s) -> tuple[torch.Tensor, torch.Tensor]:
+              half_life_s, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The time-decayed population level: (N,) counts as of ``pop_ts`` plus events (items, ts)
     → the counts as of T = the latest of them, each event weighted 2^(−age at T / half-life).
     Exact under any split of the stream: levels of disjoint parts, brought to one time
@@ -60,8 +66,11 @@ def decay_add(pop: torch.Tensor, pop_ts: torch.Tensor, items: torch.Tensor, ts: 
     column is one speed."""
     T = torch.maximum(pop_ts, ts.max())
     hl = torch.as_tensor(half_life_s, dtype=torch.float64)
-    weight = torch.pow(0.5, (T - ts).to(torch.float64).unsqueeze(-1) / hl).to(pop.dtype).to(pop.device)
-    return decay_to(pop, pop_ts, T, half_life_s).index_add_(0, items, weight.reshape(len(ts), *pop.shape[1:])), T
+    mass = torch.pow(0.5, (T - ts).to(torch.float64).unsqueeze(-1) / hl)
+    if weight is not None:  # an event of feedback weight w counts w times
+        mass = mass * weight.to(torch.float64).unsqueeze(-1)
+    mass = mass.to(pop.dtype).to(pop.device)
+    return decay_to(pop, pop_ts, T, half_life_s).index_add_(0, items, mass.reshape(len(ts), *pop.shape[1:])), T
 
 
 def decay_to(pop: torch.Tensor, pop_ts, t, half_life_s) -> torch.Tensor:

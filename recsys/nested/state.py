@@ -17,7 +17,8 @@ import torch
 from recsys.rows import grow
 from recsys.nested.config import NestedConfig
 
-USER_FIELDS = ("M", "S", "last", "last_ts", "mid", "acc", "cnt", "recent")  # one row per user
+USER_FIELDS = ("M", "S", "last", "last_ts", "mid", "acc", "cnt", "recent", "negative")  # one row per user
+ITEM_FIELDS = ("recent", "negative")  # the user fields that hold item indices
 POPULATION_FIELDS = ("pop", "pop_acc", "pop_events", "pop_ts")  # shared by everyone
 
 
@@ -33,6 +34,7 @@ class FastState:
     acc: torch.Tensor  # (U, D) user-mid gradient accumulated over the current chunk
     cnt: torch.Tensor  # (U,) int64 events of the user applied in total
     recent: torch.Tensor  # (U, R) int64 the user's latest R item indices, oldest first, -1 = empty
+    negative: torch.Tensor  # (U, X) int64 the latest X items the user said no to (`negative`), -1 = empty
     pop: torch.Tensor  # (N, speeds) population-fast decayed item counts (at the last chunk end)
     pop_acc: torch.Tensor  # (N, 1) counts of the current, unfinished population chunk (event clock only)
     pop_events: torch.Tensor  # () int64 global events applied
@@ -73,21 +75,24 @@ class FastState:
         """User rows whose item indices (the latest items) go through ``remap`` (old index → new;
         -1 stays -1): rows from another worker's numbering of the items first seen online."""
         out = dict(users)
-        if "recent" in out:
-            out["recent"] = torch.where(out["recent"] >= 0, remap[out["recent"].clamp(min=0)], -1)
+        for name in ITEM_FIELDS:
+            if name in out:
+                out[name] = torch.where(out[name] >= 0, remap[out[name].clamp(min=0)], -1)
         return out
 
-    @staticmethod
-    def split_items(users: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """User rows → (their fields but the item indices, (U, R) the indices of their latest
-        items): the part a row stored outside the worker must name by item id."""
-        fields = {k: v for k, v in users.items() if k != "recent"}
-        return fields, users["recent"]
+    def split_items(self, users: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """User rows → (their fields but the item indices, (U, R + X) the indices of their latest
+        items, then of their negative ones): the part a row stored outside the worker must name by id."""
+        fields = {k: v for k, v in users.items() if k not in ITEM_FIELDS}
+        return fields, torch.cat([users[name] for name in ITEM_FIELDS], -1)
 
-    @staticmethod
-    def join_items(fields: dict[str, torch.Tensor], latest: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`split_items` undone: the user rows from their fields and latest item indices."""
-        return fields | {"recent": latest}
+    def join_items(self, fields: dict[str, torch.Tensor], items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`split_items` undone. A row stored before negative feedback existed holds the latest
+        items only: its negative items are none."""
+        R = self.recent.shape[1]
+        negative = items[:, R:] if items.shape[1] > R else torch.full((len(items), self.negative.shape[1]), -1,
+                                                                     dtype=items.dtype)
+        return fields | {"recent": items[:, :R], "negative": negative}
 
     # -- the population level, as a worker keeps one per partition ------------------------------
     def population(self) -> dict[str, torch.Tensor]:
@@ -125,6 +130,10 @@ class FastState:
     def latest_items(self, rows: torch.Tensor) -> torch.Tensor:
         """(U, R) the rows' latest item indices, oldest first (-1: none)."""
         return self.recent[rows]
+
+    def negative_items(self, rows: torch.Tensor) -> torch.Tensor:
+        """(U, X) the items the rows' users said no to (-1: none): never served back to them."""
+        return self.negative[rows]
 
     def events(self, rows: torch.Tensor) -> torch.Tensor:
         """(U,) events applied to each row in total."""
@@ -166,6 +175,7 @@ def empty_state(cfg: NestedConfig, n_users: int, n_items: int, device=None, dtyp
                      last_ts=torch.full((n_users,), -1, dtype=torch.int64, device=device),
                      mid=z(n_users, D), acc=z(n_users, D), cnt=z(n_users, dtype=torch.int64),
                      recent=torch.full((n_users, cfg.recent_items), -1, dtype=torch.int64, device=device),
+                     negative=torch.full((n_users, cfg.negative_items), -1, dtype=torch.int64, device=device),
                      pop=z(n_items, cfg.pop_levels()), pop_acc=z(n_items, 1),
                      pop_events=z((), dtype=torch.int64),
                      pop_ts=torch.full((), -1, dtype=torch.int64, device=device))
@@ -181,7 +191,7 @@ def grow_state(state: FastState, n_users: int, n_items: int) -> FastState:
         elif f.name in ("pop_events", "pop_ts"):
             out[f.name] = t
         else:
-            out[f.name] = grow(t, n_users, fill=-1 if f.name in ("last_ts", "recent") else 0)
+            out[f.name] = grow(t, n_users, fill=-1 if f.name in ("last_ts", *ITEM_FIELDS) else 0)
     return FastState(**out)
 
 
@@ -194,4 +204,7 @@ def save_state(state: FastState, path) -> None:
 def load_state(path) -> FastState:
     from safetensors.torch import load_file
 
-    return FastState(**load_file(str(path)))
+    tensors = load_file(str(path))
+    if "negative" not in tensors:  # saved before negative feedback: no user has said no yet
+        tensors["negative"] = torch.full((len(tensors["cnt"]), NestedConfig.negative_items), -1, dtype=torch.int64)
+    return FastState(**tensors)

@@ -2,7 +2,7 @@
 online store, so the push needs no model and names no state field.
 
     >>> view = ServingView(model, state, user_ids, levels)   # references: cheap per push
-    >>> rows = view.users([3, 17])       # vectors, events, latest items, last event times
+    >>> rows = view.users([3, 17])       # vectors, events, masked items, last event times
     >>> level = view.level(partition)    # a partition's partial counts and its clock
 """
 
@@ -21,7 +21,7 @@ class UserRowsView(NamedTuple):
     ids: list[str]
     vectors: np.ndarray  # (U, D) float32 user vectors: what serving scores with
     events: np.ndarray  # (U,) events applied to each user in total
-    latest: list[np.ndarray]  # each user's latest item indices (serving never recommends them back)
+    latest: list[np.ndarray]  # each user's latest items and those they said no to: never served back to them
     last_ts: np.ndarray  # (U,) each user's latest event time
 
 
@@ -48,10 +48,11 @@ class ServingView:
 
     def users(self, rows: list[int]) -> UserRowsView:
         index = torch.tensor(rows, dtype=torch.int64, device=self.state.device)
+        masked = torch.cat([self.state.latest_items(index), self.state.negative_items(index)], 1).cpu().numpy()
         with torch.no_grad():
             vectors = self.model.read_users(self.state, index).float().cpu().numpy() if rows else np.zeros((0, 0))
         return UserRowsView([self.user_ids.ids[r] for r in rows], vectors, self.state.events(index).cpu().numpy(),
-                            [r[r >= 0] for r in self.state.latest_items(index).cpu().numpy()],
+                            [r[r >= 0] for r in masked],
                             self.state.last_event_ts(index).cpu().numpy())
 
     def level(self, partition: int) -> LevelView:
