@@ -27,7 +27,7 @@ def _data_args(p: argparse.ArgumentParser, default: str | None = None, required:
     """The log a command reads, under the input contract of docs/data.md. Without a default,
     ``--data`` is required: no command silently falls back to the synthetic log."""
     p.add_argument("--data", required=required and default is None, default=default,
-                   help="ml-1m | synthetic | PATH (an ml-1m folder, or a CSV/TSV/Parquet log: docs/data.md)")
+                   help="ml-1m | synthetic | synthetic-kinds | PATH (an ml-1m folder, or a CSV/TSV/Parquet log: docs/data.md)")
     p.add_argument("--columns", default=None,
                    help="the log's column names, e.g. user=customer,item=sku,ts=time (also event_type=, value=); "
                         "default: user_id/item_id/ts and their usual synonyms (docs/data.md)")
@@ -52,9 +52,9 @@ def _load(args):
     from recsys.datasets import load_dataset
 
     kwargs = {"read": _read_config(args)}
-    if args.data == "synthetic":
+    if args.data in ("synthetic", "synthetic-kinds"):
         kwargs = {"seed": args.seed} | ({"n_events": args.events} if args.events else {})
-        print(f"recsys {args.command}: using the synthetic log (seed {args.seed}); pass --data FILE for your own",
+        print(f"recsys {args.command}: using the {args.data} log (seed {args.seed}); pass --data FILE for your own",
               file=sys.stderr)
     ds = load_dataset(args.data, **kwargs)
     if "read" in ds.extra:  # what was read, how, and what was dropped: never a silent guess

@@ -255,10 +255,12 @@ def assert_held_or_evicted_exactly_once(ckpt: Path, topic: str, repo, head: pl.D
 
     rows = merged_checkpoints(ckpt, topic)
     away = sorted(set(head["user_id"].cast(pl.Utf8).to_list()) - set(rows))
+    R = NestedModel.load(model_path).cfg.recent_items  # a stored row names its latest items, then its negative ones
     for uid, blob in zip(away, repo.evicted(away)):
         assert blob is not None, f"user {uid} is neither held nor in the online store"
         row = decode_user_row(blob)
-        rows[uid] = row.fields | {"latest": [i for i in row.latest if i is not None]}
+        rows[uid] = row.fields | {"recent": [i for i in row.latest[:R] if i is not None],
+                                  "negative": [i for i in row.latest[R:] if i is not None]}
     assert_exactly_once(rows, head, reference_rows(model_path, head))
 
 

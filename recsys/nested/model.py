@@ -6,6 +6,7 @@
 | population-fast | decayed item counts `pop`, at several speeds | every event (by its time), or every `C_pop` global events |
 | user-mid | taste adapter `mid` + gradient accumulator | every `C_mid` of the user's events |
 | user-fast | matrix memory `M` + momentum `S` (Titans delta rule); the latest items `recent` | every event |
+| user "no" | the items the user gave negative feedback on, `negative` (masked for them) | every negative event |
 
 The user vector adds the user-mid adapter, the memory's read and the user's latest items
 read through the successor table (what follows them, across everyone).
@@ -29,7 +30,7 @@ gradients), in replay and in the stream worker (without); only the user-mid leve
 changes once per chunk, is applied per chunk online (`mid_chunks`) and per event in
 training (`mid_step`) — the same rule, held equal by a test in float64.
 
-One module per level: `population`, `user_fast`, `user_mid` (and the replay's association
+One module per level: `population`, `user_fast`, `user_mid`, `negative` (and the replay's association
 level, `recsys/association.py`); `walk` runs the user levels over a batch, `score` is the one
 score, `io` the model file. Read `update` and `score` below top to bottom.
 
