@@ -34,14 +34,20 @@ def test_a_dislike_masks_the_item_for_that_user_only_and_teaches_no_level(model)
     assert torch.allclose(after.level_counts(), only_positive.level_counts())
 
 
-def test_an_impression_teaches_no_level_but_says_the_user_is_here(model):
+def test_an_ignored_impression_teaches_no_level_and_holds_the_item_back_for_a_day(model):
     state = model.init_state(1, 30)
     state = model.update(state, torch.tensor([0]), torch.tensor([3]), torch.tensor([100]), donate=True)
     after = model.update(state, torch.tensor([0]), torch.tensor([9]), torch.tensor([500]),
                          weight=torch.tensor([FEEDBACK.weight("impression")]))
     assert torch.equal(after.level_counts(), state.level_counts())
     assert torch.equal(after.M, state.M) and torch.equal(after.recent, state.recent)
-    assert after.last_event_ts(torch.tensor([0])).item() == 500
+    assert after.last_event_ts(torch.tensor([0])).item() == 500  # the user was here
+    assert model.score(after, torch.tensor([0]), 30)[0, 9] == float("-inf")
+    a_day_on = model.update(after, torch.tensor([0]), torch.tensor([4]), torch.tensor([500 + 86_400]))
+    assert torch.isfinite(model.score(a_day_on, torch.tensor([0]), 30)[0, 9])  # back once the window is past
+    window = model.cfg.impression_window_s
+    assert 9 in after.masked_items(torch.tensor([0]), window).tolist()[0]  # what serving masks
+    assert 9 not in a_day_on.masked_items(torch.tensor([0]), window).tolist()[0]
 
 
 def test_what_a_user_said_no_to_is_part_of_their_row_and_survives_a_save(model, tmp_path):
@@ -53,6 +59,9 @@ def test_what_a_user_said_no_to_is_part_of_their_row_and_survives_a_save(model, 
     fields, items = back.split_items(back.user_rows(torch.tensor([0])))
     rejoined = back.join_items(fields, items)
     assert rejoined["negative"][0, -1].item() == 5
+    # A row stored before kinds of feedback (its latest items alone) comes back with none turned down.
+    old = back.join_items(fields, items[:, :model.cfg.recent_items])
+    assert (old["negative"] == -1).all() and (old["shown"] == -1).all() and (old["shown_ts"] == -1).all()
 
 
 def test_a_log_without_kinds_replays_as_before():

@@ -21,6 +21,7 @@ import torch
 from kafka.serializer import Serializer
 
 from recsys.nested import NestedConfig, NestedModel, load_item_ids
+from recsys.nested.state import ITEM_FIELDS
 from streaming.broker import EmbeddedBroker, free_port
 from streaming.catalogue import catalogue_topic
 from streaming.checkpoint import previous, read_checkpoint
@@ -255,12 +256,13 @@ def assert_held_or_evicted_exactly_once(ckpt: Path, topic: str, repo, head: pl.D
 
     rows = merged_checkpoints(ckpt, topic)
     away = sorted(set(head["user_id"].cast(pl.Utf8).to_list()) - set(rows))
-    R = NestedModel.load(model_path).cfg.recent_items  # a stored row names its latest items, then its negative ones
+    cfg = NestedModel.load(model_path).cfg  # a stored row names its latest, negative and shown items, in turn
+    ends = np.cumsum([0, cfg.recent_items, cfg.negative_items, cfg.shown_items])
     for uid, blob in zip(away, repo.evicted(away)):
         assert blob is not None, f"user {uid} is neither held nor in the online store"
         row = decode_user_row(blob)
-        rows[uid] = row.fields | {"recent": [i for i in row.latest[:R] if i is not None],
-                                  "negative": [i for i in row.latest[R:] if i is not None]}
+        rows[uid] = row.fields | {name: [i for i in row.latest[lo:hi] if i is not None]
+                                  for name, lo, hi in zip(ITEM_FIELDS, ends[:-1], ends[1:])}
     assert_exactly_once(rows, head, reference_rows(model_path, head))
 
 

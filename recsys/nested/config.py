@@ -30,6 +30,11 @@ class NestedConfig:
     # The latest items a user gave negative feedback on (`recsys.feedback`), masked for them
     # from then on; a user who said no to more than this sees the oldest ones again.
     negative_items: int = 128
+    # The latest impressions a user ignored (shown, nothing done: `recsys.feedback`), kept out of
+    # their lists for impression_window_s after each (an item they take is masked as seen anyway).
+    # A day: the convention of "not again today"; tuned on no log.
+    shown_items: int = 32
+    impression_window_s: float = 86400.0
     # The user's latest items read through the slow level's successor table ("what follows
     # these, across everyone"): the fresh-user signal a live stream is about. 0: off.
     sequence_items: int = 8

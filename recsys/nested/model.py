@@ -210,7 +210,12 @@ class NestedModel(nn.Module):
         """(B,) users → (B, n_items) scores from the current state (what a user said no to at −inf)."""
         scores = self.score_users(self.read_users(state, users), state.absent_s(users),
                                   self.population_counts(state.pop), n_items)
-        return negative.masked(scores, state.negative_items(users))
+        return negative.masked(scores, self.turned_down(state, users, state.clock()))
+
+    def turned_down(self, state: FastState, users: torch.Tensor, now) -> torch.Tensor:
+        """(B, K) what each user turned down as of ``now`` ((B,) or one time; -1: none): what
+        they said no to, and what they were shown and ignored within the impression window."""
+        return torch.cat([state.negative_items(users), state.held_back(users, now, self.cfg.impression_window_s)], 1)
 
     def score_users(self, z: torch.Tensor, absent_s: torch.Tensor, counts: torch.Tensor, n_items: int,
                     votes: torch.Tensor | None = None) -> torch.Tensor:
@@ -259,13 +264,14 @@ class NestedModel(nn.Module):
     def _feedback(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
                   weight: torch.Tensor | None, read: bool, population: bool = True) -> tuple[FastState, Reads | None]:
         """Events of every kind (`recsys.feedback`): a negative one joins its user's negative
-        items and teaches no level; an impression teaches none; positive ones go through the
+        items, an impression their shown ones, and neither teaches a level; positive ones go through the
         recurrence, the population counting each its weight."""
         if weight is None or not len(users):
             return self._recur(state, users, items, ts, read, population) if len(users) else (state, None)
         state = self.grow_state(state, int(users.max()) + 1, int(items.max()) + 1)
-        no = weight < 0
-        negative.mark(state, users[no], items[no])
+        no, shown = weight < 0, weight == 0
+        negative.mark(state, "negative", users[no], items[no])
+        negative.mark(state, "shown", users[shown], items[shown], ts[shown])
         # Every kind says the user is here now: their absence (the personal part's fade) counts from it.
         state.last_ts.scatter_reduce_(0, users[weight <= 0], ts[weight <= 0], "amax")
         yes = (weight > 0).nonzero().flatten()

@@ -17,8 +17,8 @@ import torch
 from recsys.rows import grow
 from recsys.nested.config import NestedConfig
 
-USER_FIELDS = ("M", "S", "last", "last_ts", "mid", "acc", "cnt", "recent", "negative")  # one row per user
-ITEM_FIELDS = ("recent", "negative")  # the user fields that hold item indices
+USER_FIELDS = ("M", "S", "last", "last_ts", "mid", "acc", "cnt", "recent", "negative", "shown", "shown_ts")  # per user
+ITEM_FIELDS = ("recent", "negative", "shown")  # the user fields that hold item indices
 POPULATION_FIELDS = ("pop", "pop_acc", "pop_events", "pop_ts")  # shared by everyone
 
 
@@ -35,6 +35,8 @@ class FastState:
     cnt: torch.Tensor  # (U,) int64 events of the user applied in total
     recent: torch.Tensor  # (U, R) int64 the user's latest R item indices, oldest first, -1 = empty
     negative: torch.Tensor  # (U, X) int64 the latest X items the user said no to (`negative`), -1 = empty
+    shown: torch.Tensor  # (U, Y) int64 the latest Y items shown to the user (impressions), -1 = empty
+    shown_ts: torch.Tensor  # (U, Y) int64 when each was shown
     pop: torch.Tensor  # (N, speeds) population-fast decayed item counts (at the last chunk end)
     pop_acc: torch.Tensor  # (N, 1) counts of the current, unfinished population chunk (event clock only)
     pop_events: torch.Tensor  # () int64 global events applied
@@ -87,12 +89,17 @@ class FastState:
         return fields, torch.cat([users[name] for name in ITEM_FIELDS], -1)
 
     def join_items(self, fields: dict[str, torch.Tensor], items: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`split_items` undone. A row stored before negative feedback existed holds the latest
-        items only: its negative items are none."""
-        R = self.recent.shape[1]
-        negative = items[:, R:] if items.shape[1] > R else torch.full((len(items), self.negative.shape[1]), -1,
-                                                                     dtype=items.dtype)
-        return fields | {"recent": items[:, :R], "negative": negative}
+        """`split_items` undone. A row stored before kinds of feedback existed holds the latest
+        items only: its negative and shown items are none."""
+        out, at = dict(fields), 0
+        for name in ITEM_FIELDS:
+            width = getattr(self, name).shape[1]
+            part = items[:, at:at + width]
+            out[name] = part if part.shape[1] == width else torch.full((len(items), width), -1, dtype=items.dtype)
+            at += width
+        if "shown_ts" not in out:
+            out["shown_ts"] = torch.full_like(out["shown"], -1)
+        return out
 
     # -- the population level, as a worker keeps one per partition ------------------------------
     def population(self) -> dict[str, torch.Tensor]:
@@ -135,6 +142,18 @@ class FastState:
         """(U, X) the items the rows' users said no to (-1: none): never served back to them."""
         return self.negative[rows]
 
+    def held_back(self, rows: torch.Tensor, now: torch.Tensor, window_s: float) -> torch.Tensor:
+        """(U, Y) the items shown to the rows' users less than ``window_s`` before ``now`` ((U,)
+        or a number), and not taken since (-1: none): kept out of their lists for the while."""
+        fresh = (now.reshape(-1, 1) if torch.is_tensor(now) else now) - self.shown_ts[rows] < window_s
+        return torch.where(fresh & (self.shown_ts[rows] >= 0), self.shown[rows], -1)
+
+    def masked_items(self, rows: torch.Tensor, window_s: float) -> torch.Tensor:
+        """(U, R + X + Y) what serving masks for each row's user (-1: none): their latest items,
+        what they said no to, and what they were shown and ignored lately (as of their latest event)."""
+        return torch.cat([self.recent[rows], self.negative[rows],
+                          self.held_back(rows, self.last_ts[rows], window_s)], 1)
+
     def events(self, rows: torch.Tensor) -> torch.Tensor:
         """(U,) events applied to each row in total."""
         return self.cnt[rows]
@@ -176,6 +195,8 @@ def empty_state(cfg: NestedConfig, n_users: int, n_items: int, device=None, dtyp
                      mid=z(n_users, D), acc=z(n_users, D), cnt=z(n_users, dtype=torch.int64),
                      recent=torch.full((n_users, cfg.recent_items), -1, dtype=torch.int64, device=device),
                      negative=torch.full((n_users, cfg.negative_items), -1, dtype=torch.int64, device=device),
+                     shown=torch.full((n_users, cfg.shown_items), -1, dtype=torch.int64, device=device),
+                     shown_ts=torch.full((n_users, cfg.shown_items), -1, dtype=torch.int64, device=device),
                      pop=z(n_items, cfg.pop_levels()), pop_acc=z(n_items, 1),
                      pop_events=z((), dtype=torch.int64),
                      pop_ts=torch.full((), -1, dtype=torch.int64, device=device))
@@ -191,7 +212,7 @@ def grow_state(state: FastState, n_users: int, n_items: int) -> FastState:
         elif f.name in ("pop_events", "pop_ts"):
             out[f.name] = t
         else:
-            out[f.name] = grow(t, n_users, fill=-1 if f.name in ("last_ts", *ITEM_FIELDS) else 0)
+            out[f.name] = grow(t, n_users, fill=-1 if f.name in ("last_ts", "shown_ts", *ITEM_FIELDS) else 0)
     return FastState(**out)
 
 
@@ -205,6 +226,8 @@ def load_state(path) -> FastState:
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
-    if "negative" not in tensors:  # saved before negative feedback: no user has said no yet
-        tensors["negative"] = torch.full((len(tensors["cnt"]), NestedConfig.negative_items), -1, dtype=torch.int64)
+    widths = {"negative": NestedConfig.negative_items, "shown": NestedConfig.shown_items,
+              "shown_ts": NestedConfig.shown_items}
+    for name, width in widths.items():  # saved before kinds of feedback: no user has said no or been shown anything
+        tensors.setdefault(name, torch.full((len(tensors["cnt"]), width), -1, dtype=torch.int64))
     return FastState(**tensors)

@@ -48,7 +48,7 @@ class ServingView:
 
     def users(self, rows: list[int]) -> UserRowsView:
         index = torch.tensor(rows, dtype=torch.int64, device=self.state.device)
-        masked = torch.cat([self.state.latest_items(index), self.state.negative_items(index)], 1).cpu().numpy()
+        masked = self.state.masked_items(index, self.model.cfg.impression_window_s).cpu().numpy()
         with torch.no_grad():
             vectors = self.model.read_users(self.state, index).float().cpu().numpy() if rows else np.zeros((0, 0))
         return UserRowsView([self.user_ids.ids[r] for r in rows], vectors, self.state.events(index).cpu().numpy(),
