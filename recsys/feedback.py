@@ -6,7 +6,8 @@
 A weight above 0 is a positive event of that strength: the levels learn from it and the
 population counts it that much. Below 0 a negative one: the user said no, so the item is
 masked for them from then on (it is part of their row, `FastState.negative`) and no level
-takes credit from it. 0 is an impression (shown, nothing done): no level learns from it.
+takes credit from it. 0 is an impression (shown, nothing done): no level learns from it, and
+the item is kept out of the user's lists for a while (`NestedConfig.impression_window_s`).
 
 A log or a stream without kinds is all ``view`` (weight 1): the model then does exactly
 what it did before kinds existed, and the replay treats every event as a target.

@@ -9,9 +9,10 @@ Validation is strict and every rejection carries a reason that says what was wro
 and with which value, so a dead-letter record explains itself.
 
 ``event_type`` says what kind of feedback the event is and ``value`` a rating's stars;
-`recsys.feedback` gives each kind its weight: a purchase counts more than a view, a
-``dislike`` (or a rating below the threshold) masks the item for that user from then on,
-an ``impression`` teaches no level. An unknown kind is a dead letter that names the kinds.
+`recsys.feedback` gives each kind its weight: positive kinds count as views by default, a
+``dislike`` (or a rating below the threshold) masks the item for that user from then on, an
+``impression`` teaches no level and keeps the item out of the user's lists for a day. An
+unknown kind is a dead letter that names the kinds.
 """
 
 from __future__ import annotations
