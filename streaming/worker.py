@@ -83,8 +83,9 @@ class WorkerConfig:
     # store, and come back from it with their next event; None keeps every user held.
     user_ttl_s: float | None = None
     # With an online store, at most this many users are held: past it, the least recently
-    # active leave for the store (and come back the same way). ~22 KB each at the default
-    # model size: 100k new users once grew a worker to 2.2 GB. None: no bound.
+    # active leave for the store (and come back the same way). ~25 KB each at the default
+    # model size (12 KB of state rows, 2.6 KB of them what the user turned down): 100k new
+    # users once grew a worker to 2.2 GB, before the rows held negative feedback. None: no bound.
     max_users: int | None = 200_000
     log_every_s: float = 10.0
     idle_exit_s: float | None = None  # exit cleanly after this long without messages (batch jobs, tests)

@@ -29,7 +29,7 @@ class NestedConfig:
     recent_items: int = 50  # the user's latest items, kept so serving can mask what was just seen
     # The latest items a user gave negative feedback on (`recsys.feedback`), masked for them
     # from then on; a user who said no to more than this sees the oldest ones again.
-    negative_items: int = 128
+    negative_items: int = 256
     # The latest impressions a user ignored (shown, nothing done: `recsys.feedback`), kept out of
     # their lists for impression_window_s after each (an item they take is masked as seen anyway).
     # A day: the convention of "not again today"; tuned on no log.
