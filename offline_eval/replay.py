@@ -22,10 +22,12 @@ import torch
 from tqdm import tqdm
 
 from offline_eval.protocol import EncodedLog, ProtocolConfig
-from recsys.ranking import SeenItems, ranks_of_targets
+from recsys.nested.config import NestedConfig
+from recsys.ranking import SeenItems, ShownItems, ranks_of_targets
 
 
 NEG_INF = torch.tensor(float("-inf"))
+IMPRESSION_WINDOW_S = NestedConfig.impression_window_s  # kind-blind models get the nested model's rule
 
 
 class ReplayModel(Protocol):
@@ -76,8 +78,9 @@ def replay_model(model: ReplayModel, log: EncodedLog, cfg: ProtocolConfig, name:
                  progress: bool = True, fitted: bool = False) -> ReplayResult:
     """On a log with kinds of feedback, the positive events are the targets; a model is shown
     what its ``feedback`` attribute asks for (`EncodedLog.revealed`: kind-blind models, the
-    default, see the positive events alone, and the replay masks what each user said no to for
-    them, as a shop's filter would); the seen filter is over positive events."""
+    default, see the positive events alone, and the replay filters for them what each user
+    said no to and was shown within the impression window, as a shop's filter would, by the
+    nested model's own rule); the seen filter is over positive events."""
     feedback = getattr(model, "feedback", "positives")
     t0 = time.perf_counter()
     if not fitted:
@@ -91,9 +94,15 @@ def replay_model(model: ReplayModel, log: EncodedLog, cfg: ProtocolConfig, name:
     seen = SeenItems(n_users, n_items)
     seen.add(log.users[: log.n_history][positive[: log.n_history]], log.items[: log.n_history][positive[: log.n_history]])
     said_no = SeenItems(n_users, n_items) if kinds else None
+    filters = kinds and feedback == "positives"
+    shown = ShownItems(n_users, n_items, int(log.ts[0])) if filters and (log.weight == 0).any() else None
     if kinds:
-        no = log.weight[: log.n_history] < 0
-        said_no.add(log.users[: log.n_history][no], log.items[: log.n_history][no])
+        h = slice(0, log.n_history)
+        no = log.weight[h] < 0
+        said_no.add(log.users[h][no], log.items[h][no])
+        if shown is not None:
+            seen_only = log.weight[h] == 0
+            shown.add(log.users[h][seen_only], log.items[h][seen_only], log.ts[h][seen_only])
     covered = torch.zeros(n_items, dtype=torch.bool)
     ranks = np.empty(int(positive[log.n_history:].sum()))
     served = served_no = done = 0
@@ -118,8 +127,12 @@ def replay_model(model: ReplayModel, log: EncodedLog, cfg: ProtocolConfig, name:
             if kinds:
                 no = torch.from_numpy(full.weight < 0)
                 refused = said_no.before_each(all_users, all_items, n_known, no)[t] if fresh else said_no.rows(users, n_known)
-                if feedback == "positives":
+                if filters:
                     scores = torch.where(refused, NEG_INF, scores)
+                if shown is not None:
+                    held = shown.before_each(all_users, all_items, torch.from_numpy(full.ts),
+                                             torch.from_numpy(full.weight == 0), n_known, IMPRESSION_WINDOW_S)[t]
+                    scores = torch.where(held, NEG_INF, scores)
             ranks[done: done + len(users)] = ranks_of_targets(scores, targets, None).numpy()
             done += len(users)
             top = scores.topk(min(10, n_known), dim=1)
@@ -132,7 +145,10 @@ def replay_model(model: ReplayModel, log: EncodedLog, cfg: ProtocolConfig, name:
         seen.add(full.users[full.targets()], full.items[full.targets()])
         if kinds:
             said_no.add(full.users[full.weight < 0], full.items[full.weight < 0])
+        if shown is not None:
+            seen_only = full.weight == 0
+            shown.add(full.users[seen_only], full.items[seen_only], full.ts[seen_only])
     replay_seconds = time.perf_counter() - t1
     return ReplayResult(ranks, covered.numpy(), n_items, fit_seconds, replay_seconds,
                         positive[log.n_history:] if kinds else None,
-                        served_no / max(served, 1) if kinds else None, kinds and feedback == "positives")
+                        served_no / max(served, 1) if kinds else None, filters)

@@ -73,3 +73,31 @@ class SeenItems:
         known = items[k] < n_items  # an item first seen in this batch is no candidate anyway
         mask[j[known], items[k][known]] = True
         return mask
+
+
+class ShownItems:
+    """When each user was last shown each item (an impression), as a dense (users, items) int32
+    matrix of seconds since ``t0``: the replay's filter of ignored impressions for models that
+    read no kinds. Allocated only for logs with impressions (4 bytes per user-item pair)."""
+
+    NEVER = -(2**31)
+
+    def __init__(self, n_users: int, n_items: int, t0: int):
+        self.at = torch.full((n_users, n_items), self.NEVER, dtype=torch.int32)
+        self.t0 = t0
+
+    def add(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray) -> None:
+        self.at[torch.from_numpy(users), torch.from_numpy(items)] = torch.from_numpy(ts - self.t0).to(torch.int32)
+
+    def before_each(self, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor, shown: torch.Tensor,
+                    n_items: int, window_s: float) -> torch.Tensor:
+        """(B, n_items): the items each event's user was shown less than ``window_s`` before it,
+        this batch's earlier impressions (``shown``) included."""
+        now = (ts - self.t0).unsqueeze(1)
+        at = self.at[users, :n_items]
+        mask = (at > self.NEVER) & (now - at < window_s)
+        recent = (ts.unsqueeze(1) - ts.unsqueeze(0)) < window_s
+        j, k = (earlier_same_user(users) & shown.unsqueeze(0) & recent).nonzero(as_tuple=True)
+        known = items[k] < n_items
+        mask[j[known], items[k][known]] = True
+        return mask

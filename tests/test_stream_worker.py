@@ -15,6 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from recsys.datasets import load_dataset
 from streaming.checkpoint import read_checkpoint, read_offsets
 from streaming.clients import make_consumer, make_producer
 from streaming.producer import ProducerConfig, produce
@@ -73,6 +74,21 @@ def test_kill_9_at_random_points_loses_nothing_and_applies_each_event_once(broke
     levels = read_checkpoint(own).population
     assert sorted(levels) == sorted(offsets)
     assert {p: int(level["pop_events"]) for p, level in levels.items()} == offsets
+
+
+def test_a_stream_with_kinds_of_feedback_gives_the_rows_the_model_gives_in_process(broker, topic, model_path,
+                                                                                 tmp_path):
+    """Dislikes and impressions through Kafka and the worker: each user's row, what they said no
+    to and were shown included, equals the same events applied in-process."""
+    stream = load_dataset("synthetic-kinds", n_users=1500, n_items=2000, n_events=6_000, seed=5).interactions
+    assert {"dislike", "impression"} <= set(stream["event_type"])
+    produce(stream, ProducerConfig(broker.bootstrap_servers, topic, progress=False))
+    ckpt = tmp_path / "ckpt"
+    Worker(broker, topic, model_path, ckpt, "w1", "--checkpoint-every", "0.5").finish_at(ckpt / "w1.safetensors",
+                                                                                        stream.height)
+    rows = merged_checkpoints(ckpt, topic)
+    assert any(r["negative"] for r in rows.values()) and any(r["shown"] for r in rows.values())
+    assert_exactly_once(rows, stream, reference_rows(model_path, stream))
 
 
 MALFORMED = [

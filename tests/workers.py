@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 import torch
 
+from recsys.feedback import FEEDBACK
 from recsys.nested import NestedModel
 from recsys.nested.state import ITEM_FIELDS
 from recsys.vocab import Vocab
@@ -97,8 +98,11 @@ def reference_rows(model_path: Path, frame: pl.DataFrame) -> dict[str, dict[str,
     u = torch.from_numpy(users.index(frame["user_id"].cast(pl.Utf8)))
     i = torch.from_numpy(items.index(frame["item_id"].cast(pl.Utf8)))
     ts = torch.from_numpy(frame["ts"].to_numpy().copy())
+    kinds = frame["event_type"].to_numpy() if "event_type" in frame.columns else None
+    w = None if kinds is None else torch.from_numpy(FEEDBACK.weights(kinds))
     for lo in range(0, len(u), 4096):
-        state = model.update(state, u[lo:lo + 4096], i[lo:lo + 4096], ts[lo:lo + 4096], donate=True)
+        state = model.update(state, u[lo:lo + 4096], i[lo:lo + 4096], ts[lo:lo + 4096], donate=True,
+                             weight=None if w is None else w[lo:lo + 4096])
     rows = state.user_rows(torch.arange(len(users.ids)))
     return {uid: _named({f: v[r] for f, v in rows.items()}, items.ids) for r, uid in enumerate(users.ids)}
 
@@ -120,6 +124,10 @@ def merged_checkpoints(ckpt_dir: Path, topic: str) -> dict[str, dict[str, torch.
 
 
 def assert_exactly_once(rows, stream: pl.DataFrame, reference=None) -> None:
+    """Each user's row counts their events once (their positive ones, where the stream has
+    kinds) and, given a ``reference``, equals it."""
+    if "event_type" in stream.columns:
+        stream = stream.filter(pl.Series(FEEDBACK.weights(stream["event_type"].to_numpy()) > 0))
     expected = Counter(stream["user_id"].cast(pl.Utf8).to_list())
     got = {uid: int(r["cnt"]) for uid, r in rows.items()}
     assert got == dict(expected), "some user's events were lost or applied twice"

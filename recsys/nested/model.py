@@ -272,8 +272,6 @@ class NestedModel(nn.Module):
         no, shown = weight < 0, weight == 0
         negative.mark(state, "negative", users[no], items[no])
         negative.mark(state, "shown", users[shown], items[shown], ts[shown])
-        # Every kind says the user is here now: their absence (the personal part's fade) counts from it.
-        state.last_ts.scatter_reduce_(0, users[weight <= 0], ts[weight <= 0], "amax")
         yes = (weight > 0).nonzero().flatten()
         reads = None
         if len(yes):
