@@ -210,12 +210,7 @@ class NestedModel(nn.Module):
         """(B,) users → (B, n_items) scores from the current state (what a user said no to at −inf)."""
         scores = self.score_users(self.read_users(state, users), state.absent_s(users),
                                   self.population_counts(state.pop), n_items)
-        return negative.masked(scores, self.turned_down(state, users, state.clock()))
-
-    def turned_down(self, state: FastState, users: torch.Tensor, now) -> torch.Tensor:
-        """(B, K) what each user turned down as of ``now`` ((B,) or one time; -1: none): what
-        they said no to, and what they were shown and ignored within the impression window."""
-        return torch.cat([state.negative_items(users), state.held_back(users, now, self.cfg.impression_window_s)], 1)
+        return negative.masked(scores, negative.turned_down(state, users, state.clock(), self.cfg))
 
     def score_users(self, z: torch.Tensor, absent_s: torch.Tensor, counts: torch.Tensor, n_items: int,
                     votes: torch.Tensor | None = None) -> torch.Tensor:
@@ -241,18 +236,18 @@ class NestedModel(nn.Module):
         the replay and training donate, as a copy of every row per batch would cost more than
         the update). ``population=False``: the user levels only (a stream worker keeps one
         population level per partition, with `update_population`). ``weight``: each event's
-        feedback weight (`recsys.feedback`; None: every event a view, weight 1)."""
-        return self._feedback(state if donate else state.clone(), users, items, ts, weight, read=False,
+        feedback weight (`recsys.feedback`; None: every event a view); `negative.route` sends
+        the turned-down events to their rows and the positive ones here, to `_recur`."""
+        return negative.route(self, state if donate else state.clone(), users, items, ts, weight, read=False,
                               population=population)[0]
 
     @torch.no_grad()
     def update_reading(self, state: FastState, users: torch.Tensor, items: torch.Tensor,
                        ts: torch.Tensor, donate: bool = False, weight: torch.Tensor | None = None
                        ) -> tuple[FastState, Reads]:
-        """``update``, and what each event's user looked like just before it (their earlier
-        events of the batch applied): the fresh-user query of replay v2 and of serving. With
-        ``weight``, only positive events have reads (the others' rows are placeholders)."""
-        return self._feedback(state if donate else state.clone(), users, items, ts, weight, read=True)
+        """``update``, and each event's user just before it (their earlier events of the batch
+        applied): the fresh-user query of replay v2 and of serving (with ``weight``: of positive events)."""
+        return negative.route(self, state if donate else state.clone(), users, items, ts, weight, read=True)
 
     @torch.no_grad()
     def update_population(self, state: FastState, items: torch.Tensor, ts: torch.Tensor,
@@ -260,30 +255,6 @@ class NestedModel(nn.Module):
         """The state with the events added to its population level (``donate``: as in `update`;
         ``weight``: each counts its feedback weight, and only positive ones count)."""
         return pop_level.add_events(state, items, ts, self.cfg, donate, weight)
-
-    def _feedback(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
-                  weight: torch.Tensor | None, read: bool, population: bool = True) -> tuple[FastState, Reads | None]:
-        """Events of every kind (`recsys.feedback`): a negative one joins its user's negative
-        items, an impression their shown ones, and neither teaches a level; positive ones go through the
-        recurrence, the population counting each its weight."""
-        if weight is None or not len(users):
-            return self._recur(state, users, items, ts, read, population) if len(users) else (state, None)
-        state = self.grow_state(state, int(users.max()) + 1, int(items.max()) + 1)
-        no, shown = weight < 0, weight == 0
-        negative.mark(state, "negative", users[no], items[no])
-        negative.mark(state, "shown", users[shown], items[shown], ts[shown])
-        yes = (weight > 0).nonzero().flatten()
-        reads = None
-        if len(yes):
-            state, reads = self._recur(state, users[yes], items[yes], ts[yes], read, population, weight[yes])
-        if read:  # back to one row per event; non-positive events are no one's target
-            z = self.user0.detach().expand(len(users), -1).clone()
-            last_ts = torch.full_like(ts, -1)
-            if reads is not None:
-                z.index_copy_(0, yes, reads.z)
-                last_ts.index_copy_(0, yes, reads.last_ts)
-            reads = Reads(z=z, last_ts=last_ts)
-        return state, reads
 
     def _recur(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
                read: bool, population: bool = True, weight: torch.Tensor | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from recsys.batch_users import earlier_same_user, user_positions
+from recsys.nested.state import Reads
 
 
 def mark(state, ring: str, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor | None = None) -> None:
@@ -57,3 +58,37 @@ def masked_before_each(scores: torch.Tensor, held: torch.Tensor, users: torch.Te
     j, k = (earlier & turned_down).nonzero(as_tuple=True)
     known = items[k] < scores.shape[1]
     return scores.index_put_((j[known], items[k][known]), torch.tensor(float("-inf"), dtype=scores.dtype))
+
+
+def turned_down(state, users: torch.Tensor, now, cfg) -> torch.Tensor:
+    """(B, K) what each user turned down as of ``now`` ((B,) or one time; -1: none): what they
+    said no to, and what they were shown and ignored within ``cfg.impression_window_s``."""
+    return torch.cat([state.negative_items(users), state.held_back(users, now, cfg.impression_window_s)], 1)
+
+
+def route(model, state, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor, weight: torch.Tensor | None,
+          read: bool, population: bool = True):
+    """A batch of every kind (`recsys.feedback`) into the levels, writing into ``state``: a negative
+    event joins its user's negative items, an impression their shown ones, and neither teaches a
+    level; the positive ones go through the model's recurrence (`NestedModel._recur`), the
+    population counting each its weight. With ``read``, one `Reads` row per event (the
+    non-positive events', no one's target, are placeholders). Without ``weight``: the
+    recurrence alone, as before kinds."""
+    if weight is None:
+        return model._recur(state, users, items, ts, read, population)
+    state = model.grow_state(state, int(users.max()) + 1, int(items.max()) + 1)
+    no, shown = weight < 0, weight == 0
+    mark(state, "negative", users[no], items[no])
+    mark(state, "shown", users[shown], items[shown], ts[shown])
+    yes = (weight > 0).nonzero().flatten()
+    reads = None
+    if len(yes):
+        state, reads = model._recur(state, users[yes], items[yes], ts[yes], read, population, weight[yes])
+    if read:
+        z = model.user0.detach().expand(len(users), -1).clone()
+        last_ts = torch.full_like(ts, -1)
+        if reads is not None:
+            z.index_copy_(0, yes, reads.z)
+            last_ts.index_copy_(0, yes, reads.last_ts)
+        reads = Reads(z=z, last_ts=last_ts)
+    return state, reads
