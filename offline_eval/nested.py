@@ -98,7 +98,8 @@ class NestedReplay:
         votes = self._votes(self.state.latest_items(users), n_items)
         scores = self.model.score_users(self.model.read_users(self.state, users), self.state.absent_s(users),
                                         self.model.population_counts(self.state.level_counts()), n_items, votes)
-        return negative.masked(scores, negative.turned_down(self.state, users, self.state.clock(), self.model.cfg))
+        window = self.model.cfg.impression_window_s
+        return negative.masked(scores, self.state.turned_down(users, self.state.clock(), window))
 
     def score_fresh(self, batch, n_items: int) -> torch.Tensor:
         """Each event from its user's vector after their earlier events of the batch. That takes
@@ -108,7 +109,7 @@ class NestedReplay:
         weight = None if batch.weight is None else torch.from_numpy(batch.weight)
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
         clock, pop = self.state.clock(), self.model.population_counts(self.state.level_counts())
-        held = negative.turned_down(self.state, users, ts, self.model.cfg)  # as of the batch start; the batch's own below
+        held = self.state.turned_down(users, ts, self.model.cfg.impression_window_s)  # at the batch start; its own below
         before = sequences_before(self.state.latest_items(users), users, items)  # before the update writes the rows
         votes = self._votes(before, n_items)
         self.state, reads = self.model.update_reading(self.state, users, items, ts, donate=True, weight=weight)

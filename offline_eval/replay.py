@@ -113,7 +113,8 @@ def replay_model(model: ReplayModel, log: EncodedLog, cfg: ProtocolConfig, name:
     for lo, hi in tqdm(bounds, desc=f"replay {name}", unit="batch", disable=not progress, mininterval=1.0):
         n_known = int(known_upto[lo - 1])
         full = log.slice(lo, hi)
-        t = torch.from_numpy(full.targets())
+        positive_here = full.targets()
+        t = torch.from_numpy(positive_here)
         batch = full.revealed(feedback)
         all_users, all_items = torch.from_numpy(full.users), torch.from_numpy(full.items)
         users, targets = all_users[t], all_items[t]
@@ -142,7 +143,7 @@ def replay_model(model: ReplayModel, log: EncodedLog, cfg: ProtocolConfig, name:
                 served += len(users)
                 served_no += int((refused.gather(1, top.indices) & listed).any(1).sum())
         model.update(batch)
-        seen.add(full.users[full.targets()], full.items[full.targets()])
+        seen.add(full.users[positive_here], full.items[positive_here])
         if kinds:
             said_no.add(full.users[full.weight < 0], full.items[full.weight < 0])
         if shown is not None:

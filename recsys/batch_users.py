@@ -40,6 +40,18 @@ def earlier_same_user(users: torch.Tensor) -> torch.Tensor:
     return torch.tril(users.unsqueeze(1) == users.unsqueeze(0), diagonal=-1)
 
 
+def earlier_marked(users: torch.Tensor, marks: torch.Tensor | None = None, ts: torch.Tensor | None = None,
+                   window_s: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(j, k) index pairs: event ``k`` is an earlier event of event ``j``'s user, one of those
+    ``marks`` picks (None: any), and with ``window_s``, less than that many seconds before it."""
+    pairs = earlier_same_user(users)
+    if marks is not None:
+        pairs = pairs & marks.unsqueeze(0)
+    if window_s is not None:
+        pairs = pairs & ((ts.unsqueeze(1) - ts.unsqueeze(0)) < window_s)
+    return pairs.nonzero(as_tuple=True)
+
+
 def sequences_before(start: torch.Tensor, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """(B, L) each event's user's latest ``L`` items *before* the event, oldest first.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recsys.batch_users import earlier_same_user
+from recsys.batch_users import earlier_marked
 
 
 def ranks_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
@@ -68,8 +68,7 @@ class SeenItems:
         """(B, n_items): what each event's user had before it, this batch's earlier events included
         (``marks``: only those of its events, e.g. the positive ones)."""
         mask = self.rows(users, n_items).clone()
-        earlier = earlier_same_user(users)
-        j, k = (earlier if marks is None else earlier & marks.unsqueeze(0)).nonzero(as_tuple=True)
+        j, k = earlier_marked(users, marks)
         known = items[k] < n_items  # an item first seen in this batch is no candidate anyway
         mask[j[known], items[k][known]] = True
         return mask
@@ -96,8 +95,7 @@ class ShownItems:
         now = (ts - self.t0).unsqueeze(1)
         at = self.at[users, :n_items]
         mask = (at > self.NEVER) & (now - at < window_s)
-        recent = (ts.unsqueeze(1) - ts.unsqueeze(0)) < window_s
-        j, k = (earlier_same_user(users) & shown.unsqueeze(0) & recent).nonzero(as_tuple=True)
+        j, k = earlier_marked(users, shown, ts, window_s)
         known = items[k] < n_items
         mask[j[known], items[k][known]] = True
         return mask

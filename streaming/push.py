@@ -122,7 +122,7 @@ class FeaturePush:
             ids = users.ids + [population_key(p) for p in parts]
             vectors = [*users.vectors, *(level.counts for level in levels)]
             events = np.concatenate([users.events, [level.events for level in levels]])
-            recent = users.latest + [np.zeros(0, np.int64)] * len(parts)
+            recent = users.masked + [np.zeros(0, np.int64)] * len(parts)
             last_ts = np.concatenate([users.last_ts, [level.clock for level in levels]])
             stamps = np.concatenate(unpushed) if unpushed else np.zeros(0)
             self.job = self.waiter.submit(self._write, ids, vectors, events, recent, last_ts, stamps)

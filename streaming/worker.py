@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recsys.feedback import is_plain
 from recsys.nested import FastState, NestedModel, ServingView, load_item_ids, sum_levels
 from recsys.vocab import Vocab
 from streaming.catalogue import Catalogue
@@ -345,7 +346,7 @@ class StreamWorker(Ownership):
             self.users.applied(rows, offsets)
             items, ts = items.to(self.device), ts.to(self.device)
             # Kinds of feedback (`recsys.feedback`); a stream of views alone runs exactly as before kinds.
-            weights = None if bool((weights == 1).all()) else weights.to(self.device)
+            weights = None if is_plain(weights.numpy()) else weights.to(self.device)
             self.state = self.model.update(self.state, rows.to(self.device), items, ts, population=False,
                                            donate=True, weight=weights)
             touched = parts.unique().tolist()

@@ -210,7 +210,7 @@ class NestedModel(nn.Module):
         """(B,) users → (B, n_items) scores from the current state (what a user said no to at −inf)."""
         scores = self.score_users(self.read_users(state, users), state.absent_s(users),
                                   self.population_counts(state.pop), n_items)
-        return negative.masked(scores, negative.turned_down(state, users, state.clock(), self.cfg))
+        return negative.masked(scores, state.turned_down(users, state.clock(), self.cfg.impression_window_s))
 
     def score_users(self, z: torch.Tensor, absent_s: torch.Tensor, counts: torch.Tensor, n_items: int,
                     votes: torch.Tensor | None = None) -> torch.Tensor:

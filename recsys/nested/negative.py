@@ -8,14 +8,14 @@ another worker. Serving masks them with the user's latest items (`ServingView.us
 replay and the worker's own scores mask them here.
 
     >>> mark(state, "negative", users, items)          # the batch's negative events, in time order
-    >>> scores = masked(scores, state.negative_items(users))
+    >>> scores = masked(scores, state.turned_down(users, now, cfg.impression_window_s))
 """
 
 from __future__ import annotations
 
 import torch
 
-from recsys.batch_users import earlier_same_user, user_positions
+from recsys.batch_users import earlier_marked, user_positions
 from recsys.nested.state import Reads
 
 
@@ -52,18 +52,10 @@ def masked_before_each(scores: torch.Tensor, held: torch.Tensor, users: torch.Te
     scores = masked(scores, held)
     if weight is None:
         return scores
-    earlier = earlier_same_user(users)
-    recent = (ts.unsqueeze(1) - ts.unsqueeze(0)) < window_s  # [j, k]: event k less than the window before j
-    turned_down = (weight < 0).unsqueeze(0) | ((weight == 0).unsqueeze(0) & recent)
-    j, k = (earlier & turned_down).nonzero(as_tuple=True)
-    known = items[k] < scores.shape[1]
-    return scores.index_put_((j[known], items[k][known]), torch.tensor(float("-inf"), dtype=scores.dtype))
-
-
-def turned_down(state, users: torch.Tensor, now, cfg) -> torch.Tensor:
-    """(B, K) what each user turned down as of ``now`` ((B,) or one time; -1: none): what they
-    said no to, and what they were shown and ignored within ``cfg.impression_window_s``."""
-    return torch.cat([state.negative_items(users), state.held_back(users, now, cfg.impression_window_s)], 1)
+    for j, k in (earlier_marked(users, weight < 0), earlier_marked(users, weight == 0, ts, window_s)):
+        known = items[k] < scores.shape[1]
+        scores.index_put_((j[known], items[k][known]), torch.tensor(float("-inf"), dtype=scores.dtype))
+    return scores
 
 
 def route(model, state, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor, weight: torch.Tensor | None,

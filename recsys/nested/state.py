@@ -138,21 +138,17 @@ class FastState:
         """(U, R) the rows' latest item indices, oldest first (-1: none)."""
         return self.recent[rows]
 
-    def negative_items(self, rows: torch.Tensor) -> torch.Tensor:
-        """(U, X) the items the rows' users said no to (-1: none): never served back to them."""
-        return self.negative[rows]
-
-    def held_back(self, rows: torch.Tensor, now: torch.Tensor, window_s: float) -> torch.Tensor:
-        """(U, Y) the items shown to the rows' users less than ``window_s`` before ``now`` ((U,)
-        or a number), and not taken since (-1: none): kept out of their lists for the while."""
+    def turned_down(self, rows: torch.Tensor, now, window_s: float) -> torch.Tensor:
+        """(U, X + Y) what the rows' users turned down as of ``now`` ((U,) or one time; -1: none):
+        what they said no to, and what they were shown less than ``window_s`` before it."""
         fresh = (now.reshape(-1, 1) if torch.is_tensor(now) else now) - self.shown_ts[rows] < window_s
-        return torch.where(fresh & (self.shown_ts[rows] >= 0), self.shown[rows], -1)
+        shown = torch.where(fresh & (self.shown_ts[rows] >= 0), self.shown[rows], -1)
+        return torch.cat([self.negative[rows], shown], 1)
 
     def masked_items(self, rows: torch.Tensor, window_s: float) -> torch.Tensor:
         """(U, R + X + Y) what serving masks for each row's user (-1: none): their latest items,
-        what they said no to, and what they were shown and ignored lately (as of their latest event)."""
-        return torch.cat([self.recent[rows], self.negative[rows],
-                          self.held_back(rows, self.last_ts[rows], window_s)], 1)
+        and what they turned down as of their latest event."""
+        return torch.cat([self.recent[rows], self.turned_down(rows, self.last_ts[rows], window_s)], 1)
 
     def events(self, rows: torch.Tensor) -> torch.Tensor:
         """(U,) events applied to each row in total."""

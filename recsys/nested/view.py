@@ -21,7 +21,7 @@ class UserRowsView(NamedTuple):
     ids: list[str]
     vectors: np.ndarray  # (U, D) float32 user vectors: what serving scores with
     events: np.ndarray  # (U,) events applied to each user in total
-    latest: list[np.ndarray]  # each user's latest items and those they said no to: never served back to them
+    masked: list[np.ndarray]  # each user's latest items and those they turned down: not served to them
     last_ts: np.ndarray  # (U,) each user's latest event time
 
 
