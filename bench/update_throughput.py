@@ -31,7 +31,7 @@ from offline_eval.nested import NestedReplay
 from offline_eval.protocol import ProtocolConfig, encode
 from offline_eval.replay import replay_model
 from recsys import compiled_memory, fused_update
-from offline_eval.baselines import pop_online_decay
+from offline_eval.baselines import DecayedPop
 from recsys.datasets import load_dataset
 from recsys.nested import NestedConfig, NestedModel, population_defaults, write_log
 
@@ -82,7 +82,7 @@ def replay_rates(log, max_events: int) -> dict[str, float]:
     with torch.no_grad():
         nested.state = write_log(nested.model, nested.model.init_state(history.n_users_known, history.n_items_known),
                                  history, 4096)
-    popularity = pop_online_decay(log.n_history)
+    popularity = DecayedPop()
     popularity.fit(history)
     start = copy.deepcopy(nested.state)
     rates = {}

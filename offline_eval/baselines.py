@@ -7,13 +7,15 @@ Shapes: ``B`` events in a batch, ``N`` known items, ``L`` recent items per user.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from offline_eval.protocol import ProtocolConfig
+from offline_eval.replay import batch_bounds
 from recsys.batch_users import sequences_before, user_positions
+from recsys.ranking import SeenItems, grid_ndcg_sums
 from recsys.rows import grow
 
 
@@ -145,7 +147,77 @@ class ItemKNNOnline:
         return votes / count.clamp(min=1) ** (1 - self.cfg.alpha) + self.cfg.pop_weight * torch.log1p(count)
 
 
-def pop_online_decay(history_events: int) -> PopOnline:
-    """Decayed popularity whose half-life is a fixed share (1%) of the history's length, so the
-    default scales with the data set instead of being tuned on one stream."""
-    return PopOnline(half_life_events=max(1000, math.ceil(0.01 * history_events)))
+# Half-lives of `DecayedPop`, in seconds: an hour to half a year; the history's own replay picks one.
+HALF_LIVES_S = (3600.0, 4 * 3600.0, 86400.0, 3 * 86400.0, 7 * 86400.0, 30 * 86400.0, 180 * 86400.0)
+
+
+class DecayedPop:
+    """Item counts decayed by event time, each event weighing 2^(−age / half-life): what is
+    popular now. With ``half_life_s`` None, ``fit`` chooses it from ``grid`` on the history's
+    own 80/20 replay (protocol v2), never on the stream; the grid's counts are kept side by
+    side as (G, N), so choosing costs one replay of the history.
+
+        >>> pop = DecayedPop()
+        >>> pop.fit(log.history())      # pop.half_life_s: the grid's best on the history
+    """
+
+    def __init__(self, half_life_s: float | None = None, grid: tuple[float, ...] = HALF_LIVES_S):
+        self.half_life_s, self.grid = half_life_s, tuple(grid)
+        self.half_lives = torch.zeros(0, dtype=torch.float64)
+        self.counts = torch.zeros(0, 0, dtype=torch.float64)  # (G, N) as of ``clock``
+        self.clock: int | None = None
+
+    def fit(self, history) -> None:
+        if self.half_life_s is None:
+            self.half_life_s = self._choose(history.resplit(ProtocolConfig().history_fraction))
+        self._start((self.half_life_s,))
+        self._absorb(history.items, history.ts)
+
+    def describe(self) -> dict:
+        return {"half_life_s": self.half_life_s,
+                "summary": f"half-life {self.half_life_s / 3600:g} h, chosen on the history's own replay"}
+
+    def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
+        return self.grid_scores(n_items)[0].float().expand(len(users), n_items)
+
+    def grid_scores(self, n_items: int) -> torch.Tensor:
+        """(G, n_items) the counts of each half-life kept."""
+        self.counts = grow(self.counts, n_items, 1)
+        return self.counts[:, :n_items]
+
+    def update(self, batch) -> None:
+        self._absorb(batch.items, batch.ts)
+
+    def _start(self, half_lives) -> None:
+        self.half_lives = torch.tensor(half_lives, dtype=torch.float64).view(-1, 1)
+        self.counts, self.clock = torch.zeros(len(half_lives), 0, dtype=torch.float64), None
+
+    def _absorb(self, items: np.ndarray, ts: np.ndarray) -> None:
+        if not len(items):
+            return
+        items, ts = torch.from_numpy(items), torch.from_numpy(ts)
+        now = int(ts.max()) if self.clock is None else max(self.clock, int(ts.max()))
+        self.counts = grow(self.counts, int(items.max()) + 1, 1)
+        if self.clock is not None:
+            self.counts *= torch.exp2(-(now - self.clock) / self.half_lives)
+        age = (now - ts).to(torch.float64).clamp(min=0)  # a late event counts as of now
+        self.counts.index_add_(1, items, torch.exp2(-age / self.half_lives))
+        self.clock = now
+
+    def _choose(self, inner, batch_size: int = 256) -> float:
+        """The grid's half-life with the best NDCG@10 on ``inner``'s stream (ties: the first)."""
+        self._start(self.grid)
+        self._absorb(inner.items[:inner.n_history], inner.ts[:inner.n_history])
+        gain = torch.zeros(len(self.grid), dtype=torch.float64)
+        known_upto = np.maximum.accumulate(inner.items) + 1
+        seen = SeenItems(inner.n_users_known, inner.n_items_known)
+        seen.add(inner.users[:inner.n_history], inner.items[:inner.n_history])
+        for lo, hi in batch_bounds(inner, batch_size):
+            batch, n_known = inner.slice(lo, hi), int(known_upto[lo - 1])
+            users, targets = torch.from_numpy(batch.users), torch.from_numpy(batch.items)
+            scores = self.grid_scores(n_known).float().unsqueeze(1).expand(-1, len(users), -1)
+            mask = seen.before_each(users, targets, n_known)
+            gain += grid_ndcg_sums(torch.where(mask, float("-inf"), scores), targets)
+            self.update(batch)
+            seen.add(batch.users, batch.items)
+        return self.grid[int(torch.argmax(gain))]

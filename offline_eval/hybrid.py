@@ -1,5 +1,6 @@
-"""`hybrid`: sequential item-kNN plus time-decayed popularity, mixed by a weight chosen on
-the history's own 80/20 replay (protocol v2), never on the stream.
+"""`hybrid`: sequential item-kNN plus time-decayed popularity (`DecayedPop`), mixed by a
+weight chosen on the history's own 80/20 replay (protocol v2), never on the stream; the
+popularity's half-life is chosen there first, as the `pop_online_decay` baseline's is.
 
 The two parts live on different scales (vote sums vs log counts), so each is divided by
 its row's maximum first; the weight is then "how much of the best popularity score one
@@ -17,7 +18,7 @@ import torch
 
 from offline_eval.protocol import EncodedLog, ProtocolConfig
 from offline_eval.replay import batch_bounds
-from offline_eval.baselines import ItemKNNOnline, PopOnline, pop_online_decay
+from offline_eval.baselines import DecayedPop, ItemKNNOnline
 from recsys.ranking import SeenItems, grid_ndcg_sums
 
 WEIGHTS = (0.0, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -27,15 +28,22 @@ class Hybrid:
     def __init__(self, weights=WEIGHTS, progress: bool = False):
         self.weights, self.progress = tuple(weights), progress
         self.weight = 0.0
-        self.knn, self.pop = ItemKNNOnline(), PopOnline()
+        self.knn, self.pop = ItemKNNOnline(), DecayedPop()
 
     def fit(self, history: EncodedLog) -> None:
-        self.weight = self._choose(history.resplit(ProtocolConfig().history_fraction))
+        pop = DecayedPop()
+        pop.fit(history)  # its half-life chosen on the history's own replay, as the baseline's is
+        self.weight = self._choose(history.resplit(ProtocolConfig().history_fraction), pop.half_life_s)
         if self.progress:
-            print(f"  hybrid: weight {self.weight} chosen on the history's own replay")
-        self.knn, self.pop = ItemKNNOnline(), pop_online_decay(history.n_events)
+            print(f"  hybrid: weight {self.weight}, popularity half-life {pop.half_life_s / 3600:g} h, "
+                  "chosen on the history's own replay")
+        self.knn, self.pop = ItemKNNOnline(), pop
         self.knn.fit(history)
-        self.pop.fit(history)
+
+    def describe(self) -> dict:
+        return {"weight": self.weight, "half_life_s": self.pop.half_life_s,
+                "summary": f"popularity weight {self.weight:g}, half-life {self.pop.half_life_s / 3600:g} h, "
+                           "chosen on the history's own replay"}
 
     def parts(self, batch: EncodedLog, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N) neighbour votes, each event's earlier batch events voting, and (N,) popularity;
@@ -58,9 +66,9 @@ class Hybrid:
         self.knn.update(batch)
         self.pop.update(batch)
 
-    def _choose(self, inner: EncodedLog, batch_size: int = 256) -> float:
+    def _choose(self, inner: EncodedLog, half_life_s: float, batch_size: int = 256) -> float:
         """The grid's weight with the best NDCG@10 on ``inner``'s stream (ties: the smaller)."""
-        self.knn, self.pop = ItemKNNOnline(), pop_online_decay(inner.n_history)
+        self.knn, self.pop = ItemKNNOnline(), DecayedPop(half_life_s)
         self.knn.fit(inner.history())
         self.pop.fit(inner.history())
         w = torch.tensor(self.weights).view(-1, 1, 1)

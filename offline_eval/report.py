@@ -22,7 +22,7 @@ from offline_eval.nested import NestedReplay
 from offline_eval.oracle import Oracle
 from offline_eval.protocol import EncodedLog, ProtocolConfig, encode
 from offline_eval.replay import ReplayResult, replay_model
-from offline_eval.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
+from offline_eval.baselines import DecayedPop, ItemKNNOnline, PopOnline, PopStatic
 from recsys.dataset import Dataset
 from offline_eval.mf import mf_online, mf_static
 from offline_eval.sasrec import SASRecConfig, SASRecStatic
@@ -38,7 +38,7 @@ def _registry(log: EncodedLog, progress: bool, truth: dict,
     return {
         "pop_static": PopStatic,
         "pop_online": PopOnline,
-        "pop_online_decay": lambda: pop_online_decay(log.n_history),
+        "pop_online_decay": DecayedPop,
         "itemknn_online": ItemKNNOnline,
         "hybrid": lambda: Hybrid(progress=progress),
         "mf_static": lambda: mf_static(progress=progress),

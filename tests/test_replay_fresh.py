@@ -8,7 +8,7 @@ import torch
 from offline_eval.hybrid import Hybrid
 from offline_eval.protocol import ProtocolConfig, encode
 from offline_eval.replay import replay_model
-from offline_eval.baselines import ItemKNNOnline, PopOnline, PopStatic, pop_online_decay
+from offline_eval.baselines import DecayedPop, ItemKNNOnline, PopOnline, PopStatic
 from recsys.batch_users import earlier_same_user, sequences_before, user_positions
 from recsys.datasets import load_dataset
 from offline_eval.mf import mf_online, mf_static
@@ -21,7 +21,7 @@ QUICK = TrainConfig(progress=False, epochs=1)
 MODELS = {
     "pop_static": PopStatic,
     "pop_online": PopOnline,
-    "pop_online_decay": lambda: pop_online_decay(1_600),
+    "pop_online_decay": lambda: DecayedPop(half_life_s=86400.0),
     "itemknn_online": ItemKNNOnline,
     "hybrid": Hybrid,
     "mf_static": lambda: mf_static(epochs=1),
