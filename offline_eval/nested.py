@@ -49,7 +49,8 @@ class NestedReplay:
             self.assoc_cfg = association_defaults(base)
         self.model, self.state = train_nested(history, model_cfg, self.train_cfg, self.assoc_cfg)
         if self.association:
-            self.assoc_cfg = replace(self.assoc_cfg, popularity_discount=float(self.model.assoc_discount))
+            self.assoc_cfg = replace(self.assoc_cfg, popularity_discount=float(self.model.assoc_discount),
+                                     fast_share=float(self.model.assoc_fast_share))
             self.assoc, _ = association.absorb(association.empty(history.n_items_known, self.assoc_cfg), history,
                                                self.assoc_cfg, self.train_cfg.absorb_batch)
 
@@ -63,9 +64,10 @@ class NestedReplay:
                           f"{weight:.3f}, fade {fade:g}"}
         if self.association:
             out |= {"association_weight": float(m.assoc_weight), "association_discount": float(m.assoc_discount),
+                    "association_fast_share": float(m.assoc_fast_share),
                     "association_half_lives_s": list(self.assoc_cfg.half_lives_s)}
             out["summary"] += (f"; association votes weigh {float(m.assoc_weight):g} (popularity discount "
-                               f"{float(m.assoc_discount):g})")
+                               f"{float(m.assoc_discount):g}, fast share {float(m.assoc_fast_share):g})")
         return out
 
     # -- the replay's fit cache (offline_eval/fit_cache.py) -----------------------------------

@@ -49,10 +49,13 @@ MIXTURE_MULTIPLIERS = (1.0, 2.0, 4.0)
 TIE_SE = 2.0
 
 
-# The association level's weight in the personal expert, and its votes' popularity discount
-# (0: P(j | i); ½: cosine-like), chosen together on the tail once the mix is set.
+# The association level's weight in the personal expert, its votes' popularity discount
+# (0: P(j | i); ½: cosine-like) and its fast speed's share, chosen together on the tail once
+# the mix is set. On the history's own replay the fast share was worth most on Steam (½),
+# least on Amazon Toys (0–0.1): a setting of the log, not of the code.
 ASSOCIATION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-DISCOUNTS = (0.0, 0.5)
+DISCOUNTS = (0.25, 0.5)
+FAST_SHARES = (0.0, 0.1, 0.25, 0.5)
 
 
 class Mix(NamedTuple):
@@ -161,16 +164,18 @@ def choose(grid: list[Mix], ndcg: torch.Tensor, loglik: torch.Tensor) -> Mix:
 
 
 class Link(NamedTuple):
-    """How the association level enters the score: its votes' weight and popularity discount."""
+    """How the association level enters the score: its votes' weight, popularity discount and
+    fast speed's share."""
 
     weight: float
     discount: float
+    fast_share: float
 
 
 @torch.no_grad()
 def association_link(model: NestedModel, fit_part, tail, cfg: AssociationConfig, batch_size: int = 256,
                      absorb_batch: int = 4096, score_every: int = 2, weights=ASSOCIATION_WEIGHTS,
-                     discounts=DISCOUNTS) -> Link:
+                     discounts=DISCOUNTS, fast_shares=FAST_SHARES) -> Link:
     """The association level's `Link`, on ``tail`` replayed after ``fit_part`` as `score_tail`
     replays it, with the model's mix as set: the best NDCG@10 of the grid; within `TIE_SE`
     standard errors of it, the smallest weight (the level must earn its place)."""
@@ -180,7 +185,8 @@ def association_link(model: NestedModel, fit_part, tail, cfg: AssociationConfig,
     level, _ = association.absorb(association.empty(n_items, cfg), fit_part, cfg, absorb_batch)
     seen = SeenItems(n_users, n_items)
     seen.add(fit_part.users, fit_part.items)
-    grid = [Link(w, d) for d in discounts for w in weights]
+    read_grid = [(d, f) for d in discounts for f in fast_shares]
+    grid = [Link(w, d, f) for d, f in read_grid for w in weights]
     lam = torch.tensor(weights, dtype=model.user0.dtype).view(-1, 1, 1)
     known_upto = np.maximum.accumulate(np.concatenate([[fit_part.n_items_known - 1], tail.items])) + 1
     ndcg = []
@@ -196,14 +202,14 @@ def association_link(model: NestedModel, fit_part, tail, cfg: AssociationConfig,
             E, bias = model.all_items(n_known)
             weight = trust((clock - reads.last_ts).to(E.dtype), model.fade)
             seen_now = seen.before_each(users, items, n_known)
-            per_discount = []
-            for d in discounts:
-                votes = association.read(level, before, n_known, cfg, discount=d).to(E.dtype)
+            per_read = []
+            for d, f in read_grid:
+                votes = association.read(level, before, n_known, cfg, discount=d, fast_share=f).to(E.dtype)
                 scores = score_items(reads.z, E, bias, model.pop_term(pop), weight, model.mixture_share(),
                                      lam * votes)  # (G, B, N)
                 scores.masked_fill_(seen_now, float("-inf"))
-                per_discount.append(grid_ndcg(scores, items))
-            ndcg.append(torch.cat(per_discount))
+                per_read.append(grid_ndcg(scores, items))
+            ndcg.append(torch.cat(per_read))
         level = association.add(level, before, items, ts, cfg)
         seen.add(users.numpy(), items.numpy())
     ndcg = torch.cat(ndcg, 1)  # (G, E)

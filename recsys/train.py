@@ -121,7 +121,8 @@ def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfi
         _set_mix(probe, mix)
         link = association_link(probe, fit_part, tail, association, absorb_batch=cfg.absorb_batch)
         if cfg.progress and distributed_rank()[0] == 0:
-            print(f"association level on the tail: weight {link.weight:g}, popularity discount {link.discount:g}")
+            print(f"association level on the tail: weight {link.weight:g}, popularity discount {link.discount:g}, "
+                  f"fast share {link.fast_share:g}")
     if cfg.refit:
         model, state = _train_and_write(history, model_cfg, cfg)
     model.to(cfg.device)
@@ -130,6 +131,7 @@ def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfi
         with torch.no_grad():
             model.assoc_weight.fill_(link.weight)
             model.assoc_discount.fill_(link.discount)
+            model.assoc_fast_share.fill_(link.fast_share)
     if cfg.progress and distributed_rank()[0] == 0:
         form = f"mixed, population share {mix.share:g}" if mix.share else "additive"
         print(f"calibrated on the history's latest {cfg.calibration_tail:.0%} in {seconds:.0f}s: {form}, "

@@ -32,6 +32,7 @@ def read_weights(path) -> tuple[NestedConfig, dict[str, torch.Tensor]]:
     weights.setdefault("pop_share", torch.zeros((), dtype=dtype))
     weights.setdefault("assoc_weight", torch.zeros((), dtype=dtype))
     weights.setdefault("assoc_discount", torch.tensor(0.5, dtype=dtype))
+    weights.setdefault("assoc_fast_share", torch.tensor(0.5, dtype=dtype))  # its two speeds were averaged
     return model_config(path), weights
 
 

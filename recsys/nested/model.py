@@ -103,7 +103,8 @@ class NestedModel(nn.Module):
         # The association level's weight in the personal expert (`score_items`): 0 in
         # meta-training (the level is not the slow level's to learn), set on the history's tail.
         self.register_buffer("assoc_weight", torch.zeros(()))
-        self.register_buffer("assoc_discount", torch.tensor(0.5))  # its votes' popularity discount (`association.read`)
+        self.register_buffer("assoc_discount", torch.tensor(0.25))  # its votes' popularity discount (`association.read`)
+        self.register_buffer("assoc_fast_share", torch.tensor(0.25))  # its fast speed's share of the vote
         if cfg.use_fast and cfg.population and not cfg.static_popularity:  # else nothing else ranks by popularity
             self.item_bias.requires_grad_(False)
             self.user0.requires_grad_(False)
