@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from offline_eval.protocol import ProtocolConfig
-from offline_eval.replay import batch_bounds
+from offline_eval.replay import grid_gains
 from recsys.batch_users import sequences_before, user_positions
-from recsys.ranking import SeenItems, grid_ndcg_sums
 from recsys.rows import grow
 
 
@@ -208,16 +207,6 @@ class DecayedPop:
         """The grid's half-life with the best NDCG@10 on ``inner``'s stream (ties: the first)."""
         self._start(self.grid)
         self._absorb(inner.items[:inner.n_history], inner.ts[:inner.n_history])
-        gain = torch.zeros(len(self.grid), dtype=torch.float64)
-        known_upto = np.maximum.accumulate(inner.items) + 1
-        seen = SeenItems(inner.n_users_known, inner.n_items_known)
-        seen.add(inner.users[:inner.n_history], inner.items[:inner.n_history])
-        for lo, hi in batch_bounds(inner, batch_size):
-            batch, n_known = inner.slice(lo, hi), int(known_upto[lo - 1])
-            users, targets = torch.from_numpy(batch.users), torch.from_numpy(batch.items)
-            scores = self.grid_scores(n_known).float().unsqueeze(1).expand(-1, len(users), -1)
-            mask = seen.before_each(users, targets, n_known)
-            gain += grid_ndcg_sums(torch.where(mask, float("-inf"), scores), targets)
-            self.update(batch)
-            seen.add(batch.users, batch.items)
+        gain = grid_gains(inner, lambda batch, n_known: self.grid_scores(n_known).float().unsqueeze(1)
+                          .expand(-1, batch.n_events, -1), self.update, batch_size)
         return self.grid[int(torch.argmax(gain))]

@@ -13,13 +13,11 @@ ranked from the same two parts, so choosing costs one replay of the history.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from offline_eval.protocol import EncodedLog, ProtocolConfig
-from offline_eval.replay import batch_bounds
+from offline_eval.replay import grid_gains
 from offline_eval.baselines import DecayedPop, ItemKNNOnline
-from recsys.ranking import SeenItems, grid_ndcg_sums
 
 WEIGHTS = (0.0, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -72,16 +70,10 @@ class Hybrid:
         self.knn.fit(inner.history())
         self.pop.fit(inner.history())
         w = torch.tensor(self.weights).view(-1, 1, 1)
-        gain = torch.zeros(len(self.weights), dtype=torch.float64)
-        known_upto = np.maximum.accumulate(inner.items) + 1
-        seen = SeenItems(inner.n_users_known, inner.n_items_known)
-        seen.add(inner.users[:inner.n_history], inner.items[:inner.n_history])
-        for lo, hi in batch_bounds(inner, batch_size):
-            batch, n_known = inner.slice(lo, hi), int(known_upto[lo - 1])
-            users, targets = torch.from_numpy(batch.users), torch.from_numpy(batch.items)
+
+        def scores(batch: EncodedLog, n_known: int) -> torch.Tensor:
             knn, pop = self.parts(batch, n_known)
-            scores = torch.where(seen.before_each(users, targets, n_known), float("-inf"), knn + w * pop)  # (G, B, N)
-            gain += grid_ndcg_sums(scores, targets)
-            self.update(batch)
-            seen.add(batch.users, batch.items)
+            return knn + w * pop  # (G, B, N)
+
+        gain = grid_gains(inner, scores, self.update, batch_size)
         return self.weights[int(torch.argmax(gain))]  # argmax: the first of equal gains

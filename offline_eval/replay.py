@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from offline_eval.protocol import EncodedLog, ProtocolConfig
 from recsys.nested.config import NestedConfig
-from recsys.ranking import SeenItems, ShownItems, ranks_of_targets
+from recsys.ranking import SeenItems, ShownItems, grid_ndcg_sums, ranks_of_targets
 
 
 NEG_INF = torch.tensor(float("-inf"))
@@ -72,6 +72,25 @@ class ReplayResult:
 def batch_bounds(log: EncodedLog, batch_size: int) -> list[tuple[int, int]]:
     starts = range(log.n_history, log.n_events, batch_size)
     return [(lo, min(lo + batch_size, log.n_events)) for lo in starts]
+
+
+def grid_gains(inner: EncodedLog, scores, update, batch_size: int = 256) -> torch.Tensor:
+    """(G,) NDCG@10 sums of ``G`` settings over ``inner``'s stream, replayed as protocol v2 does
+    (seen items filtered): how a baseline chooses a setting on the history's own replay.
+    ``scores(batch, n_known)`` → (G, B, n_known) before the batch; ``update(batch)`` after it."""
+    gain = None
+    known_upto = np.maximum.accumulate(inner.items) + 1
+    seen = SeenItems(inner.n_users_known, inner.n_items_known)
+    seen.add(inner.users[:inner.n_history], inner.items[:inner.n_history])
+    for lo, hi in batch_bounds(inner, batch_size):
+        batch, n_known = inner.slice(lo, hi), int(known_upto[lo - 1])
+        users, targets = torch.from_numpy(batch.users), torch.from_numpy(batch.items)
+        masked = torch.where(seen.before_each(users, targets, n_known), float("-inf"), scores(batch, n_known))
+        sums = grid_ndcg_sums(masked, targets)
+        gain = sums if gain is None else gain + sums
+        update(batch)
+        seen.add(batch.users, batch.items)
+    return gain
 
 
 def replay_model(model: ReplayModel, log: EncodedLog, cfg: ProtocolConfig, name: str = "model",
