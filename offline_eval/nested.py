@@ -4,15 +4,12 @@ online API, as the stream worker uses it."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from recsys import association
-from recsys.association import AssociationConfig, AssociationLevel, association_defaults
-from recsys.batch_users import sequences_before
+from recsys.association import association_defaults
 from recsys.nested import negative
 from recsys.nested import (POPULATION_CLOCK, NestedConfig, NestedModel, load_state, population_defaults,
                                  save_state)
@@ -33,8 +30,6 @@ class NestedReplay:
         self.use_fast, self.train_cfg, self.levels, self.feedback = use_fast, train_cfg, levels, feedback
         self.population_clock = population_clock
         self.association = association and use_fast
-        self.assoc_cfg: AssociationConfig | None = None
-        self.assoc: AssociationLevel | None = None
         self.model: NestedModel | None = None
         self.state = None
         self.applied = None  # the batch score_fresh has applied already
@@ -42,17 +37,12 @@ class NestedReplay:
 
     def fit(self, history) -> None:
         population = population_defaults(history.n_events, history.ts, self.population_clock)
-        model_cfg = NestedConfig(n_items=history.n_items_known, use_fast=self.use_fast, **self.levels, **population)
-        if self.association:
+        if self.association:  # its speeds from the population level's memory in seconds
             base = population.get("pop_half_life_s") or population_defaults(history.n_events, history.ts,
                                                                              "time")["pop_half_life_s"]
-            self.assoc_cfg = association_defaults(base)
-        self.model, self.state = train_nested(history, model_cfg, self.train_cfg, self.assoc_cfg)
-        if self.association:
-            self.assoc_cfg = replace(self.assoc_cfg, popularity_discount=float(self.model.assoc_discount),
-                                     fast_share=float(self.model.assoc_fast_share))
-            self.assoc, _ = association.absorb(association.empty(history.n_items_known, self.assoc_cfg), history,
-                                               self.assoc_cfg, self.train_cfg.absorb_batch)
+            population["assoc_half_lives_s"] = association_defaults(base).half_lives_s
+        model_cfg = NestedConfig(n_items=history.n_items_known, use_fast=self.use_fast, **self.levels, **population)
+        self.model, self.state = train_nested(history, model_cfg, self.train_cfg)
 
     def describe(self) -> dict:
         """What the fit chose: the mix of the population and personal levels calibrated on the history."""
@@ -62,10 +52,10 @@ class NestedReplay:
         out = {"population_weight": round(weight, 6), "fade": fade, "population_share": share,
                "summary": f"the mix calibrated on the history's tail is {form}, population weight "
                           f"{weight:.3f}, fade {fade:g}"}
-        if self.association:
+        if self.model.cfg.association:
             out |= {"association_weight": float(m.assoc_weight), "association_discount": float(m.assoc_discount),
                     "association_fast_share": float(m.assoc_fast_share),
-                    "association_half_lives_s": list(self.assoc_cfg.half_lives_s)}
+                    "association_half_lives_s": list(m.cfg.assoc_half_lives_s)}
             out["summary"] += (f"; association votes weigh {float(m.assoc_weight):g} (popularity discount "
                                f"{float(m.assoc_discount):g}, fast share {float(m.assoc_fast_share):g})")
         return out
@@ -79,29 +69,14 @@ class NestedReplay:
     def save_fit(self, folder: Path) -> None:
         self.model.save(folder / "model.safetensors")
         save_state(self.state, folder / "state.safetensors")  # the fast levels after the history
-        if self.association:
-            from safetensors.torch import save_file
-
-            save_file(self.assoc._asdict(), str(folder / "association.safetensors"),
-                      metadata={"config": json.dumps(asdict(self.assoc_cfg))})
 
     def load_fit(self, folder: Path) -> None:
         self.model = NestedModel.load(folder / "model.safetensors").eval()
         self.state = load_state(folder / "state.safetensors")
-        if self.association:
-            from safetensors import safe_open
-
-            with safe_open(str(folder / "association.safetensors"), "pt") as f:
-                self.assoc_cfg = AssociationConfig(**json.loads(f.metadata()["config"]))
-                self.assoc = AssociationLevel(**{k: f.get_tensor(k) for k in AssociationLevel._fields})
 
     def score(self, users: torch.Tensor, n_items: int) -> torch.Tensor:
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
-        votes = self._votes(self.state.latest_items(users), n_items)
-        scores = self.model.score_users(self.model.read_users(self.state, users), self.state.absent_s(users),
-                                        self.model.population_counts(self.state.level_counts()), n_items, votes)
-        window = self.model.cfg.impression_window_s
-        return negative.masked(scores, self.state.turned_down(users, self.state.clock(), window))
+        return self.model.score(self.state, users, n_items)
 
     def score_fresh(self, batch, n_items: int) -> torch.Tensor:
         """Each event from its user's vector after their earlier events of the batch. That takes
@@ -112,10 +87,9 @@ class NestedReplay:
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, n_items)
         clock, pop = self.state.clock(), self.model.population_counts(self.state.level_counts())
         held = self.state.turned_down(users, ts, self.model.cfg.impression_window_s)  # at the batch start; its own below
-        before = sequences_before(self.state.latest_items(users), users, items)  # before the update writes the rows
-        votes = self._votes(before, n_items)
+        before = self.model.before_each(self.state, users, items, weight)  # before the update writes the rows
+        votes = None if before is None else self.model.votes(self.state, before, n_items)
         self.state, reads = self.model.update_reading(self.state, users, items, ts, donate=True, weight=weight)
-        self._associate(before, items, ts, weight)
         self.applied = batch
         scores = self.model.score_users(reads.z, clock - reads.last_ts, pop, n_items, votes)
         return negative.masked_before_each(scores, held, users, items, ts, weight, self.model.cfg.impression_window_s)
@@ -127,15 +101,4 @@ class NestedReplay:
         users, items, ts = (torch.from_numpy(a) for a in (batch.users, batch.items, batch.ts))
         self.state = self.model.grow_state(self.state, int(users.max()) + 1, int(items.max()) + 1)
         weight = None if batch.weight is None else torch.from_numpy(batch.weight)
-        before = sequences_before(self.state.latest_items(users), users, items)
         self.state = self.model.update(self.state, users, items, ts, donate=True, weight=weight)
-        self._associate(before, items, ts, weight)
-
-    def _votes(self, recent: torch.Tensor, n_items: int) -> torch.Tensor | None:
-        return association.read(self.assoc, recent, n_items, self.assoc_cfg) if self.association else None
-
-    def _associate(self, before: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
-                   weight: torch.Tensor | None = None) -> None:
-        if self.association:  # only what a user took strengthens what follows what
-            yes = slice(None) if weight is None else weight > 0
-            self.assoc = association.add(self.assoc, before[yes], items[yes], ts[yes], self.assoc_cfg)

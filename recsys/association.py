@@ -112,15 +112,16 @@ def add(level: AssociationLevel, before: torch.Tensor, items: torch.Tensor, ts: 
     event's item."""
     if not len(items):
         return level
-    half_lives = torch.tensor(cfg.half_lives_s)
+    device = level.weights.device
+    half_lives = torch.tensor(cfg.half_lives_s, dtype=level.weights.dtype, device=device)
     level = level.grown(int(max(items.max(), before.max())) + 1)
     now = int(ts.max()) if int(level.clock) < 0 else max(int(level.clock), int(ts.max()))
     level = _decayed(level, now, half_lives)
     N, S = level.ids.shape
     prev = before[:, -cfg.window:]  # (B, W) oldest first
     W = prev.shape[1]
-    position = cfg.position_decay ** torch.arange(W - 1, -1, -1, dtype=torch.float32)  # (W,) latest = 1
-    age = _decay((now - ts).to(torch.float32), half_lives)  # (B, V)
+    position = cfg.position_decay ** torch.arange(W - 1, -1, -1, dtype=half_lives.dtype, device=device)  # latest = 1
+    age = _decay((now - ts).to(half_lives.dtype), half_lives)  # (B, V)
     strength = position.view(1, W, 1) * age.unsqueeze(1)  # (B, W, V)
     dst = items.unsqueeze(1).expand_as(prev)
     valid = (prev >= 0) & (prev != dst)
@@ -147,7 +148,7 @@ def add(level: AssociationLevel, before: torch.Tensor, items: torch.Tensor, ts: 
         order = order[torch.argsort(src[order], stable=True)]  # grouped by row, strongest first
         src, dst, pair_w, total = src[order], dst[order], pair_w[order], total[order]
         rows, first, per_row = torch.unique_consecutive(src, return_inverse=True, return_counts=True)
-        rank = torch.arange(len(src)) - (torch.cumsum(per_row, 0) - per_row)[first]
+        rank = torch.arange(len(src), device=device) - (torch.cumsum(per_row, 0) - per_row)[first]
         room = rank < S
         weakest = torch.argsort(weights[rows].sum(-1), dim=1, stable=True)  # (R, S) weakest slot first
         target = weakest[first[room], rank[room]]
@@ -159,13 +160,14 @@ def add(level: AssociationLevel, before: torch.Tensor, items: torch.Tensor, ts: 
 
 
 def _decayed(level: AssociationLevel, now: int, half_lives: torch.Tensor) -> AssociationLevel:
+    clock = torch.tensor(now, device=level.clock.device)
     if int(level.clock) < 0:
-        return level._replace(clock=torch.tensor(now))
+        return level._replace(clock=clock)
     if now <= int(level.clock):
         return level
-    factor = _decay(torch.tensor(float(now - int(level.clock))), half_lives)  # (V,)
-    return AssociationLevel(level.ids, level.weights * factor, level.out * factor, level.into * factor,
-                            torch.tensor(now))
+    factor = _decay(torch.tensor(float(now - int(level.clock)), dtype=half_lives.dtype, device=half_lives.device),
+                    half_lives)  # (V,)
+    return AssociationLevel(level.ids, level.weights * factor, level.out * factor, level.into * factor, clock)
 
 
 def speed_shares(n_speeds: int, fast_share: float) -> torch.Tensor:
@@ -182,19 +184,46 @@ def read(level: AssociationLevel, recent: torch.Tensor, n_items: int, cfg: Assoc
     ``discount``, ``fast_share``: the config's, unless given (calibration tries a grid)."""
     discount = cfg.popularity_discount if discount is None else discount
     shares = speed_shares(level.weights.shape[-1], cfg.fast_share if fast_share is None else fast_share)
+    return vote(*entries(level, recent, cfg), level.into, n_items, shares.to(level.weights), discount)
+
+
+def entries(level: AssociationLevel, recent: torch.Tensor, cfg: AssociationConfig
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a read of ``recent``'s latest ``cfg.window`` items gathers, one entry per (item, slot):
+    (B, W·S) successors (-1: none), (B, W·S, V) pair weights, (B, W·S, V) the source item's
+    outgoing weight, (B, W·S) the source's position weight (0 where it is none)."""
     prev = recent[:, -cfg.window:]
     B, W = prev.shape
+    S = level.ids.shape[1]
     src = prev.clamp(min=0, max=level.n_items - 1)
-    ids = level.ids[src]  # (B, W, S)
-    w = level.weights[src]  # (B, W, S, V)
-    dst = ids.clamp(min=0)
-    norm = level.out[src].unsqueeze(2).clamp(min=1e-12) ** (1 - discount) \
-        * level.into[dst].clamp(min=1e-12) ** discount  # (B, W, S, V)
-    sim = (w / norm) @ shares.to(w.dtype)  # (B, W, S) the speeds' votes, by their shares
-    position = cfg.position_decay ** torch.arange(W - 1, -1, -1, dtype=sim.dtype)  # latest = 1
-    usable = (prev >= 0).unsqueeze(-1) & (ids >= 0) & (ids < n_items)
-    vote = torch.where(usable, sim * position.view(1, W, 1), 0).reshape(B, -1)
-    votes = sim.new_zeros(B, n_items).scatter_add_(1, dst.clamp(max=n_items - 1).reshape(B, -1), vote)
+    position = cfg.position_decay ** torch.arange(W - 1, -1, -1, dtype=level.weights.dtype,
+                                                  device=prev.device)  # latest = 1
+    weight = torch.where(prev >= 0, position, 0).unsqueeze(-1).expand(B, W, S)
+    out = level.out[src].unsqueeze(2).expand(B, W, S, -1)
+    return (level.ids[src].reshape(B, W * S), level.weights[src].reshape(B, W * S, -1),
+            out.reshape(B, W * S, -1), weight.reshape(B, W * S))
+
+
+def vote(ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, position: torch.Tensor, into: torch.Tensor,
+         n_items: int | None, shares: torch.Tensor, discount) -> torch.Tensor:
+    """Entries of a read (`entries`; a worker group's partitions' entries side by side, each
+    source's ``out`` summed over them) and each item's incoming weight ``into`` (n, V) →
+    (B, n_items) votes, each row's best 1: each pair's weight over ``out^(1 − discount) ·
+    into^discount`` (cosine-like at ½), the speeds mixed by ``shares``, by the source's position.
+    Linear in the entries, so partial levels' entries add up to the whole level's vote.
+    ``n_items`` None: every item of ``into`` (whose entries then name only those); the
+    exported graph runs this same function so (`serving/export.py`)."""
+    if n_items is not None:
+        into = into[:n_items]
+        usable = (ids >= 0) & (ids < n_items)
+    else:
+        usable = ids >= 0
+    dst = torch.where(usable, ids, torch.zeros_like(ids))
+    norm = out.clamp(min=1e-12) ** (1 - discount) * into[dst].clamp(min=1e-12) ** discount  # (B, L, V)
+    sim = (weights / norm) @ shares  # (B, L)
+    value = torch.where(usable, sim * position, torch.zeros_like(sim))
+    zeros = torch.zeros_like(position[:, :1]) * into[:, 0].unsqueeze(0)  # (B, n): shapes the graph traces
+    votes = zeros.scatter_add(1, dst, value)
     return votes / votes.amax(1, keepdim=True).clamp(min=1e-12)
 
 

@@ -32,8 +32,6 @@ import numpy as np
 import torch
 
 from recsys import association
-from recsys.association import AssociationConfig
-from recsys.batch_users import sequences_before
 from recsys.nested import FastState, NestedModel, score_items, trust, write_log
 from recsys.ranking import SeenItems, grid_ndcg
 
@@ -173,7 +171,7 @@ class Link(NamedTuple):
 
 
 @torch.no_grad()
-def association_link(model: NestedModel, fit_part, tail, cfg: AssociationConfig, batch_size: int = 256,
+def association_link(model: NestedModel, fit_part, tail, batch_size: int = 256,
                      absorb_batch: int = 4096, score_every: int = 2, weights=ASSOCIATION_WEIGHTS,
                      discounts=DISCOUNTS, fast_shares=FAST_SHARES) -> Link:
     """The association level's `Link`, on ``tail`` replayed after ``fit_part`` as `score_tail`
@@ -182,7 +180,7 @@ def association_link(model: NestedModel, fit_part, tail, cfg: AssociationConfig,
     n_users = max(fit_part.n_users_known, tail.n_users_known)
     n_items = max(fit_part.n_items_known, tail.n_items_known)
     state = write_log(model, model.init_state(n_users, n_items), fit_part, absorb_batch)
-    level, _ = association.absorb(association.empty(n_items, cfg), fit_part, cfg, absorb_batch)
+    cfg = model.association_config()
     seen = SeenItems(n_users, n_items)
     seen.add(fit_part.users, fit_part.items)
     read_grid = [(d, f) for d in discounts for f in fast_shares]
@@ -192,7 +190,8 @@ def association_link(model: NestedModel, fit_part, tail, cfg: AssociationConfig,
     ndcg = []
     for b, lo in enumerate(range(0, tail.n_events, batch_size)):
         users, items, ts = (torch.from_numpy(a[lo:lo + batch_size]) for a in (tail.users, tail.items, tail.ts))
-        before = sequences_before(state.recent[users], users, items)  # before the update writes the rows
+        before = model.before_each(state, users, items)  # before the update writes the rows
+        level = state.association()  # as of the batch start
         if b % score_every:
             state = model.update(state, users, items, ts, donate=True)
         else:
@@ -210,7 +209,6 @@ def association_link(model: NestedModel, fit_part, tail, cfg: AssociationConfig,
                 scores.masked_fill_(seen_now, float("-inf"))
                 per_read.append(grid_ndcg(scores, items))
             ndcg.append(torch.cat(per_read))
-        level = association.add(level, before, items, ts, cfg)
         seen.add(users.numpy(), items.numpy())
     ndcg = torch.cat(ndcg, 1)  # (G, E)
     mean = ndcg.mean(1)

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from recsys.association import AssociationConfig
 from recsys.calibration import association_link, calibrate, split_history
 from recsys.nested import FastState, NestedConfig, NestedModel, population_defaults, score_items, slow, write_log
 from recsys.nested.user_fast import memory_step
@@ -88,11 +87,11 @@ def user_sequences(history, max_len: int) -> list[np.ndarray]:
     return sorted(seqs, key=len, reverse=True)
 
 
-def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfig = TrainConfig(),
-                 association: AssociationConfig | None = None) -> tuple[NestedModel, FastState]:
+def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfig = TrainConfig()
+                 ) -> tuple[NestedModel, FastState]:
     """Meta-train on the history but its latest ``calibration_tail``, then set the mix of the
-    population and personal levels (weight multiplier, fade) on that tail, and, with an
-    ``association`` level, how its votes enter the score (`calibration.association_link`);
+    population and personal levels (weight multiplier, fade) on that tail, and, where the model
+    has an association level (``model_cfg.assoc_half_lives_s``), how its votes enter the score (`calibration.association_link`);
     with ``refit``, train again on the whole history and give that model the mix. Returns
     the model and the fast state after the whole history.
 
@@ -100,7 +99,7 @@ def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfi
     from its positive events; the fast state is then written from every event, each by its
     kind (a "no" masked for its user, a purchase counted as more than a view)."""
     if getattr(history, "weight", None) is not None:
-        model, _ = train_nested(history.revealed("positives"), model_cfg, cfg, association)
+        model, _ = train_nested(history.revealed("positives"), model_cfg, cfg)
         with torch.no_grad():
             state = model.init_state(history.n_users_known, history.n_items_known, device=cfg.device)
             return model, write_log(model, state, history, cfg.absorb_batch)
@@ -116,10 +115,10 @@ def train_nested(history, model_cfg: NestedConfig | None = None, cfg: TrainConfi
     mix, state = calibrate(model.cpu(), fit_part, tail, absorb_batch=cfg.absorb_batch)
     seconds = time.perf_counter() - t0
     link = None
-    if association is not None:  # on the tail, with the mix as served: a copy of the fit part's model
+    if model_cfg.association:  # on the tail, with the mix as served: a copy of the fit part's model
         probe = copy.deepcopy(model)
         _set_mix(probe, mix)
-        link = association_link(probe, fit_part, tail, association, absorb_batch=cfg.absorb_batch)
+        link = association_link(probe, fit_part, tail, absorb_batch=cfg.absorb_batch)
         if cfg.progress and distributed_rank()[0] == 0:
             print(f"association level on the tail: weight {link.weight:g}, popularity discount {link.discount:g}, "
                   f"fast share {link.fast_share:g}")

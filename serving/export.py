@@ -22,24 +22,37 @@ their scores for the server to merge (a mixed score's softmax runs over them too
 
 from __future__ import annotations
 
-import warnings
-
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from recsys.association import speed_shares, vote
 from recsys.nested import NestedModel, load_item_ids, model_config, population_term, score_items, trust
 
 K_MAX = 100  # the graph returns the top 100; the API slices to the requested k
 
 
+class AssociationRead(NamedTuple):
+    """How a model with an association level reads it (`recsys.association.vote`)."""
+
+    weight: torch.Tensor  # () its votes' weight in the personal part
+    discount: torch.Tensor  # () the popularity discount
+    shares: torch.Tensor  # (V,) each speed's share of the vote
+
+
+ASSOCIATION_INPUTS = ("assoc_ids", "assoc_weights", "assoc_out", "assoc_position", "assoc_into")
+
+
 class Scorer(nn.Module):
     def __init__(self, item_embeddings: torch.Tensor, item_bias: torch.Tensor, fade: torch.Tensor,
-                 pop_weight: torch.Tensor | None = None, share: torch.Tensor | None = None):
+                 pop_weight: torch.Tensor | None = None, share: torch.Tensor | None = None,
+                 association: AssociationRead | None = None):
         super().__init__()
         weight = torch.zeros(()) if pop_weight is None else pop_weight.detach().float().clone().reshape(())
         self.register_buffer("pop_weight", weight)  # () the population term's weight
@@ -47,27 +60,39 @@ class Scorer(nn.Module):
         self.register_buffer("b", item_bias.detach().float().clone())  # (N,)
         self.register_buffer("fade", fade.detach().float().clone())  # ()
         self.share = None if share is None else share.detach().float().clone()  # the mixture's π; None: additive
+        self.association = None if association is None else AssociationRead(
+            *(t.detach().float().clone() for t in association))
 
     def forward(self, user: torch.Tensor, absent_s: torch.Tensor, population: torch.Tensor, exclude: torch.Tensor,
-                extra: torch.Tensor):
+                extra: torch.Tensor, *association: torch.Tensor):
         """user (B, D), absent_s (B,) seconds since the user's latest event (by the stream's
         clock), population (N,) item counts, exclude (B, N) bool, extra (M,) counts of the items
-        past the table → top-K values and indices of the table's items, and (B, M) the extra
-        items' scores."""
+        past the table, and with an association level its read's entries (`ASSOCIATION_INPUTS`,
+        as `recsys.association.entries` gathers them, over N + M items) → top-K values and
+        indices of the table's items, and (B, M) the extra items' scores."""
         N = self.E.shape[0]
-        scores = self.scores(user, absent_s, population, exclude, extra)
+        scores = self.scores(user, absent_s, population, exclude, extra, *association)
         top = torch.topk(scores[:, :N], min(K_MAX, N), dim=1)
         return top.values, top.indices, scores[:, N:]
 
-    def scores(self, user, absent_s, population, exclude, extra) -> torch.Tensor:
+    def scores(self, user, absent_s, population, exclude, extra, *association) -> torch.Tensor:
         """(B, N + M) every item's score, the table's excluded ones -inf. The extra items score
         as `NestedModel.all_items` has them: no embedding, the mean bias."""
         cold = extra.unsqueeze(1) * torch.zeros(self.E.shape[1])  # (M, D) zeros, as long as the input
         E, b = torch.cat([self.E, cold]), torch.cat([self.b, extra * 0 + self.b.mean()])
         term = population_term(torch.cat([population, extra]), self.pop_weight)
-        scores = score_items(user, E, b, term, trust(absent_s, self.fade), self.share)
+        votes = None
+        if self.association is not None:
+            ids, weights, out, position, into = association
+            read = self.association
+            votes = read.weight * vote(ids, weights, out, position, into, None, read.shares, read.discount)
+        scores = score_items(user, E, b, term, trust(absent_s, self.fade), self.share, votes)
         N = self.E.shape[0]
         return torch.cat([scores[:, :N].masked_fill(exclude, float("-inf")), scores[:, N:]], 1)
+
+    def input_names(self) -> list[str]:
+        return ["user", "absent_s", "population", "exclude", "extra",
+                *(ASSOCIATION_INPUTS if self.association is not None else ())]
 
 
 @dataclass(frozen=True)
@@ -82,7 +107,11 @@ def scorer_from_model(model_file: Path) -> tuple[Scorer, list[str], torch.Tensor
     """The scorer, the external id of each item row, and the population user vector."""
     model = NestedModel.load(model_file).float().eval()
     E, b = model.all_items(model.n_items)
-    scorer = Scorer(E, b, model.fade, model.population_weight(), model.mixture_share())
+    read = None
+    if model.cfg.association:
+        read = AssociationRead(model.assoc_weight, model.assoc_discount,
+                               speed_shares(len(model.cfg.assoc_half_lives_s), float(model.assoc_fast_share)))
+    scorer = Scorer(E, b, model.fade, model.population_weight(), model.mixture_share(), read)
     return scorer, load_item_ids(model_file), model.user0.detach().float().clone()
 
 
@@ -95,7 +124,10 @@ def export_onnx(model_file: Path, out: Path, seed: int = 0) -> ExportCheck:
     cfg = model_config(model_file)
     for key, value in {"item_ids": json.dumps(item_ids), "user0": json.dumps(user0.tolist()),
                        "source_model": str(model_file), "pop_half_lives_s": json.dumps(cfg.pop_half_lives()),
-                       "pop_memory_events": json.dumps(cfg.pop_memory())}.items():
+                       "pop_memory_events": json.dumps(cfg.pop_memory()),
+                       "association": json.dumps({"half_lives_s": cfg.assoc_half_lives_s, "window": cfg.assoc_window,
+                                                  "position_decay": cfg.assoc_position_decay}
+                                                 if cfg.association else None)}.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
@@ -105,15 +137,30 @@ def export_onnx(model_file: Path, out: Path, seed: int = 0) -> ExportCheck:
 def write_graph(scorer: Scorer, out: Path) -> Path:
     N, D = scorer.E.shape
     example = (torch.randn(2, D), torch.zeros(2), torch.zeros(N), torch.zeros(2, N, dtype=torch.bool), torch.zeros(3))
+    axes = {"user": {0: "batch"}, "absent_s": {0: "batch"}, "exclude": {0: "batch"}, "extra": {0: "online"},
+            "extra_scores": {0: "batch", 1: "online"}}
+    if scorer.association is not None:
+        example += association_example(2, 5, len(scorer.association.shares), N + 3, torch.Generator().manual_seed(0))
+        axes |= {"assoc_ids": {0: "batch", 1: "entries"}, "assoc_weights": {0: "batch", 1: "entries"},
+                 "assoc_out": {0: "batch", 1: "entries"}, "assoc_position": {0: "batch", 1: "entries"},
+                 "assoc_into": {0: "items"}}
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # the tracer's note on topk's k: fixed by design (the catalogue size)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(scorer, example, str(out), input_names=["user", "absent_s", "population", "exclude", "extra"],
-                          output_names=["scores", "items", "extra_scores"],
-                          dynamic_axes={"user": {0: "batch"}, "absent_s": {0: "batch"}, "exclude": {0: "batch"},
-                                        "extra": {0: "online"}, "extra_scores": {0: "batch", 1: "online"}},
-                          dynamo=False)
+        torch.onnx.export(scorer, example, str(out), input_names=scorer.input_names(),
+                          output_names=["scores", "items", "extra_scores"], dynamic_axes=axes, dynamo=False)
     return out
+
+
+def association_example(B: int, L: int, V: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random valid association entries: successors among ``n`` items (some none), weights, the
+    sources' outgoing weights above them, positions in (0, 1] (some 0), incoming weights."""
+    ids = torch.randint(-1, n, (B, L), generator=g)
+    weights = torch.rand(B, L, V, generator=g)
+    out = weights + torch.rand(B, L, V, generator=g) * 3
+    position = torch.rand(B, L, generator=g) * (torch.rand(B, L, generator=g) > 0.2)
+    into = torch.rand(n, V, generator=g) * 5
+    return ids, weights, out, position, into
 
 
 def check_export(scorer: Scorer, path: Path, g: torch.Generator, batches=(1, 7, 64), tol: float = 1e-4) -> ExportCheck:
@@ -132,12 +179,13 @@ def check_export(scorer: Scorer, path: Path, g: torch.Generator, batches=(1, 7, 
         population = torch.rand(N, generator=g) * 100
         exclude = torch.rand(B, N, generator=g) < 0.05
         extra = torch.rand(M, generator=g) * 100
+        inputs = (user, absent_s, population, exclude, extra)
+        if scorer.association is not None:
+            inputs += association_example(B, 40, len(scorer.association.shares), N + M, g)
         with torch.no_grad():
-            want_v, _, want_extra = scorer(user, absent_s, population, exclude, extra)
-            every = scorer.scores(user, absent_s, population, exclude, extra).numpy()
-        got_v, got_i, got_extra = session.run(None, {"user": user.numpy(), "absent_s": absent_s.numpy(),
-                                                     "population": population.numpy(), "exclude": exclude.numpy(),
-                                                     "extra": extra.numpy()})
+            want_v, _, want_extra = scorer(*inputs)
+            every = scorer.scores(*inputs).numpy()
+        got_v, got_i, got_extra = session.run(None, {name: t.numpy() for name, t in zip(scorer.input_names(), inputs)})
         want_v = want_v.numpy()
         finite = np.isfinite(want_v)  # masked items can reach the top-K of a small catalogue: -inf on both sides
         worst = max(worst, float(np.abs(got_v[finite] - want_v[finite]).max()),

@@ -20,9 +20,10 @@ one before it (streaming/checkpoint.py). A stored offset past the log's end, or 
 whose id changed, means the topic was recreated: the partition starts from the
 beginning of the new log and keeps its user rows, with a warning and a metric.
 
-The population level is kept per partition: each partition's partial level is applied,
-checkpointed and handed over with the partition's users and offsets (so it too holds each
-event exactly once), and pushed under its own key; serving sums them. With a
+The population levels (item counts, and the association level: what follows what) are kept
+per partition: each partition's partial levels are applied, checkpointed and handed over
+with the partition's users and offsets (so they too hold each event exactly once), and
+pushed under its own key; serving sums them. With a
 time-decayed level (the model's ``pop_half_life_s``) the sum equals the level of the
 whole stream, however partitions are spread over workers.
 """
@@ -347,14 +348,16 @@ class StreamWorker(Ownership):
             items, ts = items.to(self.device), ts.to(self.device)
             # Kinds of feedback (`recsys.feedback`); a stream of views alone runs exactly as before kinds.
             weights = None if is_plain(weights.numpy()) else weights.to(self.device)
-            self.state = self.model.update(self.state, rows.to(self.device), items, ts, population=False,
-                                           donate=True, weight=weights)
+            rows = rows.to(self.device)
+            before = self.model.before_each(self.state, rows, items, weights)  # what each event follows
+            self.state = self.model.update(self.state, rows, items, ts, population=False, donate=True, weight=weights)
             touched = parts.unique().tolist()
             moved = time.monotonic()
             for p in touched:
                 mine = (parts == p).to(self.device)
                 self.levels[p] = self.model.update_population(self._level(p), items[mine], ts[mine], donate=True,
-                                                              weight=None if weights is None else weights[mine])
+                                                              weight=None if weights is None else weights[mine],
+                                                              before=None if before is None else before[mine])
                 self.clock_moved[p] = moved
             self.features.touched(rows, touched, stamps)
             self.applied_s = np.concatenate([self.applied_s[-50_000:], time.time() - stamps / 1000.0])

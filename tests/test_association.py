@@ -126,6 +126,6 @@ def test_the_nested_replay_calibrates_the_level_on_the_history_and_reads_it_onli
     fit = model.describe()
     assert fit["association_weight"] in ASSOCIATION_WEIGHTS and fit["association_discount"] in DISCOUNTS
     assert fit["association_fast_share"] in FAST_SHARES
-    assert model.assoc_cfg.fast_share == fit["association_fast_share"]  # the replay reads as calibrated
-    assert int(model.assoc.clock) == int(log.ts[-1])  # the level learned from the whole stream
+    assert model.model.association_config().fast_share == fit["association_fast_share"]  # read as calibrated
+    assert int(model.state.association().clock) == int(log.ts[-1])  # the level learned from the whole stream
     assert np.isfinite(result.ranks).sum() > 0

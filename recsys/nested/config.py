@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from recsys.association import AssociationConfig
+
 
 @dataclass(frozen=True)
 class NestedConfig:
@@ -38,6 +40,14 @@ class NestedConfig:
     # The user's latest items read through the slow level's successor table ("what follows
     # these, across everyone"): the fresh-user signal a live stream is about. 0: off.
     sequence_items: int = 8
+    # The population association level (`recsys.association`): what follows what, learned online
+    # from every event at one speed per half-life (seconds). Empty: the model has no such level
+    # (model files before it). Its read's popularity discount and fast share are calibrated on the
+    # history's tail (the model's buffers), its window, slots and position decay are these.
+    assoc_half_lives_s: tuple[float, ...] = ()
+    assoc_slots: int = AssociationConfig.slots
+    assoc_window: int = AssociationConfig.window
+    assoc_position_decay: float = AssociationConfig.position_decay
     use_fast: bool = True  # False: the `nested_slow_only` ablation
     # False: the slow level learns no item bias and no population vector (both stay zero);
     # popularity comes from the population-fast level alone. A bias fit on the whole history
@@ -57,6 +67,9 @@ class NestedConfig:
         if not 0 <= self.sequence_items <= self.recent_items:
             raise ValueError(f"sequence_items must be in [0, recent_items={self.recent_items}]: {self}")
         object.__setattr__(self, "pop_speeds", tuple(float(s) for s in self.pop_speeds))  # JSON gives a list
+        object.__setattr__(self, "assoc_half_lives_s", tuple(float(h) for h in self.assoc_half_lives_s))
+        if self.assoc_half_lives_s and not 1 <= self.assoc_window <= self.recent_items:
+            raise ValueError(f"assoc_window must be in [1, recent_items={self.recent_items}]: {self}")
         if not self.pop_speeds or list(self.pop_speeds) != sorted(set(self.pop_speeds)) or self.pop_speeds[0] <= 0:
             raise ValueError(f"pop_speeds must be positive and increasing: {self}")
         if self.pop_read <= 0:
@@ -71,6 +84,16 @@ class NestedConfig:
     def pop_memory(self) -> float:
         """The events' worth of counts the population score reads (time clock, `read_speeds`)."""
         return self.pop_half_life * self.pop_read
+
+    @property
+    def association(self) -> bool:
+        """Whether the model keeps the population association level."""
+        return bool(self.assoc_half_lives_s) and self.use_fast
+
+    def association_config(self, discount: float, fast_share: float) -> AssociationConfig:
+        """The association level's config, with the read's calibrated ``discount`` and ``fast_share``."""
+        return AssociationConfig(self.assoc_slots, self.assoc_window, self.assoc_position_decay,
+                                 self.assoc_half_lives_s, discount, fast_share)
 
     def pop_levels(self) -> int:
         """Count vectors the population level keeps per item (its speeds)."""

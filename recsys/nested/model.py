@@ -30,8 +30,8 @@ gradients), in replay and in the stream worker (without); only the user-mid leve
 changes once per chunk, is applied per chunk online (`mid_chunks`) and per event in
 training (`mid_step`) — the same rule, held equal by a test in float64.
 
-One module per level: `population`, `user_fast`, `user_mid`, `negative` (and the replay's association
-level, `recsys/association.py`); `walk` runs the user levels over a batch, `score` is the one
+One module per level: `population`, `user_fast`, `user_mid`, `negative` (and the population
+association level, `recsys/association.py`); `walk` runs the user levels over a batch, `score` is the one
 score, `io` the model file. Read `update` and `score` below top to bottom.
 
 Shapes: ``B`` events, ``U`` users in a batch, ``T`` steps per user, ``N`` items,
@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys import association
 from recsys.batch_users import sequences_before
 from recsys.nested import negative
 from recsys.nested import population as pop_level
@@ -210,7 +211,8 @@ class NestedModel(nn.Module):
     def score(self, state: FastState, users: torch.Tensor, n_items: int) -> torch.Tensor:
         """(B,) users → (B, n_items) scores from the current state (what a user said no to at −inf)."""
         scores = self.score_users(self.read_users(state, users), state.absent_s(users),
-                                  self.population_counts(state.pop), n_items)
+                                  self.population_counts(state.pop), n_items,
+                                  self.votes(state, state.latest_items(users), n_items))
         return negative.masked(scores, state.turned_down(users, state.clock(), self.cfg.impression_window_s))
 
     def score_users(self, z: torch.Tensor, absent_s: torch.Tensor, counts: torch.Tensor, n_items: int,
@@ -223,6 +225,17 @@ class NestedModel(nn.Module):
         weight = trust(absent_s.to(z.dtype), self.fade) if self.cfg.use_fast else None
         association = self.assoc_weight * votes.to(z.dtype) if votes is not None and self.cfg.use_fast else None
         return score_items(z, E, b, self.pop_term(counts[:n_items]), weight, self.mixture_share(), association)
+
+    def association_config(self):
+        """The association level's config, its read as calibrated (`recsys.association`)."""
+        return self.cfg.association_config(float(self.assoc_discount), float(self.assoc_fast_share))
+
+    def votes(self, level: FastState, recent: torch.Tensor, n_items: int) -> torch.Tensor | None:
+        """(B, R) users' latest items → (B, n_items) the association level's votes for what follows
+        them (`association.read`); None where the model has no association level."""
+        if not self.cfg.association:
+            return None
+        return association.read(level.association(), recent, n_items, self.association_config())
 
     def mixture_share(self) -> torch.Tensor | None:
         """() the population expert's share of the served mixture; None: the additive score."""
@@ -252,10 +265,33 @@ class NestedModel(nn.Module):
 
     @torch.no_grad()
     def update_population(self, state: FastState, items: torch.Tensor, ts: torch.Tensor,
-                          donate: bool = False, weight: torch.Tensor | None = None) -> FastState:
-        """The state with the events added to its population level (``donate``: as in `update`;
-        ``weight``: each counts its feedback weight, and only positive ones count)."""
-        return pop_level.add_events(state, items, ts, self.cfg, donate, weight)
+                          donate: bool = False, weight: torch.Tensor | None = None,
+                          before: torch.Tensor | None = None) -> FastState:
+        """The state with the events added to its population levels (``donate``: as in `update`;
+        ``weight``: each counts its feedback weight, and only positive ones count). ``before``:
+        (B, L) each event's user's items before it (`before_each`), for the association level;
+        None: the counts alone."""
+        state = pop_level.add_events(state, items, ts, self.cfg, donate, weight)
+        if before is None or not self.cfg.association:
+            return state
+        yes = slice(None) if weight is None else weight > 0  # only what a user took follows anything
+        return state.with_association(association.add(state.association(), before[yes], items[yes], ts[yes],
+                                                      self.association_config()))
+
+    def before_each(self, state: FastState, users: torch.Tensor, items: torch.Tensor,
+                    weight: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, W) each positive event's user's latest items before it (their earlier positive
+        events of the batch included; -1: none, and the rows of events not positive): what
+        `update_population` pairs each event's item with. None without an association level."""
+        if not self.cfg.association:
+            return None
+        W = self.cfg.assoc_window
+        if weight is None:
+            return sequences_before(state.recent[users], users, items)[:, -W:]
+        out = torch.full((len(users), W), -1, dtype=torch.int64, device=users.device)
+        yes = weight > 0
+        out[yes] = sequences_before(state.recent[users[yes]], users[yes], items[yes])[:, -W:]
+        return out
 
     def _recur(self, state: FastState, users: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
                read: bool, population: bool = True, weight: torch.Tensor | None = None
@@ -265,6 +301,7 @@ class NestedModel(nn.Module):
         step-major, `walk.step_major`), then both user levels walk each row's events
         (`walk.walk`), then the rows and the population level are written."""
         state = self.grow_state(state, int(users.max()) + 1, int(items.max()) + 1)
+        before = self.before_each(state, users, items) if population else None  # before the rows are written
         lay = step_major(users)
         uniq, counts, srow, spos = lay.uniq, lay.counts, lay.srow, lay.spos
         s_items, s_ts = items[lay.sm], ts[lay.sm]
@@ -298,7 +335,9 @@ class NestedModel(nn.Module):
             z = self.combine(mid_before, read_before, seq) if self.cfg.use_fast else self.user0.expand_as(x)
             reads = Reads(z=torch.empty_like(z).index_copy_(0, lay.sm, z),
                           last_ts=torch.empty_like(prev_ts).index_copy_(0, lay.sm, prev_ts))
-        return (self.update_population(state, items, ts, donate=True, weight=weight) if population else state), reads
+        if population:
+            state = self.update_population(state, items, ts, donate=True, weight=weight, before=before)
+        return state, reads
 
     # -- the model file ------------------------------------------------------------------------
     def save(self, path, item_ids=None) -> None:

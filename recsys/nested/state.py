@@ -14,12 +14,15 @@ from typing import NamedTuple
 
 import torch
 
+from recsys.association import AssociationLevel
 from recsys.rows import grow
 from recsys.nested.config import NestedConfig
 
 USER_FIELDS = ("M", "S", "last", "last_ts", "mid", "acc", "cnt", "recent", "negative", "shown", "shown_ts")  # per user
 ITEM_FIELDS = ("recent", "negative", "shown")  # the user fields that hold item indices
-POPULATION_FIELDS = ("pop", "pop_acc", "pop_events", "pop_ts")  # shared by everyone
+# The association level's tensors (`recsys.association.AssociationLevel`), by the same names
+ASSOCIATION_FIELDS = ("assoc_ids", "assoc_weights", "assoc_out", "assoc_into", "assoc_clock")
+POPULATION_FIELDS = ("pop", "pop_acc", "pop_events", "pop_ts", *ASSOCIATION_FIELDS)  # shared by everyone
 
 
 @dataclass
@@ -41,6 +44,14 @@ class FastState:
     pop_acc: torch.Tensor  # (N, 1) counts of the current, unfinished population chunk (event clock only)
     pop_events: torch.Tensor  # () int64 global events applied
     pop_ts: torch.Tensor  # () int64 the level's clock: its latest event's time (-1: none yet)
+    # The population association level: each item's strongest successors (N, S), their decayed
+    # weights (N, S, V), each item's outgoing and incoming weight (N, V), its clock (); a model
+    # without the level holds S = V = 0.
+    assoc_ids: torch.Tensor
+    assoc_weights: torch.Tensor
+    assoc_out: torch.Tensor
+    assoc_into: torch.Tensor
+    assoc_clock: torch.Tensor
 
     def to(self, device) -> FastState:
         return FastState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -111,6 +122,8 @@ class FastState:
         its item counts re-indexed old → new, counts of items that map to -1 left out."""
         level = dict(level)
         if remap is not None:
+            if "assoc_ids" in level:
+                level |= _renumbered_association(level, remap, len(self.pop))
             for name in ("pop", "pop_acc"):
                 value = level[name]
                 n = min(len(value), len(remap))  # a level may hold spare capacity past its items
@@ -118,6 +131,13 @@ class FastState:
                 level[name] = value.new_zeros(len(self.pop), *value.shape[1:]).index_add_(
                     0, remap[:n][named], value[:n][named])
         return replace(self, **{k: v.to(self.pop.device) for k, v in level.items()})
+
+    def association(self) -> AssociationLevel:
+        """The population association level, as a value (`recsys.association`)."""
+        return AssociationLevel(*(getattr(self, name) for name in ASSOCIATION_FIELDS))
+
+    def with_association(self, level: AssociationLevel) -> FastState:
+        return replace(self, **level.tensors())
 
     def level_counts(self) -> torch.Tensor:
         """(N, speeds) the population level's counts (as of `level_clock`)."""
@@ -176,6 +196,23 @@ class FastState:
         return self.clock() - self.last_ts[users]
 
 
+def _renumbered_association(level: dict[str, torch.Tensor], remap: torch.Tensor, n_items: int) -> dict:
+    """An association level's tensors with item indices old → new (the rows and successors of
+    items that map to -1 left out), over ``n_items`` rows."""
+    n = min(len(level["assoc_ids"]), len(remap))
+    keep = remap[:n] >= 0
+    dest = remap[:n][keep]
+    ids, weights, out, into = (level[k][:n][keep] for k in ("assoc_ids", "assoc_weights", "assoc_out", "assoc_into"))
+    named = (ids >= 0) & (ids < len(remap))
+    ids = torch.where(named, remap[ids.clamp(min=0, max=len(remap) - 1)], -1)
+
+    def place(value: torch.Tensor, fill=0) -> torch.Tensor:
+        return value.new_full((n_items, *value.shape[1:]), fill).index_copy_(0, dest, value)
+
+    return {"assoc_ids": place(ids, -1), "assoc_weights": place(weights * (ids >= 0).unsqueeze(-1)),
+            "assoc_out": place(out), "assoc_into": place(into)}
+
+
 class Reads(NamedTuple):
     """Each event's user just before the event, in event order."""
 
@@ -195,7 +232,18 @@ def empty_state(cfg: NestedConfig, n_users: int, n_items: int, device=None, dtyp
                      shown_ts=torch.full((n_users, cfg.shown_items), -1, dtype=torch.int64, device=device),
                      pop=z(n_items, cfg.pop_levels()), pop_acc=z(n_items, 1),
                      pop_events=z((), dtype=torch.int64),
-                     pop_ts=torch.full((), -1, dtype=torch.int64, device=device))
+                     pop_ts=torch.full((), -1, dtype=torch.int64, device=device),
+                     **empty_association(cfg, n_items, device, dtype))
+
+
+def empty_association(cfg: NestedConfig, n_items: int, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """An empty association level's tensors: S slots, V speeds (both 0 for a model without one)."""
+    S, V = (cfg.assoc_slots, len(cfg.assoc_half_lives_s)) if cfg.association else (0, 0)
+    return {"assoc_ids": torch.full((n_items, S), -1, dtype=torch.int64, device=device),
+            "assoc_weights": torch.zeros(n_items, S, V, dtype=dtype, device=device),
+            "assoc_out": torch.zeros(n_items, V, dtype=dtype, device=device),
+            "assoc_into": torch.zeros(n_items, V, dtype=dtype, device=device),
+            "assoc_clock": torch.full((), -1, dtype=torch.int64, device=device)}
 
 
 def grow_state(state: FastState, n_users: int, n_items: int) -> FastState:
@@ -203,9 +251,11 @@ def grow_state(state: FastState, n_users: int, n_items: int) -> FastState:
     out = {}
     for f in fields(state):
         t = getattr(state, f.name)
-        if f.name in ("pop", "pop_acc"):
+        if f.name in ("pop", "pop_acc", "assoc_weights", "assoc_out", "assoc_into"):
             out[f.name] = grow(t, n_items)
-        elif f.name in ("pop_events", "pop_ts"):
+        elif f.name == "assoc_ids":
+            out[f.name] = grow(t, n_items, fill=-1)
+        elif f.name in ("pop_events", "pop_ts", "assoc_clock"):
             out[f.name] = t
         else:
             out[f.name] = grow(t, n_users, fill=-1 if f.name in ("last_ts", "shown_ts", *ITEM_FIELDS) else 0)
@@ -226,4 +276,6 @@ def load_state(path) -> FastState:
               "shown_ts": NestedConfig.shown_items}
     for name, width in widths.items():  # saved before kinds of feedback: no user has said no or been shown anything
         tensors.setdefault(name, torch.full((len(tensors["cnt"]), width), -1, dtype=torch.int64))
+    if "assoc_ids" not in tensors:  # saved before the association level: a model without one
+        tensors |= empty_association(NestedConfig(), len(tensors["pop"]), dtype=tensors["pop"].dtype)
     return FastState(**tensors)
