@@ -21,10 +21,11 @@ class NestedReplay:
     the fast state; then score/update are the online API."""
 
     def __init__(self, use_fast: bool = True, train_cfg: TrainConfig = TrainConfig(progress=False),
-                 population_clock: str = POPULATION_CLOCK, association: bool = False, feedback: str = "kinds",
+                 population_clock: str = POPULATION_CLOCK, association: bool = True, feedback: str = "kinds",
                  **levels):
         """``levels``: NestedConfig switches for ablations (``user_fast=False``, …);
-        ``association``: with the population association level (`recsys.association`);
+        ``association``: with the population association level (`recsys.association`; False:
+        its ablation);
         ``feedback``: ``"kinds"`` reads each event's kind, ``"views"`` takes every event for a
         view (the ablation of kinds; `EncodedLog.revealed`)."""
         self.use_fast, self.train_cfg, self.levels, self.feedback = use_fast, train_cfg, levels, feedback

@@ -50,9 +50,9 @@ def _registry(log: EncodedLog, progress: bool, truth: dict,
         "nested_no_user_mid": lambda: NestedReplay(train_cfg=train, user_mid=False),
         "nested_no_population": lambda: NestedReplay(train_cfg=train, population=False),
         "nested_no_sequence": lambda: NestedReplay(train_cfg=train, sequence_items=0),
+        "nested_no_association": lambda: NestedReplay(train_cfg=train, association=False),
         "nested_pop_by_time": lambda: NestedReplay(train_cfg=train, population_clock="time"),
         "nested_pop_by_events": lambda: NestedReplay(train_cfg=train, population_clock="events"),
-        "nested_assoc": lambda: NestedReplay(train_cfg=train, association=True),
         "nested_as_views": lambda: NestedReplay(train_cfg=train, feedback="views"),  # the ablation of kinds
         "oracle": lambda: Oracle(truth, log),
     }

@@ -106,7 +106,9 @@ class WorkerPath:
         blank = len(w.users)  # users the worker has not seen yet score from an empty row
         rows = torch.from_numpy(np.where(rows >= 0, rows, blank))
         state = w.model.grow_state(w.state, blank + 1, len(w.items))  # no copy where it has room
-        scores = w.model.score_users(w.model.read_users(state, rows), state.absent_s(rows), w.population, len(w.items))
+        votes = w.model.votes(w.levels, state.latest_items(rows), len(w.items))
+        scores = w.model.score_users(w.model.read_users(state, rows), state.absent_s(rows), w.population, len(w.items),
+                                     votes)
         return scores[:, torch.from_numpy(self._columns(n_items))]
 
     def _columns(self, n_items: int) -> np.ndarray:
@@ -129,10 +131,12 @@ class WorkerPath:
         item_cols = w.items.index(self.log.item_ids[batch.items], add=False)
         # An item new to this batch is new to the model's table too: any index past it reads as cold.
         item_cols = np.where(item_cols >= 0, item_cols, len(w.items))
-        _, reads = w.model.update_reading(ahead, torch.from_numpy(local.astype(np.int64)),
-                                          torch.from_numpy(item_cols.astype(np.int64)), torch.from_numpy(batch.ts),
+        users, items = torch.from_numpy(local.astype(np.int64)), torch.from_numpy(item_cols.astype(np.int64))
+        before = w.model.before_each(ahead, users, items)  # the rows' latest items, before the update writes them
+        votes = None if before is None else w.model.votes(w.levels, before, len(w.items))
+        _, reads = w.model.update_reading(ahead, users, items, torch.from_numpy(batch.ts),
                                           donate=True)  # a copy of the rows: `take`
-        scores = w.model.score_users(reads.z, state.clock() - reads.last_ts, w.population, len(w.items))
+        scores = w.model.score_users(reads.z, state.clock() - reads.last_ts, w.population, len(w.items), votes)
         return scores[:, torch.from_numpy(self._columns(n_items))]
 
     def update(self, batch: EncodedLog) -> None:

@@ -181,10 +181,43 @@ def read(level: AssociationLevel, recent: torch.Tensor, n_items: int, cfg: Assoc
          discount: float | None = None, fast_share: float | None = None) -> torch.Tensor:
     """(B, L) each user's latest items, oldest first (-1: none) → (B, n_items) votes for what
     follows them, each row scaled to a best vote of 1 (0 where nothing follows).
-    ``discount``, ``fast_share``: the config's, unless given (calibration tries a grid)."""
+    ``discount``, ``fast_share``: the config's, unless given (calibration tries a grid).
+
+    Each source item's slots are scored once per batch (`similarity`), however many of the
+    batch's users read it; then each user's sources by their positions (`entries` and `vote`
+    are the same read laid out for one user's entries, as serving gathers them)."""
     discount = cfg.popularity_discount if discount is None else discount
     shares = speed_shares(level.weights.shape[-1], cfg.fast_share if fast_share is None else fast_share)
-    return vote(*entries(level, recent, cfg), level.into, n_items, shares.to(level.weights), discount)
+    prev = recent[:, -cfg.window:]
+    W = prev.shape[1]
+    sources, inverse = torch.unique(prev.clamp(min=0, max=level.n_items - 1), return_inverse=True)
+    sim = similarity(level.ids[sources], level.weights[sources], level.out[sources].unsqueeze(1), level.into,
+                     n_items, shares.to(level.weights), discount)  # (U, S)
+    position = cfg.position_decay ** torch.arange(W - 1, -1, -1, dtype=sim.dtype, device=prev.device)  # latest = 1
+    value = sim[inverse] * torch.where(prev >= 0, position, 0).unsqueeze(-1)  # (B, W, S)
+    return _votes(level.ids[sources][inverse].flatten(1), value.flatten(1), n_items)
+
+
+def read_partials(levels: list[AssociationLevel], recent: torch.Tensor, n_items: int, cfg: AssociationConfig
+                  ) -> torch.Tensor:
+    """`read` of the whole level from partial ones (a worker group's partitions): each brought
+    to the freshest clock, their entries side by side, each source's outgoing weight and each
+    item's incoming weight summed over them (the vote is linear in the entries)."""
+    levels = [level for level in levels if int(level.clock) >= 0]
+    if len(levels) == 1:
+        return read(levels[0], recent, n_items, cfg)
+    if not levels:
+        return torch.zeros(len(recent), n_items)
+    now = max(int(level.clock) for level in levels)
+    n = max(n_items, *(level.n_items for level in levels))
+    half_lives = torch.tensor(cfg.half_lives_s, dtype=levels[0].weights.dtype, device=levels[0].weights.device)
+    levels = [_decayed(level.grown(n), now, half_lives) for level in levels]
+    into = sum(level.into for level in levels)
+    laid = [entries(level, recent, cfg) for level in levels]
+    out = sum(e[2] for e in laid)
+    shares = speed_shares(len(cfg.half_lives_s), cfg.fast_share).to(into)
+    values = [similarity(ids, w, out, into, n_items, shares, cfg.popularity_discount) * pos for ids, w, _, pos in laid]
+    return _votes(torch.cat([e[0] for e in laid], 1), torch.cat(values, 1), n_items)
 
 
 def entries(level: AssociationLevel, recent: torch.Tensor, cfg: AssociationConfig
@@ -204,24 +237,34 @@ def entries(level: AssociationLevel, recent: torch.Tensor, cfg: AssociationConfi
             out.reshape(B, W * S, -1), weight.reshape(B, W * S))
 
 
-def vote(ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, position: torch.Tensor, into: torch.Tensor,
-         n_items: int | None, shares: torch.Tensor, discount) -> torch.Tensor:
-    """Entries of a read (`entries`; a worker group's partitions' entries side by side, each
-    source's ``out`` summed over them) and each item's incoming weight ``into`` (n, V) →
-    (B, n_items) votes, each row's best 1: each pair's weight over ``out^(1 − discount) ·
-    into^discount`` (cosine-like at ½), the speeds mixed by ``shares``, by the source's position.
-    Linear in the entries, so partial levels' entries add up to the whole level's vote.
-    ``n_items`` None: every item of ``into`` (whose entries then name only those); the
-    exported graph runs this same function so (`serving/export.py`)."""
-    if n_items is not None:
-        into = into[:n_items]
-        usable = (ids >= 0) & (ids < n_items)
-    else:
-        usable = ids >= 0
+def similarity(ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, into: torch.Tensor, n_items: int | None,
+               shares: torch.Tensor, discount) -> torch.Tensor:
+    """(…, L) successors (-1: none), (…, L, V) pair weights, their sources' outgoing weights
+    (broadcastable), (n, V) every item's incoming weight → (…, L) each pair's weight over
+    ``out^(1 − discount) · into^discount`` (cosine-like at ½), the speeds mixed by ``shares``;
+    0 for no successor, or one past ``n_items`` (None: every item of ``into``)."""
+    usable = ids >= 0 if n_items is None else (ids >= 0) & (ids < n_items)
     dst = torch.where(usable, ids, torch.zeros_like(ids))
-    norm = out.clamp(min=1e-12) ** (1 - discount) * into[dst].clamp(min=1e-12) ** discount  # (B, L, V)
-    sim = (weights / norm) @ shares  # (B, L)
-    value = torch.where(usable, sim * position, torch.zeros_like(sim))
+    pull = into.clamp(min=1e-12) ** -discount  # (n, V): one power per item, not per entry
+    sim = (weights * pull[dst] / out.clamp(min=1e-12) ** (1 - discount)) @ shares
+    return torch.where(usable, sim, torch.zeros_like(sim))
+
+
+def _votes(ids: torch.Tensor, value: torch.Tensor, n_items: int) -> torch.Tensor:
+    """(B, L) successors and their votes → (B, n_items) votes, each row's best 1."""
+    dst = torch.where((ids >= 0) & (ids < n_items), ids, torch.zeros_like(ids))
+    votes = value.new_zeros(len(ids), n_items).scatter_add_(1, dst, value)
+    return votes / votes.amax(1, keepdim=True).clamp(min=1e-12)
+
+
+def vote(ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, position: torch.Tensor, into: torch.Tensor,
+         shares: torch.Tensor, discount) -> torch.Tensor:
+    """One layout of `read` for the exported graph (`serving/export.py`): entries (`entries`; a
+    worker group's partitions' entries side by side, each source's ``out`` summed over them)
+    and every item's incoming weight ``into`` (n, V) → (B, n) votes, each row's best 1. Linear
+    in the entries, so partial levels' entries add up to the whole level's vote."""
+    value = similarity(ids, weights, out, into, None, shares, discount) * position
+    dst = torch.where(ids >= 0, ids, torch.zeros_like(ids))
     zeros = torch.zeros_like(position[:, :1]) * into[:, 0].unsqueeze(0)  # (B, n): shapes the graph traces
     votes = zeros.scatter_add(1, dst, value)
     return votes / votes.amax(1, keepdim=True).clamp(min=1e-12)

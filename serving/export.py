@@ -85,7 +85,7 @@ class Scorer(nn.Module):
         if self.association is not None:
             ids, weights, out, position, into = association
             read = self.association
-            votes = read.weight * vote(ids, weights, out, position, into, None, read.shares, read.discount)
+            votes = read.weight * vote(ids, weights, out, position, into, read.shares, read.discount)
         scores = score_items(user, E, b, term, trust(absent_s, self.fade), self.share, votes)
         N = self.E.shape[0]
         return torch.cat([scores[:, :N].masked_fill(exclude, float("-inf")), scores[:, N:]], 1)
@@ -126,7 +126,8 @@ def export_onnx(model_file: Path, out: Path, seed: int = 0) -> ExportCheck:
                        "source_model": str(model_file), "pop_half_lives_s": json.dumps(cfg.pop_half_lives()),
                        "pop_memory_events": json.dumps(cfg.pop_memory()),
                        "association": json.dumps({"half_lives_s": cfg.assoc_half_lives_s, "window": cfg.assoc_window,
-                                                  "position_decay": cfg.assoc_position_decay}
+                                                  "position_decay": cfg.assoc_position_decay,
+                                                  "recent_items": cfg.recent_items}
                                                  if cfg.association else None)}.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streaming.association_log import no_entries
+
 log = logging.getLogger("recsys.serve")
 
 
@@ -70,6 +72,11 @@ class Ranker:
             self.pop_half_lives_s = [json.loads(meta["pop_half_life_s"])]  # exported before the speeds: one
         self.pop_memory_events = float(json.loads(meta.get("pop_memory_events", "1")))
         self.user0 = np.asarray(json.loads(meta["user0"]), dtype=np.float32)
+        # How the graph's association level is read (half-lives, window, position decay, the
+        # user rows' latest items); None: the model has none (or was exported before it).
+        self.association: dict | None = json.loads(meta.get("association", "null"))
+        if self.association is not None and "assoc_ids" not in self.inputs:
+            self.association = None
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         log.info("model %s: %d items, execution provider %s", path, len(self.item_ids), self.provider)
 
@@ -85,8 +92,18 @@ class Ranker:
             return "its item table is not an extension or a prefix of the served one (indices would change meaning)"
         return None
 
+    def latest(self, masked: list[int], events: int) -> list[int]:
+        """The user's latest items, oldest first, from their pushed row: it lists them first
+        (``min(events, recent_items)`` of them), then the items they turned down."""
+        return list(masked[:min(events, self.association["recent_items"])]) if self.association else []
+
+    def no_association(self, n_items: int) -> dict[str, np.ndarray]:
+        """The graph's association inputs for a read of nothing: no vote for any item."""
+        return no_entries(n_items, len(self.association["half_lives_s"]))
+
     def top(self, user: np.ndarray, absent_s: float, population: np.ndarray, seen: list[int], exclude: list[str],
-            k: int, online_items: list[str] = ()) -> list[tuple[str, float]]:
+            k: int, online_items: list[str] = (), association: dict[str, np.ndarray] | None = None
+            ) -> list[tuple[str, float]]:
         """``absent_s``: seconds from the user's latest event to the stream's clock (their
         personal score fades with it); ``population``: item counts over the model's table and
         then ``online_items``, the catalogue's items first seen on the stream; ``seen``: item
@@ -95,15 +112,20 @@ class Ranker:
 
         Items first seen online have no slow-level embedding yet: the graph scores them
         (input ``extra``) as the model does an item past its table (`NestedModel.all_items`);
-        the two ranked lists merge by score."""
+        the two ranked lists merge by score. ``association``: the association level's read
+        (`serving.association.AssociationTables.entries`, over the table's and ``online_items``),
+        for a model that has the level; None: no vote."""
         n = len(self.item_ids)
         mask = np.zeros((1, n), dtype=bool)
         mask[0, [i for i in seen if 0 <= i < n]] = True
         mask[0, [self.index[i] for i in exclude if i in self.index]] = True
         extra_counts = np.ascontiguousarray(population[n:n + len(online_items)], dtype=np.float32)
-        scores, items, extra_scores = self.session.run(None, {
-            "user": user.reshape(1, -1).astype(np.float32, copy=False), "absent_s": np.array([absent_s], dtype=np.float32),
-            "population": population[:n], "exclude": mask, "extra": extra_counts})
+        inputs = {"user": user.reshape(1, -1).astype(np.float32, copy=False),
+                  "absent_s": np.array([absent_s], dtype=np.float32), "population": population[:n], "exclude": mask,
+                  "extra": extra_counts}
+        if self.association is not None:
+            inputs |= association if association is not None else self.no_association(n + len(online_items))
+        scores, items, extra_scores = self.session.run(None, inputs)
         ranked = [(self.item_ids[i], float(s)) for i, s in zip(items[0, :k], scores[0, :k]) if np.isfinite(s)]
         if len(online_items):
             extra = extra_scores[0]

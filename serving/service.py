@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from serving.association import AssociationTables
 from serving.population import whole_population
 from serving.ranker import Ranker
 from serving.settings import ServeConfig
@@ -27,6 +28,7 @@ from streaming.events import Event
 log = logging.getLogger("recsys.serve")
 INLINE_SCORING_ITEMS = 50_000  # larger catalogues are scored on a thread, off the event loop
 RESYNCING = "online store lost rows: re-syncing"  # until the workers' re-push brings them back
+ASSOCIATION_UNREAD = "association level not read yet"  # no broker, or its changelog not yet read
 
 
 class ServeMetrics:
@@ -66,6 +68,7 @@ class Service:
         self.producer = None  # set once the broker answers (writes are 503 until then)
         self.faults: dict[str, float] = {}  # reason -> monotonic time it was last seen
         self._population = (np.zeros(0, dtype=np.float32), -1)  # (counts, clock), refreshed by a thread
+        self._association: tuple[Ranker | None, AssociationTables | None] = (None, None)  # tailed by a thread
         self._partitions: set[int] = set()  # partitions whose population row has been read once
         # (for which ranker, item id -> attributes, how many of its online items were looked up)
         self.attributes: tuple[Ranker | None, dict[str, dict], int] = (None, {}, 0)
@@ -83,7 +86,7 @@ class Service:
         if self.features is not None:
             watchers += [self._watch_population] + ([self._watch_catalogue] if self.cfg.bootstrap_servers else [])
         if self.cfg.bootstrap_servers:
-            watchers.append(self._connect_producer)
+            watchers += [self._connect_producer, self._watch_association]
         for watch in watchers:
             thread = threading.Thread(target=watch, daemon=True, name=watch.__name__.strip("_"))
             thread.start()
@@ -118,10 +121,11 @@ class Service:
             repo = self._repos.repo = FeatureRepo(self.cfg.feature_repo)
         return repo
 
-    async def user_state(self, user_id: str) -> tuple[np.ndarray, list[int], int, str, str | None]:
-        """(user vector, item indices the user touched last, time of their latest event
-        (-1: unknown), "user" | "population", why it is degraded (None: it is not))."""
-        fallback = self.ranker.user0, [], -1, "population"
+    async def user_state(self, user_id: str) -> tuple[np.ndarray, list[int], int, int, str, str | None]:
+        """(user vector, item indices the user touched last or turned down, events applied to them,
+        time of their latest event (-1: unknown), "user" | "population", why it is degraded
+        (None: it is not))."""
+        fallback = self.ranker.user0, [], 0, -1, "population"
         if self.features is None:
             return *fallback, None
         if self.reads_in_flight >= self.MAX_READS_IN_FLIGHT:
@@ -139,7 +143,7 @@ class Service:
         if row["vector"][0] is None:
             return *fallback, None
         last_ts = row["last_ts"][0]
-        return (np.asarray(row["vector"][0], dtype=np.float32), row["recent_items"][0] or [],
+        return (np.asarray(row["vector"][0], dtype=np.float32), row["recent_items"][0] or [], row["events"][0] or 0,
                 -1 if last_ts is None else last_ts, "user", None)
 
     def population(self, n: int) -> tuple[np.ndarray, int]:
@@ -167,6 +171,39 @@ class Service:
                 self._read_attributes(self.ranker)
             except Exception as e:  # answers go on without attributes; the next round tries again
                 self.fault("item attributes read failing", e)
+            self._stop.wait(self.cfg.population_every_s)
+
+    def association(self, ranker: Ranker, latest: list[int], n_items: int
+                    ) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        """(the graph's association inputs for a user's ``latest`` items over ``n_items``, why
+        they are degraded): None where ``ranker`` reads no association level. Until its
+        changelog is read (or without a broker to read it from), a read of nothing, and the
+        answer says so."""
+        if ranker.association is None:
+            return None, None
+        owner, tables = self._association
+        if owner is not ranker or tables is None:
+            return ranker.no_association(n_items), self.fault(ASSOCIATION_UNREAD)
+        return tables.entries(latest, n_items), None
+
+    def _watch_association(self) -> None:
+        """The association level's changelog, tailed as often as the population level is read."""
+        while not self._stop.is_set():
+            ranker = self.ranker
+            owner, tables = self._association
+            try:
+                if ranker.association is not None:
+                    if owner is not ranker or tables is None:  # a new model: its level from the start of the log
+                        if tables is not None:
+                            tables.close()
+                        self._association = (None, None)
+                        spec = ranker.association
+                        tables = AssociationTables(self.cfg.bootstrap_servers, self.cfg.topic, spec["half_lives_s"],
+                                                   spec["window"], spec["position_decay"])
+                    tables.refresh()
+                    self._association = (ranker, tables)
+            except Exception as e:  # the level read last stays in use
+                self.fault("association changelog read failing", e)
             self._stop.wait(self.cfg.population_every_s)
 
     def online_items(self, ranker: Ranker) -> list[str]:

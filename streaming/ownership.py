@@ -5,8 +5,9 @@ leaving for the online store and coming back.
 `Ownership` is the part of `StreamWorker` (streaming/worker.py) that the loop calls between
 micro-batches and that kafka-python calls on a rebalance. It works on the worker's state:
 ``offsets`` (owned partition -> next offset), ``users`` (`UserRows`), ``state`` (the user
-rows' fast state), ``levels`` (partition -> population level), ``catalogue``, ``consumer``,
-``checkpoints`` (`CheckpointWriter`), ``features`` (`FeaturePush`), ``dead_letters``,
+rows' fast state), ``levels`` (partition -> population levels), ``catalogue``, ``consumer``,
+``checkpoints`` (`CheckpointWriter`), ``features`` (`FeaturePush`), ``association_log``
+(`AssociationLog`, or None), ``dead_letters``,
 ``metrics`` and ``pending``, all set up by the worker.
 
 Exactly once: a partition's user rows, population level and offset travel together, in one
@@ -131,6 +132,8 @@ class Ownership:
         for p in partitions:
             self.offsets.pop(p, None)
             self.levels.pop(p, None)
+            if self.association_log is not None:  # its new owner sends its level
+                self.association_log.forget(p)
         log.info("revoked partitions %s (%s)", sorted(partitions),
                  "checkpointed" if on_disk else "NOT checkpointed: the next owner re-applies from the last file")
 
@@ -153,6 +156,8 @@ class Ownership:
                 if snap.topic_id and self.topic_id and snap.topic_id != self.topic_id:
                     self._reset(p, f"the topic was recreated (id {snap.topic_id} -> {self.topic_id})")
         for p in partitions:
+            if self.association_log is not None:  # serving gets the whole level from its new owner
+                self.association_log.take_over(p)
             tp = TopicPartition(self.cfg.topic, p)
             if p in self.offsets:
                 self.consumer.seek(tp, self.offsets[p])

@@ -45,6 +45,7 @@ import torch
 from recsys.feedback import is_plain
 from recsys.nested import FastState, NestedModel, ServingView, load_item_ids, sum_levels
 from recsys.vocab import Vocab
+from streaming.association_log import AssociationLog
 from streaming.catalogue import Catalogue
 from streaming.checkpoint import CheckpointWriter, check_rows_fit, model_identity
 from streaming.clients import ensure_topic, make_consumer
@@ -72,6 +73,8 @@ class WorkerConfig:
     checkpoint_every_s: float = 5.0
     feature_repo: Path | None = None  # push user vectors here (None: no push)
     push_every_s: float = 0.1  # coalesce pushes: one Feast write for many micro-batches
+    # The association level's changed rows go to its changelog topic this often (streaming/association_log.py).
+    association_every_s: float = 0.25
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     metrics_port: int | None = None  # Prometheus endpoint; None: off
     metrics_host: str = "127.0.0.1"  # loopback unless a scraper elsewhere needs it (k8s: 0.0.0.0)
@@ -118,6 +121,7 @@ class Held:
     users: Vocab  # row -> user id
     items: Vocab  # index -> item id (the model's table, then items first seen online)
     population: torch.Tensor  # (N,) the worker's partitions' population levels, summed
+    levels: list[FastState]  # the worker's partitions' levels (the association level's partials: `NestedModel.votes`)
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,7 @@ class StreamWorker(Ownership):
         self.identity = model_identity(cfg.model, asdict(self.model.cfg))  # recorded in each checkpoint
         self.items = Vocab(load_item_ids(cfg.model))  # the catalogue's, once the loop has connected
         self.catalogue: Catalogue | None = None
+        self.association_log: AssociationLog | None = None  # with a model that has the association level
         self.users = UserRows()
         self.state = self.model.init_state(0, len(self.items), device=self.device)  # the user rows
         self.levels: dict[int, FastState] = {}  # owned partition -> its population level (no user rows)
@@ -192,7 +197,8 @@ class StreamWorker(Ownership):
         if levels:
             summed = self.model.population_counts(sum_levels(levels, self.model.cfg.pop_half_lives())[0])
             population[:len(summed)] = summed
-        return Held(self.model, self.state, self.users.ids, self.items, population.to(self.device))
+        return Held(self.model, self.state, self.users.ids, self.items, population.to(self.device),
+                    list(self.levels.values()))
 
     def stats(self) -> WorkerStats:
         return WorkerStats(self.applied, self.dead_letters.total, dict(self.seconds), self.first_apply,
@@ -213,6 +219,9 @@ class StreamWorker(Ownership):
         self.dead_letters.connect()
         self.catalogue = Catalogue(self.cfg.bootstrap_servers, self.cfg.topic, list(self.items.ids))
         self.items = self.catalogue.items
+        if self.model.cfg.association:
+            self.association_log = AssociationLog(self.cfg.bootstrap_servers, self.cfg.topic,
+                                                  self.cfg.association_every_s)
         try:
             if ensure_topic(self.cfg.bootstrap_servers, self.cfg.topic):
                 # A warning: a misspelt --topic would otherwise wait on an empty topic in silence.
@@ -250,6 +259,8 @@ class StreamWorker(Ownership):
                 if self.features.pending() and now - last_push >= self.cfg.push_every_s:
                     self.push()
                     last_push = now
+                if self.association_log is not None:
+                    self.association_log.send(self.levels)
                 if now - last_ckpt >= self.checkpoints.interval():
                     self.checkpoints.give_up_if_stale()
                     self._check_log_ends()
@@ -267,6 +278,9 @@ class StreamWorker(Ownership):
                 self.apply(self.pending)
                 self.pending = []
             self.features.last_push(self.serving_view())
+            if self.association_log is not None:
+                self.association_log.send(self.levels, force=True)
+                self.association_log.flush()
             clean = self.checkpoint(wait=True)
         except BaseException:
             # A batch may have failed half-applied: the last good checkpoint stays the truth
@@ -278,6 +292,8 @@ class StreamWorker(Ownership):
             self.consumer.close(autocommit=False)  # revokes the partitions: a last checkpoint
             self.checkpoints.close()
             self.dead_letters.close()
+            if self.association_log is not None:
+                self.association_log.close()
             if self.catalogue is not None:
                 self.catalogue.close()
         if not clean:
@@ -349,6 +365,7 @@ class StreamWorker(Ownership):
             # Kinds of feedback (`recsys.feedback`); a stream of views alone runs exactly as before kinds.
             weights = None if is_plain(weights.numpy()) else weights.to(self.device)
             rows = rows.to(self.device)
+            self.state = self.model.grow_state(self.state, int(rows.max()) + 1, int(items.max()) + 1)
             before = self.model.before_each(self.state, rows, items, weights)  # what each event follows
             self.state = self.model.update(self.state, rows, items, ts, population=False, donate=True, weight=weights)
             touched = parts.unique().tolist()
@@ -358,6 +375,8 @@ class StreamWorker(Ownership):
                 self.levels[p] = self.model.update_population(self._level(p), items[mine], ts[mine], donate=True,
                                                               weight=None if weights is None else weights[mine],
                                                               before=None if before is None else before[mine])
+                if self.association_log is not None:  # the rows it changed: sources and successors
+                    self.association_log.touched(p, torch.cat([items[mine], before[mine].flatten()]))
                 self.clock_moved[p] = moved
             self.features.touched(rows, touched, stamps)
             self.applied_s = np.concatenate([self.applied_s[-50_000:], time.time() - stamps / 1000.0])

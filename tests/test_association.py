@@ -121,7 +121,7 @@ def test_the_nested_replay_calibrates_the_level_on_the_history_and_reads_it_onli
     from recsys.train import TrainConfig
 
     log = encode(load_dataset("synthetic", n_users=200, n_items=150, n_events=6_000, seed=5))
-    model = NestedReplay(train_cfg=TrainConfig(progress=False, epochs=1), association=True)
+    model = NestedReplay(train_cfg=TrainConfig(progress=False, epochs=1))  # the default has the level
     result = replay_model(model, log, ProtocolConfig(batch_size=256), progress=False)
     fit = model.describe()
     assert fit["association_weight"] in ASSOCIATION_WEIGHTS and fit["association_discount"] in DISCOUNTS
@@ -129,3 +129,65 @@ def test_the_nested_replay_calibrates_the_level_on_the_history_and_reads_it_onli
     assert model.model.association_config().fast_share == fit["association_fast_share"]  # read as calibrated
     assert int(model.state.association().clock) == int(log.ts[-1])  # the level learned from the whole stream
     assert np.isfinite(result.ranks).sum() > 0
+
+
+def _part(log, p):
+    mine = log.users % 2 == p
+    return _log(log.users[mine], log.items[mine], log.ts[mine])
+
+
+def test_serving_tails_the_partitions_changelog_and_the_graph_votes_as_the_model_does(broker, tmp_path):
+    """Two partitions' partial levels, sent as a worker sends them (whole, then changed rows
+    at a later clock), tailed by serving and read through the exported graph: the vote of the
+    one level of the whole stream."""
+    import uuid
+
+    import onnxruntime as ort
+
+    from serving.association import AssociationTables
+    from serving.export import AssociationRead, Scorer, write_graph
+    from streaming.association_log import AssociationLog
+
+    rng = np.random.default_rng(3)
+    n_items, n = 30, 600
+    cfg = AssociationConfig(slots=30, window=3, half_lives_s=(DAY, 16 * DAY), popularity_discount=0.25,
+                            fast_share=0.25)  # room for every successor: partials add up exactly
+    log = _log(rng.integers(0, 40, n), rng.integers(0, n_items, n), np.sort(rng.integers(0, 30 * int(DAY), n)))
+    half = n // 2
+    first, second = (_log(log.users[s], log.items[s], log.ts[s]) for s in (slice(0, half), slice(half, n)))
+    whole, _ = association.absorb(association.empty(n_items, cfg), log, cfg)
+
+    topic = f"assoc-{uuid.uuid4().hex[:8]}"
+    changelog = AssociationLog(broker.bootstrap_servers, topic, every_s=0.0)
+    parts, recent = {}, {}
+    for p in (0, 1):  # users split by parity, as a keyed topic splits them
+        level, recent[p] = association.absorb(association.empty(n_items, cfg), _part(first, p), cfg)
+        parts[p] = SimpleNamespace(association=lambda level=level: level)
+        changelog.take_over(p)
+    changelog.send(parts, force=True)  # each partition's whole level as of the first half
+    for p in (0, 1):
+        batch = _part(second, p)
+        level, _ = association.absorb(parts[p].association(), batch, cfg, recent=recent[p])
+        parts[p] = SimpleNamespace(association=lambda level=level: level)
+        changelog.touched(p, torch.cat([torch.arange(n_items), torch.tensor([-1])]))  # rows it changed; -1: none
+    changelog.send(parts, force=True)
+    changelog.flush()
+
+    tables = AssociationTables(broker.bootstrap_servers, topic, list(cfg.half_lives_s), cfg.window, cfg.position_decay)
+    assert tables.refresh() > 0
+    scorer = Scorer(torch.randn(n_items, 8), torch.zeros(n_items), torch.tensor(0.0),
+                    association=AssociationRead(torch.tensor(2.0), torch.tensor(cfg.popularity_discount),
+                                                association.speed_shares(2, cfg.fast_share)))
+    session = ort.InferenceSession(str(write_graph(scorer, tmp_path / "assoc.onnx")), providers=["CPUExecutionProvider"])
+    user = torch.randn(1, 8)
+    for latest in ([3], [7, 1, 12], [0, 5, 9, 22]):
+        entries = tables.entries(latest, n_items)
+        inputs = {"user": user.numpy(), "absent_s": np.zeros(1, np.float32), "population": np.zeros(n_items, np.float32),
+                  "exclude": np.zeros((1, n_items), bool), "extra": np.zeros(0, np.float32)} | entries
+        got = session.run(None, inputs)[0]
+        want_votes = association.read(whole, torch.tensor([latest]), n_items, cfg)
+        assert float(want_votes.max()) == 1.0  # something follows: the vote moves the scores
+        want = torch.topk(user @ scorer.E.T + scorer.b + 2.0 * want_votes, n_items).values
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+    tables.close()
+    changelog.close()

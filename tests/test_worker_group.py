@@ -59,12 +59,16 @@ def events(stream) -> pl.DataFrame:
 @pytest.fixture(scope="module")
 def time_model(stream, tmp_path_factory) -> Path:
     """An untrained model with a time-decayed population level (at several speeds, read for a
-    memory of 500 events, so the launch's 50 count), and its ONNX export."""
+    memory of 500 events, so the launch's 50 count) and an association level with a slot for every
+    successor (bounded slots keep each item's strongest successors as of each micro-batch, so
+    workers cutting the stream differently differ a little), and its ONNX export."""
     torch.manual_seed(1)
     items = stream.head(6_000)["item_id"].unique(maintain_order=True).head(800)  # the rest arrive online
-    model = NestedModel(NestedConfig(n_items=len(items), pop_half_life=500.0, pop_read=1.0, pop_half_life_s=3 * 86400.0))
+    model = NestedModel(NestedConfig(n_items=len(items), pop_half_life=500.0, pop_read=1.0, pop_half_life_s=3 * 86400.0,
+                                     assoc_half_lives_s=(3 * 86400.0, 300 * 86400.0), assoc_slots=len(items)))
     with torch.no_grad():
         model.pop_weight.fill_(2.0)  # the population term ranks for the newcomers
+        model.assoc_weight.fill_(4.0)  # and what follows a user's latest items ranks for the others
     folder = tmp_path_factory.mktemp("group-model")
     model.save(folder / "model.safetensors", item_ids=[str(i) for i in items])
     check = export_onnx(folder / "model.safetensors", folder / "model.onnx")
@@ -95,6 +99,10 @@ def serve_after(broker, events: pl.DataFrame, model: Path, n_workers: int, onlin
         # their users' rows, so once the rows count every event, every user's latest row is there too.
         wait_until(lambda: sum(e for _, _, e, _ in repo.populations()) == events.height,
                    "one population row per partition, counting every event once", timeout_s=60)
+        for w in workers:  # a clean stop sends the association level's last changed rows
+            w.proc.terminate()
+        for w in workers:
+            assert w.proc.wait(60) == 0, w.text()[-3000:]
         with BackgroundServer(create_app(ServeConfig(model=model.with_suffix(".onnx"), feature_repo=repo.path,
                                                      bootstrap_servers=broker.bootstrap_servers, topic=topic))) as url:
             top = lambda user: httpx.get(f"{url}/recommendations/{user}", params={"k": 10}, timeout=60).json()  # noqa: E731
@@ -102,12 +110,16 @@ def serve_after(broker, events: pl.DataFrame, model: Path, n_workers: int, onlin
             wait_until(lambda: NEW_ITEM in [r["item_id"] for r in top(NEWCOMERS[0])["items"]],
                        "the new item in a newcomer's top 10", timeout_s=60)
             users = [*events["user_id"].unique(maintain_order=True).head(25).to_list(), *NEWCOMERS]
-            return {u: [(r["item_id"], r["score"]) for r in top(u)["items"]] for u in users}
+            # The association level's changelog, read to its end once the workers stopped.
+            wait_until(lambda: "degraded" not in top(users[0]), "the association level read", timeout_s=60)
+            answers = {u: top(u) for u in users}
+            assert not [a for a in answers.values() if "degraded" in a], answers
+            return {u: [(r["item_id"], r["score"]) for r in a["items"]] for u, a in answers.items()}
     finally:
         for w in workers:
-            w.proc.terminate()
-        for w in workers:
-            assert w.proc.wait(60) == 0, w.text()[-3000:]
+            if w.proc.poll() is None:
+                w.proc.terminate()
+                w.proc.wait(60)
 
 
 def _checkpointed(folder: Path) -> int:

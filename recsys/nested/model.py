@@ -230,11 +230,15 @@ class NestedModel(nn.Module):
         """The association level's config, its read as calibrated (`recsys.association`)."""
         return self.cfg.association_config(float(self.assoc_discount), float(self.assoc_fast_share))
 
-    def votes(self, level: FastState, recent: torch.Tensor, n_items: int) -> torch.Tensor | None:
+    def votes(self, level: FastState | list[FastState], recent: torch.Tensor, n_items: int) -> torch.Tensor | None:
         """(B, R) users' latest items → (B, n_items) the association level's votes for what follows
-        them (`association.read`); None where the model has no association level."""
+        them (`association.read`; of a list of partitions' levels, `association.read_partials`);
+        None where the model has no association level."""
         if not self.cfg.association:
             return None
+        if isinstance(level, list):
+            return association.read_partials([lv.association() for lv in level], recent, n_items,
+                                             self.association_config())
         return association.read(level.association(), recent, n_items, self.association_config())
 
     def mixture_share(self) -> torch.Tensor | None:

@@ -29,13 +29,16 @@ async def recommendations(user_id: str = Path(min_length=1, max_length=128),
         raise HTTPException(422, f"exclude lists {len(excluded)} items; at most {svc.cfg.max_exclude}")
 
     ranker = svc.ranker  # one read: a swap mid-request cannot mix two models
-    user, seen, last_ts, source, degraded = await svc.user_state(user_id)
+    user, seen, events, last_ts, source, degraded = await svc.user_state(user_id)
     if user.shape != ranker.user0.shape:  # a vector from another model's dimension: rank by the population
-        user, seen, last_ts, source = ranker.user0, [], -1, "population"
+        user, seen, events, last_ts, source = ranker.user0, [], 0, -1, "population"
         degraded = svc.fault("user vector of another dimension")
     online = svc.online_items(ranker)
-    population, clock = svc.population(len(ranker.item_ids) + len(online))
+    n_items = len(ranker.item_ids) + len(online)
+    population, clock = svc.population(n_items)
     absent_s = clock - last_ts if min(clock, last_ts) >= 0 else 0
-    items = await svc.score(ranker, user, absent_s, population, seen, excluded, k, online)
+    association, unread = svc.association(ranker, ranker.latest(seen, events), n_items)
+    degraded = degraded or unread
+    items = await svc.score(ranker, user, absent_s, population, seen, excluded, k, online, association)
     return {"user_id": user_id, "source": source, "model": ranker.path.name,  # never a server path
             "items": [svc.item(i, s) for i, s in items], "degraded": degraded}
