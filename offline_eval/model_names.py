@@ -1,7 +1,7 @@
 """The models the replay knows, by name: one list for the report, the CLI and its --help
 (no torch import here, so `recsys --help` stays fast). offline_eval/report.py builds each."""
 
-DEFAULT_MODELS = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "hybrid", "mf_static",
+DEFAULT_MODELS = ("pop_static", "pop_online", "pop_online_decay", "itemknn_online", "sknn_online", "hybrid", "mf_static",
                   "mf_online", "sasrec_static", "nested", "nested_slow_only")
 # Each retrains the nested model without one level (`--models ablations` runs them all).
 ABLATIONS = ("nested_no_user_fast", "nested_no_user_mid", "nested_no_population", "nested_no_sequence",

@@ -26,6 +26,7 @@ from offline_eval.baselines import DecayedPop, ItemKNNOnline, PopOnline, PopStat
 from recsys.dataset import Dataset
 from offline_eval.mf import mf_online, mf_static
 from offline_eval.sasrec import SASRecConfig, SASRecStatic
+from offline_eval.sknn import SKNNOnline
 from recsys.train import TrainConfig
 
 
@@ -40,6 +41,7 @@ def _registry(log: EncodedLog, progress: bool, truth: dict,
         "pop_online": PopOnline,
         "pop_online_decay": DecayedPop,
         "itemknn_online": ItemKNNOnline,
+        "sknn_online": SKNNOnline,
         "hybrid": lambda: Hybrid(progress=progress),
         "mf_static": lambda: mf_static(progress=progress),
         "mf_online": lambda: mf_online(progress=progress),
