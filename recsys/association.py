@@ -104,8 +104,10 @@ def empty(n_items: int, cfg: AssociationConfig) -> AssociationLevel:
 
 
 def add(level: AssociationLevel, before: torch.Tensor, items: torch.Tensor, ts: torch.Tensor,
-        cfg: AssociationConfig) -> AssociationLevel:
-    """A time-ordered micro-batch of events → the level after it (a new value).
+        cfg: AssociationConfig, donate: bool = False) -> AssociationLevel:
+    """A time-ordered micro-batch of events → the level after it (a new value; ``donate``:
+    its input's tensors are reused, and the caller must not use it again, as in
+    `NestedModel.update`).
 
     before: (B, L) each event's user's items before it, oldest first (-1: none), as
     `recsys.batch_users.sequences_before` gives them; its latest ``cfg.window`` pair with the
@@ -116,7 +118,8 @@ def add(level: AssociationLevel, before: torch.Tensor, items: torch.Tensor, ts: 
     half_lives = torch.tensor(cfg.half_lives_s, dtype=level.weights.dtype, device=device)
     level = level.grown(int(max(items.max(), before.max())) + 1)
     now = int(ts.max()) if int(level.clock) < 0 else max(int(level.clock), int(ts.max()))
-    level = _decayed(level, now, half_lives)
+    start = level
+    level = _decayed(level, now, half_lives, donate)
     N, S = level.ids.shape
     prev = before[:, -cfg.window:]  # (B, W) oldest first
     W = prev.shape[1]
@@ -126,14 +129,19 @@ def add(level: AssociationLevel, before: torch.Tensor, items: torch.Tensor, ts: 
     dst = items.unsqueeze(1).expand_as(prev)
     valid = (prev >= 0) & (prev != dst)
     src, dst, strength = prev[valid], dst[valid], strength[valid]  # (P,), (P,), (P, V)
-    out, into = level.out.index_add(0, src, strength), level.into.index_add(0, dst, strength)
+    if donate:
+        out, into = level.out.index_add_(0, src, strength), level.into.index_add_(0, dst, strength)
+    else:
+        out, into = level.out.index_add(0, src, strength), level.into.index_add(0, dst, strength)
     if not len(src):
         return AssociationLevel(level.ids, level.weights, out, into, level.clock)
 
     keys, inverse = torch.unique(src * N + dst, return_inverse=True)  # one entry per distinct pair
     pair_w = strength.new_zeros(len(keys), strength.shape[1]).index_add_(0, inverse, strength)
     src, dst = keys // N, keys % N
-    ids, weights = level.ids.clone(), level.weights.clone()
+    # Written in place below: a copy, unless donated, or new already (decayed or grown)
+    ids = level.ids if donate or level.ids is not start.ids else level.ids.clone()
+    weights = level.weights if donate or level.weights is not start.weights else level.weights.clone()
     hit = ids[src] == dst.unsqueeze(1)  # (P, S)
     known = hit.any(1)
     slot = hit.to(torch.int8).argmax(1)
@@ -159,7 +167,7 @@ def add(level: AssociationLevel, before: torch.Tensor, items: torch.Tensor, ts: 
     return AssociationLevel(ids, weights, out, into, level.clock)
 
 
-def _decayed(level: AssociationLevel, now: int, half_lives: torch.Tensor) -> AssociationLevel:
+def _decayed(level: AssociationLevel, now: int, half_lives: torch.Tensor, donate: bool = False) -> AssociationLevel:
     clock = torch.tensor(now, device=level.clock.device)
     if int(level.clock) < 0:
         return level._replace(clock=clock)
@@ -167,6 +175,9 @@ def _decayed(level: AssociationLevel, now: int, half_lives: torch.Tensor) -> Ass
         return level
     factor = _decay(torch.tensor(float(now - int(level.clock)), dtype=half_lives.dtype, device=half_lives.device),
                     half_lives)  # (V,)
+    if donate:
+        return AssociationLevel(level.ids, level.weights.mul_(factor), level.out.mul_(factor), level.into.mul_(factor),
+                                clock)
     return AssociationLevel(level.ids, level.weights * factor, level.out * factor, level.into * factor, clock)
 
 

@@ -191,19 +191,21 @@ def association_link(model: NestedModel, fit_part, tail, batch_size: int = 256,
     for b, lo in enumerate(range(0, tail.n_events, batch_size)):
         users, items, ts = (torch.from_numpy(a[lo:lo + batch_size]) for a in (tail.users, tail.items, tail.ts))
         before = model.before_each(state, users, items)  # before the update writes the rows
-        level = state.association()  # as of the batch start
         if b % score_every:
             state = model.update(state, users, items, ts, donate=True)
         else:
             n_known = int(known_upto[lo])
             clock, pop = state.clock(), model.population_counts(state.pop)[:n_known]
+            level = state.association()  # as of the batch start: read before the update, which writes it in place
+            reads_of_level = [association.read(level, before, n_known, cfg, discount=d, fast_share=f)
+                              for d, f in read_grid]
             state, reads = model.update_reading(state, users, items, ts, donate=True)
             E, bias = model.all_items(n_known)
             weight = trust((clock - reads.last_ts).to(E.dtype), model.fade)
             seen_now = seen.before_each(users, items, n_known)
             per_read = []
-            for d, f in read_grid:
-                votes = association.read(level, before, n_known, cfg, discount=d, fast_share=f).to(E.dtype)
+            for votes in reads_of_level:
+                votes = votes.to(E.dtype)
                 scores = score_items(reads.z, E, bias, model.pop_term(pop), weight, model.mixture_share(),
                                      lam * votes)  # (G, B, N)
                 scores.masked_fill_(seen_now, float("-inf"))

@@ -280,7 +280,7 @@ class NestedModel(nn.Module):
             return state
         yes = slice(None) if weight is None else weight > 0  # only what a user took follows anything
         return state.with_association(association.add(state.association(), before[yes], items[yes], ts[yes],
-                                                      self.association_config()))
+                                                      self.association_config(), donate=donate))
 
     def before_each(self, state: FastState, users: torch.Tensor, items: torch.Tensor,
                     weight: torch.Tensor | None = None) -> torch.Tensor | None:
