@@ -34,7 +34,7 @@ from features.sources import write_sources
 from features.store import FeatureRepo, population_key
 from recsys.datasets import load_dataset
 from recsys.nested import NestedConfig, NestedModel
-from serving.export import export_onnx, scorer_from_model
+from serving.export import association_example, export_onnx, scorer_from_model
 from streaming.broker import EmbeddedBroker, die_with_parent, free_port
 
 
@@ -161,14 +161,16 @@ def eager_vs_onnx(checkpoint: Path, onnx_path: Path, repeats: int = 2000) -> dic
     N, D = scorer.E.shape
     user, absent, pop, mask = torch.randn(1, D), torch.zeros(1), torch.zeros(N), torch.zeros(1, N, dtype=torch.bool)
     extra = torch.zeros(0)  # no items past the table
+    inputs = (user, absent, pop, mask, extra)
+    if scorer.association is not None:  # a read of 4 partitions × the latest 10 items × 64 slots
+        inputs += association_example(1, 4 * 10 * 64, len(scorer.association.shares), N, torch.Generator())
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    feeds = {"user": user.numpy(), "absent_s": absent.numpy(), "population": pop.numpy(), "exclude": mask.numpy(),
-             "extra": extra.numpy()}
+    feeds = {name: t.numpy() for name, t in zip(scorer.input_names(), inputs)}
     torch.set_num_threads(1)
     out = {}
-    for name, fn in (("torch eager", lambda: scorer(user, absent, pop, mask, extra)), ("onnx runtime", lambda: session.run(None, feeds))):
+    for name, fn in (("torch eager", lambda: scorer(*inputs)), ("onnx runtime", lambda: session.run(None, feeds))):
         with torch.no_grad():
             for _ in range(100):
                 fn()
@@ -196,7 +198,9 @@ def main() -> None:
     ds = load_dataset("ml-1m")
     items = ds.interactions["item_id"].unique(maintain_order=True)
     ckpt = work / "model.safetensors"
-    NestedModel(NestedConfig(n_items=len(items))).save(ckpt, item_ids=items.to_list())
+    # As `recsys train` makes it: with the association level (its speeds as ML-1M's history sets them).
+    NestedModel(NestedConfig(n_items=len(items), assoc_half_lives_s=(86400.0, 1024 * 86400.0))).save(
+        ckpt, item_ids=items.to_list())
     check = export_onnx(ckpt, work / "model.onnx")
     repo = FeatureRepo.create(work / "features")
     write_sources(ds, repo.path)
