@@ -31,6 +31,7 @@ import numpy as np
 from streaming.clients import create_topic, make_producer
 
 log = logging.getLogger("recsys.stream")
+RETENTION_MS = 3600 * 1000
 MESSAGE_BYTES = 256 * 1024  # rows per message: about this much (256 rows of 64 slots at 2 speeds), under a broker's 1 MB
 
 
@@ -62,12 +63,12 @@ def decode(body: bytes) -> tuple[int, int, np.ndarray, dict[str, np.ndarray]]:
 
 
 class AssociationLog:
-    def __init__(self, bootstrap_servers: str, topic: str, every_s: float = 0.25, snapshot_every_s: float = 300.0,
-                 metrics=None):
-        self.topic, self.every_s, self.snapshot_every_s, self.metrics = association_topic(topic), every_s, \
-            snapshot_every_s, metrics
-        try:
-            create_topic(bootstrap_servers, self.topic, partitions=1)
+    def __init__(self, bootstrap_servers: str, topic: str, every_s: float = 0.25, snapshot_every_s: float = 300.0):
+        if snapshot_every_s * 1000 >= RETENTION_MS:
+            raise ValueError(f"snapshot_every_s={snapshot_every_s} must be well under the changelog's retention")
+        self.topic, self.every_s, self.snapshot_every_s = association_topic(topic), every_s, snapshot_every_s
+        try:  # kept an hour: far longer than between two whole levels, so it always holds every row
+            create_topic(bootstrap_servers, self.topic, partitions=1, configs={"retention.ms": str(RETENTION_MS)})
         except Exception as e:  # created already (by another worker, or before)
             if "TopicAlreadyExists" not in type(e).__name__ + str(e):
                 raise

@@ -56,12 +56,12 @@ def make_request_producer(bootstrap_servers: str, timeout_s: float):
                          request_timeout_ms=timeout_ms, delivery_timeout_ms=timeout_ms, enable_idempotence=False)
 
 
-def create_topic(bootstrap_servers: str, topic: str, partitions: int = 1) -> None:
+def create_topic(bootstrap_servers: str, topic: str, partitions: int = 1, configs: dict[str, str] | None = None) -> None:
     from kafka.admin import KafkaAdminClient, NewTopic
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
     try:
-        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1, topic_configs=configs or {})])
     finally:
         admin.close()
 
